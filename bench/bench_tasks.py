@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=None, help="validation prompts decoded per run")
     p.add_argument("--quick", action="store_true", help="linreg + pathfinding, 1.5e5 tokens, 64 prompts")
     p.add_argument("--out", default="", help="run directories (default: a temporary directory)")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs recorded in --json")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "bench_tasks.json"))
     args = p.parse_args(argv)
     if args.quick:
@@ -105,18 +106,32 @@ def main(argv: list[str] | None = None) -> int:
         args.num_samples = args.num_samples or 64
     args.tokens, args.num_samples = args.tokens or 1.5e6, args.num_samples or 128
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-tasks-"))
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    # A long sweep keeps what it has: results are written after every run, and --resume reuses the
+    # runs of an earlier, interrupted sweep with the same token budget.
+    done = {}
+    if args.resume and json_path.exists():
+        for r in json.loads(json_path.read_text())["results"]:
+            if r.get("budget_tokens") == args.tokens:
+                done[(r["task"], r["variant"], r["seed"])] = r
     results = []
     for task in args.tasks:
         for variant in args.variants:
             for seed in args.seeds:
+                if (task, variant, seed) in done:
+                    results.append(done[(task, variant, seed)])
+                    continue
                 r = one(task, variant, seed, args.tokens, out, args)
+                r["budget_tokens"] = args.tokens
                 results.append(r)
+                json_path.write_text(json.dumps({"args": vars(args), "results": results, "table": table(results)},
+                                                indent=1))
                 print(f"{task} {variant} seed {seed}: {r['steps']} steps in {r['train_s']:.0f} s, "
                       f"loss {r['final_loss']:.4f}, {json.dumps({k: round(v, 4) for k, v in r['metrics'].items()})}",
                       flush=True)
     print(table(results))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "table": table(results)}, indent=1))
+    json_path.write_text(json.dumps({"args": vars(args), "results": results, "table": table(results)}, indent=1))
     return 0
 
 
