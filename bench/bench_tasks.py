@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 TASKS = ("linreg", "pathfinding", "sudoku")
 VARIANTS = ("ar", "mdm", "block", "jigsaw", "scatter")
 SECOND = {"linreg": "mse_vs_lstsq", "pathfinding": "optimal", "sudoku": "cell_acc"}
