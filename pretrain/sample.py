@@ -6,10 +6,12 @@ x Long[B, L] holds the prompt (and anything else that is given); gen_mask Bool[B
 positions to generate (they are set to the mask token first); given tokens are never changed.
 Batched and vectorised over the batch: the Python loops run over decoding *steps* (one model
 forward each), never over tokens of a step. Deterministic given `cfg.seed` on one device type
-(draws come from a torch.Generator on the batch's device). `result.nfe` counts model forwards.
+(draws come from a torch.Generator on the batch's device). `result.nfe` counts model forwards that
+predict tokens.
 
 Samplers (`SamplerConfig.name`; `auto` picks the variant's own, in brackets):
-- `ar` [ar]: left to right, one forward per generated position on the prefix (causal model).
+- `ar` [ar]: left to right, one forward per generated position on the prefix (causal model); with
+  `kv_cache` each forward runs on the tokens committed since the previous one only.
 - masked diffusion [mdm; also valid for scatter, whose objective is MDLM's]:
   `ancestral` (MDLM's reverse process: on the step t -> s each masked token is revealed with
   probability (alpha_s - alpha_t) / (1 - alpha_t), with the run's noise schedule), and the
@@ -22,8 +24,10 @@ Samplers (`SamplerConfig.name`; `auto` picks the variant's own, in brackets):
 - `block` [block]: BD3-LM decoding: blocks left to right, inside a block the masked-diffusion
   sampler `inner` with `steps` per block; earlier blocks are committed and never change. The model's
   block-causal mask makes a block independent of later ones, so each forward runs on the prefix up
-  to the current block only. KV caching of the clean prefix is not done: the model has no cache
-  interface (a forward over the prefix recomputes its keys/values).
+  to the current block only; with `kv_cache` (default on) the committed blocks' keys/values are
+  computed once (one `prefill` forward per committed block, or per run of given blocks) and each
+  denoising forward runs on the current block alone (pretrain/model/kv_cache.py says why this is
+  exact for `block` and `ar` only, and not for time-conditioned models).
 - `jigsaw` [jigsaw]: as documented in pretrain/diffusion/blockwise.py: repeatedly pick a block
   (`jigsaw_order`: `entropy` = the lowest mean predictive entropy in a probing forward, the
   authors' choice; `ltr` = left to right), generate it left to right with the two-stream pass
@@ -38,6 +42,9 @@ top-p filtered distribution, in float64 by default (`float64`; DESIGN.md: fp32 c
 lowers the effective temperature and flatters generative perplexity). The mask token and
 `forbid_ids` (e.g. PAD, BOS) are never drawn. Time-conditioned models get t = the masked fraction
 of the sequence (for log-linear alpha_t = 1 - t that is the expected t).
+
+`result.positions` counts the token positions run through the model (batch x length, summed over
+forwards; two-stream passes count both copies): the work a KV cache saves.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from pretrain.model.kv_cache import KVCache, cache_support
 
 SAMPLERS = ("auto", "ar", "ancestral", "confidence", "entropy", "margin", "random", "block", "jigsaw", "scatter")
 MDM_SAMPLERS = ("ancestral", "confidence", "entropy", "margin", "random")
@@ -74,12 +83,17 @@ class SamplerConfig:
     jigsaw_order: str = "entropy"  # entropy | ltr
     float64: bool = True  # categorical draws in float64
     seed: int = 0
+    # reuse the committed prefix's keys/values where that is exact (ar, block without time
+    # conditioning; pretrain/model/kv_cache.py); elsewhere ignored. Same samples, less work.
+    kv_cache: bool = True
 
 
 @dataclass
 class SampleResult:
     tokens: torch.Tensor  # Long[B, L]: x with the generated positions filled
-    nfe: int  # model forwards
+    nfe: int  # model forwards that predict tokens (KV-cache prefills of committed tokens are not counted)
+    positions: int = 0  # token positions run through the model, summed over forwards (batch x length)
+    kv_cache: bool = False  # whether the clean-prefix KV cache was used
 
 
 def _unwrap(model):
@@ -188,7 +202,9 @@ class _Ctx:
         self.forbid = sorted({int(mask_id), *(int(i) for i in forbid)})
         self.schedule, self.gen = schedule, generator
         self.nfe = 0
+        self.positions = 0
         self.time_cond = bool(getattr(_unwrap(model).cfg, "time_conditioning", False))
+        self.cache: KVCache | None = None  # set by the samplers that decode a clean prefix left to right
 
     def t_of(self, masked: torch.Tensor, upto: int) -> torch.Tensor | None:
         if not self.time_cond:
@@ -196,10 +212,26 @@ class _Ctx:
         real = self.kpm[:, :upto]
         return (masked[:, :upto] & real).sum(1).float() / real.sum(1).clamp(min=1).float()
 
-    def logits(self, x: torch.Tensor, masked: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, masked: torch.Tensor, upto: int | None = None,
+               extend: bool = False) -> tuple[torch.Tensor, int]:
+        """(logits of positions lo..upto-1, lo): lo = 0, or the cached prefix's length with a cache.
+        extend (ar): the positions passed are committed and join the cache."""
         upto = x.shape[1] if upto is None else upto
         self.nfe += 1
-        return self.model(x[:, :upto], self.t_of(masked, upto), key_padding_mask=self.kpm[:, :upto])
+        if self.cache is None:
+            self.positions += x.shape[0] * upto
+            return self.model(x[:, :upto], self.t_of(masked, upto), key_padding_mask=self.kpm[:, :upto]), 0
+        lo = self.cache.length
+        self.positions += x.shape[0] * (upto - lo)
+        return self.model(x[:, lo:upto], None, key_padding_mask=self.kpm[:, lo:upto], kv_cache=self.cache,
+                          extend_cache=extend), lo
+
+    def commit(self, x: torch.Tensor, upto: int) -> None:
+        """Add the committed positions cache.length..upto-1 of x to the KV cache (no logits)."""
+        lo = self.cache.length
+        if upto > lo:  # not a function evaluation of the sampler (no prediction): not in nfe
+            self.positions += x.shape[0] * (upto - lo)
+            _unwrap(self.model).prefill(x[:, lo:upto], self.cache, key_padding_mask=self.kpm[:, lo:upto])
 
     def draw(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return draw(logits, self.cfg, self.gen, self.forbid)
@@ -221,12 +253,12 @@ def _diffuse(ctx: _Ctx, x: torch.Tensor, masked: torch.Tensor, active: torch.Ten
             if not cur.any():
                 ctx.nfe += 1  # a step of the schedule (MDLM's cache skips the forward; we count it)
                 continue
-            logits = ctx.logits(x, masked, upto)
-            rows = cur[:, : logits.shape[1]].nonzero(as_tuple=True)
-            tokens, _ = ctx.draw(logits[rows])
+            logits, lo = ctx.logits(x, masked, upto)
+            r, c = cur[:, lo : lo + logits.shape[1]].nonzero(as_tuple=True)  # c: column of logits
+            tokens, _ = ctx.draw(logits[r, c])
             u = torch.rand(tokens.shape, generator=ctx.gen, device=x.device, dtype=torch.float64)
             reveal = u < p_reveal
-            r0, r1 = rows[0][reveal], rows[1][reveal]
+            r0, r1 = r[reveal], c[reveal] + lo
             x[r0, r1] = tokens[reveal]
             masked[r0, r1] = False
         return
@@ -236,10 +268,10 @@ def _diffuse(ctx: _Ctx, x: torch.Tensor, masked: torch.Tensor, active: torch.Ten
         if not cur.any():
             ctx.nfe += 1
             continue
-        logits = ctx.logits(x, masked, upto)
-        L_ = logits.shape[1]
-        rows = cur[:, :L_].nonzero(as_tuple=True)
-        tokens, probs = ctx.draw(logits[rows])
+        logits, lo = ctx.logits(x, masked, upto)
+        r, c = cur[:, lo : lo + logits.shape[1]].nonzero(as_tuple=True)
+        tokens, probs = ctx.draw(logits[r, c])
+        rows = (r, c + lo)  # positions in x
         score = torch.full(x.shape, -math.inf, dtype=probs.dtype, device=x.device)
         score[rows] = order_scores(kind, tokens, probs, ctx.gen)
         proposal = torch.zeros_like(x)
@@ -254,7 +286,8 @@ def _ar(ctx: _Ctx, x: torch.Tensor, masked: torch.Tensor) -> None:
     for p in cols:
         if p == 0:
             raise ValueError("AR decoding needs at least one given token (e.g. [BOS]) before the first generated one")
-        logits = ctx.logits(x, masked, upto=p)[:, -1]
+        # with a cache: the tokens committed since the last forward (given or generated) join it
+        logits = ctx.logits(x, masked, upto=p, extend=True)[0][:, -1]
         rows = masked[:, p]
         tokens, _ = ctx.draw(logits[rows])
         x[rows, p] = tokens
@@ -268,6 +301,8 @@ def _blocks(ctx: _Ctx, x, masked, bl: int, inner: str, truncate: bool) -> None:
         active = (pos // bl == b)[None, :].expand_as(masked)
         if not (active & masked).any():
             continue
+        if ctx.cache is not None:  # every block before b is committed: cache what is not cached yet
+            ctx.commit(x, b * bl)
         _diffuse(ctx, x, masked, active, inner, upto=min((b + 1) * bl, L) if truncate else None)
 
 
@@ -277,7 +312,7 @@ def _scatter(ctx: _Ctx, x, masked, bl: int) -> None:
         cur = masked & (off == o)[None, :]
         if not cur.any():
             continue
-        logits = ctx.logits(x, masked)
+        logits, _ = ctx.logits(x, masked)
         rows = cur.nonzero(as_tuple=True)
         tokens, _ = ctx.draw(logits[rows])
         x[rows] = tokens
@@ -299,6 +334,7 @@ def _jigsaw(ctx: _Ctx, x, masked, bl: int, order: str) -> None:
     def forward(xx):
         x_t = torch.where(revealed[:, blk], xx, torch.full_like(xx, ctx.mask_id))
         ctx.nfe += 1
+        ctx.positions += 2 * xx.numel()  # the two-stream pass runs on [x_t | x_0]
         frac = (~revealed).float().mean(1) if ctx.time_cond else None
         return ctx.model(x_t, frac, key_padding_mask=ctx.kpm, x0=xx, revealed_blocks=revealed)
 
@@ -362,6 +398,10 @@ def generate(
     try:
         L = x.shape[1]
         model_bl = inner_model.block_len(L)
+        mcfg = inner_model.cfg
+        if cfg.kv_cache and name in ("ar", "block") and cache_support(
+                mcfg.variant, mcfg.block_size, mcfg.time_conditioning) is None:
+            ctx.cache = KVCache(mcfg.n_layers)
         if name == "ar":
             _ar(ctx, x, masked)
         elif name == "block":
@@ -378,7 +418,7 @@ def generate(
             _diffuse(ctx, x, masked, torch.ones_like(masked), name)
     finally:
         inner_model.train(was_training)
-    return SampleResult(tokens=x, nfe=ctx.nfe)
+    return SampleResult(tokens=x, nfe=ctx.nfe, positions=ctx.positions, kv_cache=ctx.cache is not None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pretrain.config import ConfigError, ModelConfig
 from pretrain.model.attention_masks import attention_mask, base_mask
+from pretrain.model.kv_cache import KVCache, cache_support
 from pretrain.model.transformer import DiffusionTransformer
 
-__all__ = ["DiffusionTransformer", "attention_mask", "base_mask", "build_model"]
+__all__ = ["DiffusionTransformer", "KVCache", "attention_mask", "base_mask", "build_model", "cache_support"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> DiffusionTransformer:

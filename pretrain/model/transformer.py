@@ -17,6 +17,8 @@ Reads top to bottom like the model description:
   features -> MLP -> c [B, cond_dim]; each block maps c to shift/scale/gate for its two sublayers,
   zero-initialised so that every block starts as the identity (DiT's "adaLN-Zero"). MDLM shows the
   log-linear masked diffusion does not need it, hence off by default.
+- Optional clean-prefix KV cache for left-to-right decoding (`kv_cache=`, `prefill`; variants ar and
+  block only, see kv_cache.py): committed positions' keys/values are computed once and reused.
 
 Parallelism is not woven in. Tensor parallelism is applied later (package `parallel/`) by replacing
 the plain modules named here: `tok_emb` (nn.Embedding), `attn.qkv` / `mlp.fc_in` / `mlp.gate`
@@ -35,6 +37,7 @@ from torch import nn
 
 from pretrain.config import ModelConfig
 from pretrain.model.attention_masks import TWO_STREAM_VARIANTS, attention_mask, block_len, two_stream_mask
+from pretrain.model.kv_cache import KVCache, LayerKV, cache_support, cached_attention_mask
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -98,12 +101,17 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         is_causal: bool,
+        kv: LayerKV | None = None,
     ) -> torch.Tensor:
+        """kv: this layer's clean-prefix cache (decoding only): keys/values of the prefix are
+        prepended to this pass's, cos/sin being the rotary angles of the new positions."""
         B, L, _ = x.shape
         qkv = self.qkv(x)
         n_heads = qkv.shape[-1] // (3 * self.head_dim)  # local heads: correct under a column-sharded qkv
         q, k, v = qkv.view(B, L, n_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # 3 x [B, H, L, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k, v = kv.attach(k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
@@ -149,13 +157,13 @@ class Block(nn.Module):
         # shift, scale, gate for attention and for the MLP; zero-initialised in _init_weights
         self.adaLN = nn.Linear(cfg.cond_dim, 6 * cfg.d_model) if cfg.time_conditioning else None
 
-    def forward(self, x, c, cos, sin, mask, is_causal):
+    def forward(self, x, c, cos, sin, mask, is_causal, kv=None):
         if self.adaLN is None:
-            x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask, is_causal))
+            x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask, is_causal, kv))
             return x + self.drop(self.mlp(self.norm2(x)))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c)[:, None, :].chunk(6, dim=-1)
         x = x + gate1 * self.drop(
-            self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, mask, is_causal)
+            self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, mask, is_causal, kv)
         )
         return x + gate2 * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
@@ -234,13 +242,23 @@ class DiffusionTransformer(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         x0: torch.Tensor | None = None,
         revealed_blocks: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        extend_cache: bool = False,
     ) -> torch.Tensor:
         """input_ids [B, L] long; t [B] diffusion time (used only with time conditioning);
         key_padding_mask Bool[B, L], True = real token. Returns logits [B, L, V] in the compute dtype.
 
         x0 [B, L] (variants block and jigsaw): the clean sequence; runs the two-stream training pass
         over [input_ids | x0] and returns the logits of the input_ids half. revealed_blocks
-        Bool[B, n_blocks] (jigsaw): which blocks are committed, clean context in this pass."""
+        Bool[B, n_blocks] (jigsaw): which blocks are committed, clean context in this pass.
+
+        kv_cache (decoding, variants ar and block; see kv_cache.py): input_ids [B, n] are the
+        positions right after the cached clean prefix; they attend to [prefix | themselves] and only
+        their logits are computed. extend_cache: they are committed and join the cached prefix."""
+        if kv_cache is not None:
+            if x0 is not None or revealed_blocks is not None:
+                raise ValueError("a KV-cached pass is single-stream: x0 / revealed_blocks do not apply")
+            return self.head(self.norm_f(self._cached_backbone(input_ids, key_padding_mask, kv_cache, extend_cache)))
         B, L = input_ids.shape
         if L > self.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds the model's max_seq_len {self.max_seq_len}")
@@ -270,6 +288,32 @@ class DiffusionTransformer(nn.Module):
             shift, scale = self.final_adaLN(c)[:, None, :].chunk(2, dim=-1)
             x = modulate(x, shift, scale)
         return self.head(x)
+
+    def prefill(self, input_ids: torch.Tensor, kv_cache: KVCache, key_padding_mask: torch.Tensor | None = None) -> None:
+        """Append the clean, committed tokens input_ids [B, n] (the positions right after the cached
+        prefix) to kv_cache; no logits are computed (e.g. a prompt, or a block BD3-LM just decoded)."""
+        self._cached_backbone(input_ids, key_padding_mask, kv_cache, extend=True)
+
+    def _cached_backbone(self, input_ids, key_padding_mask, kv_cache: KVCache, extend: bool) -> torch.Tensor:
+        """The blocks over new positions start..start+n-1 against the cached prefix 0..start-1."""
+        reason = cache_support(self.cfg.variant, self.cfg.block_size, self.time_emb is not None)
+        if reason is not None:
+            raise ValueError(f"a KV cache is not exact for this model: {reason}")
+        B, n = input_ids.shape
+        start = kv_cache.length
+        if start + n > self.max_seq_len:
+            raise ValueError(f"cached prefix {start} + {n} new positions exceed the model's max_seq_len {self.max_seq_len}")
+        if self.cfg.variant == "block" and start % self.cfg.block_size:
+            raise ValueError(f"block: the cached prefix ({start} tokens) must be whole blocks of {self.cfg.block_size}")
+        real = (torch.ones(B, n, dtype=torch.bool, device=input_ids.device) if key_padding_mask is None
+                else key_padding_mask.to(input_ids.device).bool())
+        keys_real = kv_cache.begin(real, extend)
+        mask = cached_attention_mask(self.cfg.variant, start, n, self.cfg.block_size, keys_real)
+        cos, sin = self.rope_cos[start : start + n], self.rope_sin[start : start + n]  # absolute positions
+        x = self.drop(self.tok_emb(input_ids))
+        for block, kv in zip(self.blocks, kv_cache.layers, strict=True):
+            x = block(x, None, cos, sin, mask, False, kv)
+        return x
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; exclude_embeddings drops the token-embedding table (with tied

@@ -116,7 +116,8 @@ class Recorder(torch.nn.Module):
 
 
 @pytest.mark.parametrize(("variant", "cfg"), [
-    ("block", SamplerConfig(name="block", temperature=1.0, steps=2)),
+    # uncached: every forward shows the whole prefix (the cached path is tested in test_kv_cache.py)
+    ("block", SamplerConfig(name="block", temperature=1.0, steps=2, kv_cache=False)),
     ("mdm", SamplerConfig(name="confidence", temperature=1.0, steps=2, block_size=BL)),
 ])
 def test_block_decoding_never_changes_a_committed_block(variant, cfg):
