@@ -8,6 +8,7 @@ The long-document policy is applied here too, so it runs in parallel.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 from collections.abc import Sequence
@@ -105,9 +106,11 @@ class InlineExecutor:
         self.tokenizer, self.annotator, self.density = tokenizer, annotator, density
 
     def submit(self, fn, *args) -> Future:
+        # what a worker process holds as globals, handed to the task functions that take it
+        params = inspect.signature(fn).parameters
+        held = {"tokenizer": self.tokenizer, "annotator": self.annotator, "density": self.density}
         fut: Future = Future()
-        extra = {"annotator": self.annotator, "density": self.density} if fn is encode_annotate_chunk else {}
-        fut.set_result(fn(*args, tokenizer=self.tokenizer, **extra))
+        fut.set_result(fn(*args, **{k: v for k, v in held.items() if k in params}))
         return fut
 
     def __enter__(self) -> InlineExecutor:

@@ -3,13 +3,16 @@
 Why fixed document ranges: shard u holds source documents [u * D, (u + 1) * D) of the split,
 with D (`docs_per_shard`) fixed in the build plan. A shard's bytes then depend only on those
 documents, the tokenizer and the settings, never on the worker count, chunking or timing, so
-- any number of workers gives byte-identical shards (the parent writes them in document order),
+- any number of workers gives byte-identical shards (the parent assembles each from its chunks in
+  document order; a worker compresses, checksums and writes it),
 - each shard is an independent unit written atomically: a rerun after a kill keeps the finished
   ones (checking their header against the source) and builds the rest,
 - `--part i/K` builds the shards u with u % K == i; every part reads the whole source (reading is
   cheap next to tokenizing) and records what it built in `part-i-of-K.json` for the merge.
 The parent reads documents, cuts them into ~1 MB chunks that never cross a shard boundary, and
-keeps a bounded number of chunks in flight, consumed in submission order.
+keeps a bounded number of tasks in flight, consumed in submission order. Everything per token
+(tokenizing, compressing, hashing, writing) runs in the workers: work left in the parent is serial
+and caps the speed-up of more workers.
 """
 
 from __future__ import annotations
@@ -147,24 +150,18 @@ class _SplitBuild:
 
     # -- the writing side (results in submission order) --------------------------------------------
 
-    def receive(self, unit: int, encoded, last: bool, source_docs: int) -> None:
+    def receive(self, unit: int, encoded, last: bool, source_docs: int, submit_write) -> None:
+        """A chunk's tokens, in document order; the shard's last one hands the shard to a writer."""
         if encoded is not None:
             self.encoded.append(encoded)
             self.bar.update(len(encoded[0]))
         if not last:
             return
-        flats = [e[0] for e in self.encoded]
-        flat = np.concatenate(flats) if flats else np.zeros(0, self.dtype)
-        lengths = np.concatenate([e[1] for e in self.encoded]) if flats else np.zeros(0, np.int64)
-        n_long = sum(e[2] for e in self.encoded)
-        density = None
-        if self.density_dtype is not None:
-            dens = [e[3] for e in self.encoded]
-            density = np.concatenate(dens) if dens else np.zeros(0, np.float32)
-        self.encoded = []
-        columns = shard_columns(flat, lengths, self.dtype, density, self.density_dtype or "float16")
-        entry = write_shard(self.out_dir / shard_name(unit), columns,
-                            stats={"source_docs": source_docs, "long_docs": n_long})
+        chunks, self.encoded = self.encoded, []
+        submit_write(self, unit, write_unit,
+                     self.out_dir / shard_name(unit), chunks, self.dtype, self.density_dtype, source_docs)
+
+    def written(self, unit: int, entry: dict) -> None:
         self.entries[unit] = entry
         self.result.written.append(entry["file"])
         self.result.tokens_written += entry["n_tokens"]
@@ -196,27 +193,46 @@ def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per
         splits = {s: _SplitBuild(s, shard_dir / s, docs_per_unit[s], part, n_parts, tokenizer.vocab_size, stats, bar,
                                  density_dtype) for s in docs_per_unit}
 
+        # `pending` holds (future, what to do with its result) in submission order: chunks to tokenize,
+        # and shards to write. Consuming it in order keeps the shard assembly deterministic; the writes
+        # run in the workers, so the parent only reads the source and moves arrays.
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                fut, then = pending.popleft()
+                then(None if fut is None else fut.result())
+
+        def submit_write(sb: _SplitBuild, unit: int, fn, *args) -> None:
+            pending.append((pool.submit(fn, *args), lambda entry: sb.written(unit, entry)))
+
         def submit(sb: _SplitBuild, unit: int, texts: list[str], last: bool, source_docs: int = 0) -> None:
             fut = pool.submit(encode_annotate_chunk, texts, cfg.max_doc_tokens, cfg.long_docs) if texts else None
-            pending.append((sb, unit, fut, last, source_docs))
-            while len(pending) > max_inflight:
-                _receive(pending.popleft())
+            pending.append((fut, lambda enc: sb.receive(unit, enc, last, source_docs, submit_write)))
+            drain(max_inflight)
             bar.set_postfix(shards=sum(len(b.result.written) for b in splits.values()), refresh=False)
 
         for split, texts in iter_text_runs(cfg, stats):
             splits[split].add(texts, submit)
         for sb in splits.values():
             sb.finish(submit)
-        while pending:
-            _receive(pending.popleft())
+        drain(0)
     for sb in splits.values():
         sb.write_record(time.monotonic() - t0)
     return [sb.result for sb in splits.values()]
 
 
-def _receive(item) -> None:
-    sb, unit, fut, last, source_docs = item
-    sb.receive(unit, None if fut is None else fut.result(), last, source_docs)
+def write_unit(path: Path, chunks: list[tuple], dtype: np.dtype, density_dtype: str | None,
+               source_docs: int) -> dict:
+    """Assemble, compress, checksum and atomically write one shard from its encoded chunks; returns its
+    index entry. A worker task: compression and hashing are the build's other per-token work, so they
+    run in parallel too instead of serialising in the parent."""
+    flats = [c[0] for c in chunks]
+    flat = np.concatenate(flats) if flats else np.zeros(0, dtype)
+    lengths = np.concatenate([c[1] for c in chunks]) if flats else np.zeros(0, np.int64)
+    density = None
+    if density_dtype is not None:
+        density = np.concatenate([c[3] for c in chunks]) if flats else np.zeros(0, np.float32)
+    columns = shard_columns(flat, lengths, dtype, density, density_dtype or "float16")
+    return write_shard(path, columns, stats={"source_docs": source_docs, "long_docs": sum(c[2] for c in chunks)})
 
 
 def _check_existing(path: Path, source_docs: int) -> dict:
