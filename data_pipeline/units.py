@@ -29,7 +29,13 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.config import DataConfig
-from data_pipeline.encode import encode_annotate_chunk, encode_chunk, make_executor
+from data_pipeline.encode import (
+    InlineExecutor,
+    encode_annotate_chunk,
+    encode_chunk,
+    make_executor,
+    pack_texts,
+)
 from data_pipeline.fsutil import atomic_write_bytes
 from data_pipeline.shards import (
     CorruptShardError,
@@ -205,7 +211,10 @@ def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per
             pending.append((pool.submit(fn, *args), lambda entry: sb.written(unit, entry)))
 
         def submit(sb: _SplitBuild, unit: int, texts: list[str], last: bool, source_docs: int = 0) -> None:
-            fut = pool.submit(encode_annotate_chunk, texts, cfg.max_doc_tokens, cfg.long_docs) if texts else None
+            fut = None
+            if texts:  # packed only when they cross to another process
+                payload = texts if isinstance(pool, InlineExecutor) else pack_texts(texts)
+                fut = pool.submit(encode_annotate_chunk, payload, cfg.max_doc_tokens, cfg.long_docs)
             pending.append((fut, lambda enc: sb.receive(unit, enc, last, source_docs, submit_write)))
             drain(max_inflight)
             bar.set_postfix(shards=sum(len(b.result.written) for b in splits.values()), refresh=False)
