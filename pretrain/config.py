@@ -256,7 +256,14 @@ def validate(cfg: Config) -> None:
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
 
     need(p.tp >= 1, "parallel.tp", "must be >= 1")
-    need(p.pp == 1, "parallel.pp", "must be 1: pipeline parallelism is not available yet in this version")
+    need(p.pp >= 1, "parallel.pp", "must be >= 1")
+    if p.pp > 1:  # DeepSpeed's pipeline engine (parallel/pipeline.py) and what it does not combine with
+        need(p.zero_stage <= 1, "parallel.zero_stage",
+             "must be 0 or 1 with parallel.pp > 1: DeepSpeed's pipeline engine does not combine with ZeRO-2/3")
+        need(cfg.model.n_layers >= p.pp, "parallel.pp",
+             f"must be <= model.n_layers = {cfg.model.n_layers}: every stage needs a transformer block")
+        need(not cfg.model.tie_embeddings, "model.tie_embeddings",
+             "must be false with parallel.pp > 1: the embedding and the head sit on different stages")
     need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3 (DeepSpeed ZeRO stages)")
     need(p.timeout_s > 0, "parallel.timeout_s", "must be > 0")
     need(lc.nproc >= 1, "launch.nproc", "must be >= 1")

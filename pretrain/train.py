@@ -128,6 +128,10 @@ class Trainer:
             from parallel.tensor_parallel import apply_tensor_parallel
 
             model = apply_tensor_parallel(model)  # megatron-core layers, weights copied from the plain init
+        if topology.pp_size > 1:  # DeepSpeed's pipeline engine over this rank's stage of the plain model
+            from parallel.pipeline import pipeline_module
+
+            model = pipeline_module(model, topology)
         self.objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=self.data.mask_id)
         t = cfg.train
         optimizer = torch.optim.AdamW(
@@ -139,17 +143,26 @@ class Trainer:
         dp = topology.dp_size
         self.micro_batch = t.micro_batch_size or t.batch_size // dp
         self.accumulation = t.batch_size // (self.micro_batch * dp)
+        ds_config = None
         if topology.world_size > 1 or cfg.parallel.zero_stage > 0:
-            from parallel.engine import DeepSpeedEngine, deepspeed_config
+            from parallel.engine import deepspeed_config
+
+            ds_config = deepspeed_config(self.micro_batch, self.accumulation, dp, t.grad_clip,
+                                         cfg.parallel.zero_stage, self.dtype, n_params=self.n_params)
+        if topology.pp_size > 1:
+            from parallel.pipeline import PipelineEngine, check_grid
+
+            self.engine = PipelineEngine(model, optimizer, ds_config, vocab_size=self.data.vocab_size)
+            check_grid(model)
+        elif ds_config is not None:
+            from parallel.engine import DeepSpeedEngine
 
             mpu = None
             if topology.world_size > 1:
                 from parallel.state import DeepSpeedMpu
 
                 mpu = DeepSpeedMpu()
-            self.engine = DeepSpeedEngine(model, optimizer, deepspeed_config(
-                self.micro_batch, self.accumulation, dp, t.grad_clip, cfg.parallel.zero_stage, self.dtype,
-                n_params=self.n_params), mpu=mpu)
+            self.engine = DeepSpeedEngine(model, optimizer, ds_config, mpu=mpu)
         else:
             self.engine = PlainEngine(model, optimizer, t.grad_clip, self.accumulation)
         self.train_loader = make_train_loader(
@@ -254,6 +267,14 @@ class Trainer:
             self.engine, self.objective, self.val_loader, self.device, seed=self.cfg.seed,
             max_batches=self.cfg.train.eval_batches, autocast=self.autocast, reduce=self._dp_sum,
         )
+        if self.engine.kind == "pipeline":  # only the last stage saw real logits: its numbers for all
+            import torch.distributed as dist
+            from megatron.core import parallel_state as ps
+
+            keys = sorted(metrics)
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+            dist.broadcast(values, src=self.engine.last_stage_rank, group=ps.get_pipeline_model_parallel_group())
+            metrics = dict(zip(keys, values.tolist(), strict=True))
         self.state.elapsed_s = self._elapsed_base + (time.perf_counter() - self._fit_start)
         metrics["val/tokens_seen"] = float(self.state.tokens)
         metrics["val/elapsed_s"] = self.state.elapsed_s
@@ -274,6 +295,8 @@ class Trainer:
         tokens are counted over the data-parallel group (ranks can hold different numbers of real
         tokens), and the engines' averaging over ranks and micro-batches is undone. The same
         all-reduce makes every rank see a non-finite loss on any rank, so all skip together."""
+        if self.engine.kind == "pipeline":
+            return self._pipeline_train_step(micro_batches)
         dp, n_micro = self.topology.dp_size, len(micro_batches)
         loss_sum = tokens = 0.0
         buckets = None
@@ -308,6 +331,61 @@ class Trainer:
             "masked_fraction": stats.get("masked_fraction", 0.0),
             "t_bucket_loss_sum": buckets[:k] if buckets is not None else None,
             "t_bucket_count": buckets[k:] if buckets is not None else None,
+        }
+
+    def _pipeline_train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any] | None:
+        """train_step through the pipeline engine (parallel/pipeline.py): every rank corrupts the
+        micro-batches up to the model call (the first stage feeds those inputs in); the last stage
+        recomputes the same objective on the pipeline's logits with the same step RNG and scales
+        each micro-batch's loss exactly as train_step does. Its statistics then go to the whole
+        pipeline. A non-finite loss skips the whole step on every stage."""
+        from parallel.pipeline import capture_forward, stage_inputs
+
+        dp, n_micro = self.topology.dp_size, len(micro_batches)
+
+        def rng(i: int):
+            return step_rng(self.cfg.seed, self.state.step, self.topology.dp_rank, dp, micro=i, n_micro=n_micro)
+
+        inputs = [stage_inputs(*capture_forward(self.objective.training_loss, b, rng(i)))
+                  for i, b in enumerate(micro_batches)]
+        results: list[torch.Tensor] = []
+
+        def loss_fn(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+            i = int(label[0])
+            loss, stats = self.objective.training_loss(lambda *a, **k: logits, micro_batches[i], rng(i))
+            n_local = float(stats["n_tokens"])
+            glob = self._dp_sum(torch.cat([
+                torch.tensor([float(loss.detach()) * n_local, n_local], dtype=torch.float64),
+                stats["t_bucket_loss_sum"].double(), stats["t_bucket_count"].double(),
+                torch.tensor([stats.get("masked_fraction", 0.0)], dtype=torch.float64),
+            ]))
+            results.append(glob)
+            if not math.isfinite(float(glob[0])):
+                self.engine.skip_step()
+                return loss * 0.0
+            return loss * (n_local / float(glob[1]) * dp)
+
+        with self.autocast:
+            stepped = self.engine.train_batch(inputs, loss_fn)
+        k = self.objective.loss_buckets
+        summed = torch.zeros(3 + 2 * k, dtype=torch.float64)
+        if results:  # the last stage; the others receive its sums below
+            summed = torch.stack(results).sum(dim=0)
+            summed[-1] = results[-1][-1] / dp  # masked fraction: the last micro-batch's, mean over dp
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        dist.broadcast(summed, src=self.engine.last_stage_rank, group=ps.get_pipeline_model_parallel_group())
+        if not stepped:
+            return None
+        self.scheduler.step()
+        norm = self.engine.step_grad_norm()
+        return {
+            "loss": float(summed[0] / summed[1].clamp(min=1.0)),
+            "grad_norm": float(norm) if norm is not None else math.nan,
+            "masked_fraction": float(summed[-1]),
+            "t_bucket_loss_sum": summed[2:2 + k],
+            "t_bucket_count": summed[2 + k:2 + 2 * k],
         }
 
     def fit(self) -> dict[str, Any]:
@@ -482,15 +560,16 @@ class SamplesCallback(Callback):
     """At every evaluation, decode a few generations with the variant's own sampler and keep them as
     text: task runs answer validation prompts (and log the task's metrics as `sample/*`), language
     runs sample unconditionally from [BOS]. Written to `<run_dir>/samples/step_*.txt` and sent to
-    MLflow as artifacts. Rank 0, on its own replica: skipped under ZeRO-3 and tensor parallelism,
-    whose weights are sharded across ranks."""
+    MLflow as artifacts. Rank 0, on its own replica: skipped under ZeRO-3, tensor and pipeline
+    parallelism, whose weights are spread across ranks (sample from the consolidated checkpoint)."""
 
     def __init__(self, n: int, tracker=None) -> None:
         self.n = n
         self.tracker = tracker
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if self.n <= 0 or trainer.cfg.parallel.zero_stage == 3 or trainer.topology.tp_size > 1:
+        topo = trainer.topology
+        if self.n <= 0 or trainer.cfg.parallel.zero_stage == 3 or topo.tp_size > 1 or topo.pp_size > 1:
             return
         from pretrain.sample import SamplerConfig, generate
 

@@ -2,7 +2,9 @@
 parallel layout. This is the test that proves the parallel code right; do not loosen it to pass.
 
 Each layout is a real `python -m pretrain.launch` job: the local launcher starts the ranks, which
-form gloo process groups, megatron-core's tensor/data groups and a DeepSpeed engine (ZeRO 0-3).
+form gloo process groups, megatron-core's tensor/data groups and a DeepSpeed engine (ZeRO 0-3, or
+its pipeline engine). The pipeline's own variants (two-stream passes, time conditioning) have
+their pp=1 vs pp=2 comparison in test_pipeline.py.
 """
 
 import os
@@ -31,6 +33,10 @@ LAYOUTS = {
     "tp2-dp2-zero1": ["launch.nproc=4", "parallel.tp=2", "parallel.zero_stage=1"],
     "dp1-accum2": ["launch.nproc=1", "train.micro_batch_size=4"],
     "dp2-zero2-accum2": ["launch.nproc=2", "parallel.zero_stage=2", "train.micro_batch_size=2"],
+    "pp2": ["launch.nproc=2", "parallel.pp=2"],
+    "pp2-accum2": ["launch.nproc=2", "parallel.pp=2", "train.micro_batch_size=4"],
+    "pp2-dp2-zero1": ["launch.nproc=4", "parallel.pp=2", "parallel.zero_stage=1"],
+    "tp2-pp2": ["launch.nproc=4", "parallel.tp=2", "parallel.pp=2"],
 }
 
 

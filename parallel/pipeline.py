@@ -1,0 +1,332 @@
+"""Pipeline parallelism: the plain DiffusionTransformer cut into stages for DeepSpeed's pipeline engine.
+
+The model is not rewritten. `pipeline_module(model, topology)` wraps the plain model's own modules
+(same weights, same initialisation) as a flat list of layers,
+
+    EmbedStage (tok_emb, time_emb) -> PipeBlock x n_layers (blocks.i) -> HeadStage (norm_f, final_adaLN, head)
+
+and DeepSpeed's `PipelineModule` keeps the layers of this rank's stage, balancing the transformer
+blocks over the stages (`partition_method="type:PipeBlock"`). Between stages travels a tuple of
+tensors: the hidden states (float, gradients flow back), the time condition c when the model is
+time-conditioned (float: its gradient reaches the time embedder on the first stage), and the small
+integer tensors every block needs to rebuild its attention mask (key padding, Jigsaw's revealed
+blocks, which optional inputs are present). Rebuilding the mask per layer costs a few boolean ops;
+sending an [L, L] mask between stages would cost far more.
+
+Why DeepSpeed's pipeline engine (not megatron-core's schedules or torch.distributed.pipelining):
+megatron-core's pipeline schedules allocate CUDA tensors and fail on CPU; DeepSpeed's runs its 1F1B
+schedule on CPU over gloo and on GPU over NCCL, with ZeRO-1 and data parallelism, per-layer
+checkpoint files (so `pretrain.convert` can consolidate them) and the same engine interface the
+rest of the trainer already uses. DeepSpeed does not combine its pipeline engine with ZeRO-2/3;
+the config validator says so.
+
+How the diffusion objective runs through a pipeline (the objectives are not split): the objective
+corrupts the batch and calls the model once (`training_loss(model, batch, rng)`). Every rank runs
+it up to that call with `capture_forward`, which records the model's inputs (the first stage feeds
+them to the pipeline); the last stage runs the same objective again inside the pipeline's loss
+function with a model that returns the pipeline's logits. Both calls draw from generators rebuilt
+from (seed, step, dp rank, micro-batch), so they draw the same times and masks; the loss is
+bit-for-bit the one the unpipelined trainer computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.engine import DeepSpeedEngine
+from parallel.topology import Topology
+from pretrain.model.attention_masks import attention_mask, two_stream_mask
+from pretrain.model.transformer import modulate
+
+log = logging.getLogger(__name__)
+
+# positions of the optional inputs in the `present` flags tensor
+_HAS_T, _HAS_X0, _HAS_REVEALED = 0, 1, 2
+
+
+class EmbedStage(nn.Module):
+    """Layer 0: token embedding (and the time embedding c) of the model's inputs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.tok_emb, self.drop, self.time_emb = model.tok_emb, model.drop, model.time_emb
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        ids, pad, t, x0, revealed, present = inputs
+        if present[_HAS_X0]:
+            ids = torch.cat([ids, x0], dim=1)  # the two-stream pass: [x_t | x_0]
+        x = self.drop(self.tok_emb(ids))
+        if self.time_emb is None:
+            return x, pad, revealed, present
+        if not present[_HAS_T]:
+            raise ValueError("this model is time-conditioned (model.time_conditioning): pass t")
+        return x, self.time_emb(t), pad, revealed, present
+
+
+class PipeBlock(nn.Module):
+    """One transformer block; rebuilds the variant's attention mask from the key padding it receives."""
+
+    def __init__(self, model: nn.Module, index: int):
+        super().__init__()
+        self.block = model.blocks[index]
+        self.variant, self.block_size = model.cfg.variant, model.cfg.block_size
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, *rest = inputs
+        c = rest[0] if len(rest) == 4 else None
+        pad, revealed, present = rest[-3:]
+        L = pad.shape[1]
+        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
+        if x.shape[1] == L:
+            mask, is_causal = attention_mask(self.variant, L, self.block_size, x.device, pad.bool())
+        else:  # two-stream: positions 0..L-1 twice
+            mask, is_causal = two_stream_mask(
+                self.variant, L, self.block_size, x.device, pad.bool(),
+                revealed.bool() if present[_HAS_REVEALED] else None,
+            ), False
+            cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)
+        return (self.block(x, c, cos, sin, mask, is_causal), *rest)
+
+
+class HeadStage(nn.Module):
+    """The last layer: final norm (adaLN-modulated when time-conditioned) and the output head,
+    on the x_t half only for a two-stream pass."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.norm_f, self.final_adaLN, self.head = model.norm_f, model.final_adaLN, model.head
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, *rest = inputs
+        pad = rest[-3]
+        x = self.norm_f(x[:, : pad.shape[1]])
+        if self.final_adaLN is not None:
+            shift, scale = self.final_adaLN(rest[0])[:, None, :].chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        return self.head(x)
+
+
+def stage_layers(model: nn.Module) -> list[nn.Module]:
+    """The plain model as a flat list of pipeline layers (module docstring)."""
+    if model.cfg.tie_embeddings:
+        raise ValueError("model.tie_embeddings with parallel.pp > 1: the embedding and the head sit on different "
+                         "stages; set model.tie_embeddings=false")
+    return [EmbedStage(model), *(PipeBlock(model, i) for i in range(len(model.blocks))), HeadStage(model)]
+
+
+def plain_key(layer: int, key: str, n_layers: int) -> str:
+    """The plain model's state-dict key of parameter `key` of pipeline layer `layer`."""
+    if 1 <= layer <= n_layers:
+        return f"blocks.{layer - 1}.{key.removeprefix('block.')}"
+    return key  # EmbedStage and HeadStage use the plain model's attribute names
+
+
+def pipeline_module(model: nn.Module, topology: Topology, loss_fn: Callable | None = None):
+    """DeepSpeed's PipelineModule over the plain model's layers for this rank's pipeline stage.
+
+    The process grid is DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model; model
+    varies fastest), the same rank order as megatron-core's parallel_state, so both agree on who
+    is whose data-parallel peer (`check_grid` verifies it)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing process group
+    grid = PipeModelDataParallelTopology(num_pp=topology.pp_size, num_mp=topology.tp_size, num_dp=topology.dp_size)
+    n_blocks = len(model.blocks)
+    if n_blocks < topology.pp_size:
+        raise ValueError(f"parallel.pp = {topology.pp_size} stages but model.n_layers = {n_blocks}: "
+                         "every stage needs at least one transformer block")
+    pipe = PipelineModule(
+        layers=stage_layers(model), topology=grid, loss_fn=loss_fn, partition_method="type:PipeBlock",
+        # shapes differ between training (complementary masking doubles the rows, the two-stream
+        # pass doubles the positions) and evaluation, and the last batch can be short
+        dynamic_shape=True,
+    )
+    # DeepSpeed's gradient norm (for clipping) sums squares over its "model-parallel" group, which
+    # here is pipeline x tensor, but counts a parameter only on model-parallel rank 0 unless it is
+    # marked model-parallel: Megatron's convention for parameters replicated across tensor ranks.
+    # Every stage holds different parameters, so each counts its own: all of them, except that a
+    # tensor-replicated one (norms) counts on tensor rank 0 only.
+    for param in pipe.parameters():
+        if topology.tp_rank == 0 or getattr(param, "tensor_model_parallel", False):
+            param.model_parallel = True
+    return pipe
+
+
+def check_grid(pipe) -> None:
+    """Raise when DeepSpeed's data-parallel group differs from megatron-core's (they must agree)."""
+    from megatron.core import parallel_state as ps
+
+    ds = list(pipe._grid.get_data_parallel_group_ranks())
+    mc = dist.get_process_group_ranks(ps.get_data_parallel_group())
+    if sorted(ds) != sorted(mc):
+        raise RuntimeError(f"DeepSpeed's pipeline grid puts rank {dist.get_rank()} in data-parallel group {ds}, "
+                           f"megatron-core in {mc}")
+
+
+class _Captured(Exception):  # noqa: N818  (control flow, not an error)
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("captured")
+        self.args, self.kwargs = args, kwargs
+
+
+def capture_forward(loss_fn: Callable, *args, **kwargs) -> tuple[tuple, dict]:
+    """Run `loss_fn(model, *args, **kwargs)` up to its (single) model call and return that call's
+    (args, kwargs). Nothing after the call runs; everything before it (corruption, RNG draws) does."""
+
+    def model(*a, **k):
+        raise _Captured(a, k)
+
+    try:
+        loss_fn(model, *args, **kwargs)
+    except _Captured as c:
+        return c.args, c.kwargs
+    raise RuntimeError(f"{loss_fn} never called the model")
+
+
+def stage_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+    """The first stage's input tuple for a model call `model(input_ids, t, key_padding_mask=, x0=,
+    revealed_blocks=)`: every slot filled (absent ones by placeholders) and flagged in `present`."""
+    names = ("input_ids", "t", "key_padding_mask", "x0", "revealed_blocks")
+    call = dict(zip(names, args, strict=False)) | kwargs
+    ids = call["input_ids"]
+    B, L = ids.shape
+    t, pad = call.get("t"), call.get("key_padding_mask")
+    x0, revealed = call.get("x0"), call.get("revealed_blocks")
+    present = torch.tensor([t is not None, x0 is not None, revealed is not None], dtype=torch.long)
+    return (
+        ids,
+        (pad if pad is not None else torch.ones_like(ids, dtype=torch.bool)).long(),
+        t.float() if t is not None else torch.zeros(B),
+        x0 if x0 is not None else torch.zeros(B, 1, dtype=torch.long),
+        revealed.long() if revealed is not None else torch.zeros(B, 1, dtype=torch.long),
+        present,
+    )
+
+
+class PipelineEngine(DeepSpeedEngine):
+    """DeepSpeed's pipeline engine behind the trainer's engine interface.
+
+    - `train_batch(inputs, loss_fn)`: one optimizer step over the micro-batches (1F1B schedule,
+      gradient accumulation, data-parallel gradient averaging, clipping); `loss_fn(logits, i)`
+      runs on the last stage for micro-batch i.
+    - `engine(*model_args)`: a forward pass through the pipeline (evaluation): the logits on the
+      last stage, a placeholder of the same shape elsewhere (those ranks' results are replaced by
+      the last stage's, see Trainer.evaluate).
+    - A step whose loss was non-finite on any rank is skipped as a whole on every stage
+      (`skip_step()` from the loss function; the flag is all-reduced before the optimizer step).
+    """
+
+    kind = "pipeline"
+
+    def __init__(self, pipe, optimizer: torch.optim.Optimizer, config: dict[str, Any], vocab_size: int):
+        super().__init__(pipe, optimizer, config, mpu=None)
+        self.vocab_size = vocab_size
+        self._skip = False
+        self.skipped = False  # whether the last train_batch skipped its optimizer step
+        self.grad_norm: float | None = None
+        take_step = self.engine._take_model_step
+
+        def guarded_step(lr_kwargs=None):
+            flag = torch.tensor([1.0 if self._skip else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every stage steps or skips together
+            self.skipped = bool(flag.item())
+            if self.skipped:
+                self.engine.zero_grad()
+                return
+            if self.engine.zero_optimization_stage() == 0:  # ZeRO-1 records its norm itself
+                self.grad_norm = self._grad_norm()
+            take_step(lr_kwargs)
+
+        self.engine._take_model_step = guarded_step
+
+    def _grad_norm(self) -> float:
+        """The global gradient norm (before clipping), counted as DeepSpeed's clipping counts it."""
+        sq = torch.zeros(1, dtype=torch.float64)
+        for p in self.engine.module.parameters():
+            if p.grad is not None and getattr(p, "model_parallel", False):
+                sq += p.grad.detach().double().pow(2).sum().cpu()
+        dist.all_reduce(sq, group=self.engine.grid.get_model_parallel_group())
+        return float(sq.sqrt())
+
+    def step_grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else self.grad_norm
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.engine.is_last_stage()
+
+    @property
+    def last_stage_rank(self) -> int:
+        """Global rank of the last stage of this rank's pipeline."""
+        return self.engine.grid.stage_to_global(self.engine.num_stages - 1)
+
+    def skip_step(self) -> None:
+        self._skip = True
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        inputs = stage_inputs(args, kwargs)
+        # eval_batch adds the outputs into the running training loss (train_batch resets it, eval
+        # does not): with compute_loss=False the outputs are logits, which do not add to a scalar
+        self.engine.total_loss = None
+        _, logits = self.engine.eval_batch(
+            iter([(inputs, torch.zeros(1))]), return_logits=True, compute_loss=False, reduce_output=None,
+            bcast_loss=False, num_micro_batches=1,
+        )
+        if logits is not None:
+            return logits
+        B, L = inputs[0].shape
+        # not the last stage: what the caller computes from this is discarded
+        return torch.zeros(1, 1, self.vocab_size, device=inputs[0].device).expand(B, L, self.vocab_size)
+
+    def train_batch(self, inputs: list[tuple[torch.Tensor, ...]], loss_fn: Callable) -> bool:
+        """One optimizer step; returns False when it was skipped (non-finite loss somewhere)."""
+        self._skip = False
+        self.engine.module.loss_fn = loss_fn
+        self.engine.train_batch(iter([(x, torch.tensor([i])) for i, x in enumerate(inputs)]))
+        return not self.skipped
+
+    def step(self) -> float | None:
+        raise RuntimeError("the pipeline engine steps inside train_batch")
+
+    def skip(self) -> None:
+        raise RuntimeError("the pipeline engine skips inside train_batch")
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """This stage's layers under the plain model's keys (other stages hold the rest)."""
+        n_layers = sum(isinstance(m, PipeBlock) for m in _all_layers(self.engine.module))
+        return {plain_key(int(k.split(".", 1)[0]), k.split(".", 1)[1], n_layers): v
+                for k, v in self.engine.module.state_dict().items()}
+
+
+def _all_layers(pipe) -> list[nn.Module]:
+    return list(pipe._layer_specs)
+
+
+def consolidate_layer_files(ds_dir, n_layers: int) -> dict[str, torch.Tensor]:
+    """The plain model's state dict from DeepSpeed's per-layer pipeline files
+    (`layer_XX-model_00-model_states.pt`, one per layer; tensor parallelism is not combined with
+    the pipeline here)."""
+    from pathlib import Path
+
+    out: dict[str, torch.Tensor] = {}
+    for layer in range(n_layers + 2):
+        f = Path(ds_dir) / f"layer_{layer:02d}-model_00-model_states.pt"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing (pipeline layer {layer} of {n_layers + 2})")
+        for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+            out[plain_key(layer, k, n_layers)] = v
+    return out
