@@ -112,7 +112,8 @@ def density_settings(cfg: DataConfig) -> dict | None:
 def default_shard_dir(cfg: DataConfig) -> Path:
     fields = {k: v for k, v in build_fields(cfg).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
-    name = cfg.source if cfg.source.startswith(("task:", "hf:")) else Path(cfg.source).name
+    name = cfg.source if cfg.source.startswith(("task:", "hf:")) else "+".join(
+        Path(part.strip()).name for part in cfg.source.split(","))  # several local paths: all their names
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:40] or "data"
     return DEFAULT_ROOT / f"{name}-{digest}"
 

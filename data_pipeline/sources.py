@@ -9,6 +9,8 @@
 - a local `.txt` (one document per line, or blank-line separated paragraphs: `cfg.txt_documents`),
   `.jsonl` (field `cfg.text_field`), `.parquet` (column `cfg.text_field`), or a directory of such files (recursively, sorted). The val
   split is the documents whose id hashes under `cfg.val_fraction`, so it is stable when files grow.
+  Several local files or directories are one source when joined by commas (`a/valid.txt,b/input.txt`):
+  read in the order given, so a corpus spread over folders needs no copy or symlink farm.
 """
 
 from __future__ import annotations
@@ -254,20 +256,38 @@ def is_val_id(doc_id: str, val_fraction: float) -> bool:
     return bool(val_mask(rel, int(key), 1, val_fraction)[0])
 
 
-def local_files(source: str) -> list[Path]:
-    root = Path(source).expanduser()
-    if not root.exists():
-        raise DataSourceError(
-            f"data source {source!r} is neither task:NAME, hf:NAME nor an existing file or directory"
-        )
-    if root.is_file():
-        if root.suffix not in LOCAL_SUFFIXES:
-            raise DataSourceError(f"{root}: unsupported file type; expected one of {LOCAL_SUFFIXES}")
-        return [root]
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
-    if not files:
-        raise DataSourceError(f"{root}: no {'/'.join(LOCAL_SUFFIXES)} files in this directory")
-    return files
+def local_roots(source: str) -> list[Path]:
+    """The paths of a local source: one file or directory, or several joined by commas."""
+    return [Path(part.strip()).expanduser() for part in source.split(",") if part.strip()]
+
+
+def local_files(source: str) -> list[tuple[Path, str]]:
+    """(file, name) of every file of a local source, in order. The name (the file's name, or its
+    path under a given directory) keys the file's documents and their train/val split."""
+    roots = local_roots(source)
+    if not roots:
+        raise DataSourceError(f"data source {source!r} names no file or directory")
+    out: list[tuple[Path, str]] = []
+    for root in roots:
+        if not root.exists():
+            raise DataSourceError(
+                f"data source {str(root)!r} is neither task:NAME, hf:NAME nor an existing file or directory"
+            )
+        if root.is_file():
+            if root.suffix not in LOCAL_SUFFIXES:
+                raise DataSourceError(f"{root}: unsupported file type; expected one of {LOCAL_SUFFIXES}")
+            out.append((root, root.name))
+            continue
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise DataSourceError(f"{root}: no {'/'.join(LOCAL_SUFFIXES)} files in this directory")
+        out += [(p, p.relative_to(root).as_posix()) for p in files]
+    names = [name for _, name in out]
+    if len(set(names)) < len(names):
+        # two files with one name would share document ids and their held-out lines
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DataSourceError(f"data source {source!r}: several files are named {dup}; list their directories instead")
+    return out
 
 
 def _iter_local(cfg: DataConfig, split: str | None, stats: SourceStats | None) -> Iterator:
@@ -302,12 +322,10 @@ def _local_runs(cfg: DataConfig, stats: SourceStats | None, texts_only: bool = F
         raise DataSourceError(f"data.txt_documents={cfg.txt_documents!r}: expected one of {TXT_MODES}")
     if cfg.decode_errors not in DECODE_MODES:
         raise DataSourceError(f"data.decode_errors={cfg.decode_errors!r}: expected one of {DECODE_MODES}")
-    root = Path(cfg.source).expanduser()
     files = local_files(cfg.source)
     stats = stats if stats is not None else SourceStats()
     counts = {"train": 0, "val": 0}
-    for path in files:
-        rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+    for path, rel in files:
         for keys, texts in _read_blocks(path, cfg, stats):
             is_val = val_mask(rel, keys[0], keys[-1] - keys[0] + 1, cfg.val_fraction)
             sel = [bool(is_val[k - keys[0]]) for k in keys]

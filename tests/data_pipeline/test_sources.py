@@ -42,6 +42,28 @@ def test_jsonl_parquet_and_directories(tmp_path):
         _both(DataConfig(source=str(tmp_path / "b.jsonl"), text_field="body"))
 
 
+def test_several_local_paths_joined_by_commas(tmp_path):
+    """A corpus spread over folders (../shared/corpora/{wikitext-2,ptb,...}) is one source."""
+    for name, n in (("wiki/valid.txt", 60), ("ptb/ptb.valid.txt", 40)):
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).write_text("".join(f"{name} line {i}\n" for i in range(n)))
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "x.jsonl").write_text(json.dumps({"text": "from a directory"}) + "\n")
+    source = f"{tmp_path / 'wiki/valid.txt'}, {tmp_path / 'ptb/ptb.valid.txt'},{tmp_path / 'more'}"
+    train, val = _both(DataConfig(source=source, val_fraction=0.2))
+    docs = train + val
+    assert len(docs) == 101 and not {d.id for d in train} & {d.id for d in val}
+    # each file keeps its own ids (and so the same held-out lines as when read alone)
+    assert train[0].id.startswith("valid.txt:") and "x.jsonl:1" in {d.id for d in docs}
+    alone = {d.id for d in iter_documents(DataConfig(source=str(tmp_path / "ptb/ptb.valid.txt"), val_fraction=0.2), "val")}
+    assert alone == {d.id for d in val if d.id.startswith("ptb.valid.txt:")}
+    (tmp_path / "ptb" / "valid.txt").write_text("same name\n")
+    with pytest.raises(DataSourceError, match="several files are named"):
+        _both(DataConfig(source=f"{tmp_path / 'wiki/valid.txt'},{tmp_path / 'ptb/valid.txt'}"))
+    with pytest.raises(DataSourceError, match="neither task:NAME"):
+        _both(DataConfig(source=f"{tmp_path / 'wiki/valid.txt'},{tmp_path / 'absent.txt'}"))
+
+
 def test_non_utf8_names_file_and_offset(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"good line\ncaf\xe9\n")
