@@ -3,12 +3,18 @@
     python -m pretrain.compare --experiment lm1b                           # every run of the experiment
     python -m pretrain.compare --experiment lm1b --tag time_sampler=bell --tag time_sampler=uniform
     python -m pretrain.compare --runs RUN_ID RUN_ID --baseline RUN_ID --out reports/bell_vs_uniform
+    python -m pretrain.compare --experiment repro_bell --headline time_sampler=uniform:bell   # per-seed ratio
 
 The headline column is "tokens to reach the baseline's final validation NLL" and its ratio to the
 baseline's own tokens (seed 001 claims bell-shaped time sampling gets there ~4x sooner than
 uniform). Validation NLL is the unbiased uniform-t bound for every masked-diffusion run, so runs
 with different time samplers compare fairly. Runs are labelled by the config values that differ
 between them.
+
+`--headline KEY=BASE:TREAT` answers seed 001's question across seeds: runs are paired by `seed`;
+for each pair, the tokens TREAT needs to reach BASE's final validation NLL, and the ratio of
+BASE's tokens to get there to TREAT's (> 1: TREAT is faster); then the mean and spread of the
+ratios. A TREAT run that never gets there gives an upper bound (BASE's tokens / all of TREAT's).
 """
 
 from __future__ import annotations
@@ -143,13 +149,18 @@ class Comparison:
 def compare(records: list[RunRecord], baseline: str | None = None, target_nll: float | None = None) -> Comparison:
     """The table: per run, final/best NLL, tokens to reach the target and the speedup over the baseline.
 
-    The baseline is the run named/identified by `baseline` (default: the first run); the target is
+    The baseline is the run named/identified by `baseline`, or the first run with a tag/config value
+    given as KEY=VALUE (default: the first run); the target is
     the baseline's final validation NLL unless given."""
     if not records:
         raise ValueError("no runs matched")
     base = records[0]
     if baseline:
-        matches = [r for r in records if baseline in (r.run_id, r.name) or r.run_id.startswith(baseline)]
+        if "=" in baseline:  # KEY=VALUE: the first run with that tag or config value (names carry a hash)
+            key, _, value = baseline.partition("=")
+            matches = [r for r in records if _value(r, key) == value]
+        else:
+            matches = [r for r in records if baseline in (r.run_id, r.name) or r.run_id.startswith(baseline)]
         if not matches:
             raise ValueError(f"baseline {baseline!r} is not among the selected runs: {[r.name for r in records]}")
         base = matches[0]
@@ -166,6 +177,78 @@ def compare(records: list[RunRecord], baseline: str | None = None, target_nll: f
             "tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s, "baseline": r is base,
         })
     return Comparison(records, base, target, rows)
+
+
+def _value(r: RunRecord, key: str) -> str | None:
+    """A tag (`time_sampler`) or a logged config value (`diffusion.time_sampler`) of a run."""
+    return r.tags.get(key, r.params.get(key))
+
+
+@dataclass
+class Headline:
+    key: str
+    base: str
+    treat: str
+    pairs: list[dict]  # one per seed with both a BASE and a TREAT run
+
+    def ratios(self) -> np.ndarray:
+        """The seeds' speedups where TREAT reached the target (upper bounds left out)."""
+        return np.array([p["ratio"] for p in self.pairs if p["reached"]])
+
+
+def headline(records: list[RunRecord], key: str, base: str, treat: str) -> Headline:
+    """Per seed: tokens TREAT needs to reach BASE's final NLL, and BASE's tokens to get there / TREAT's."""
+    # pairs share the seed and the model variant (an AR reference logged beside them pairs with nothing)
+    by_seed: dict[tuple[str, str], dict[str, RunRecord]] = {}
+    for r in records:
+        value = _value(r, key)
+        if value in (base, treat):
+            group = (r.params.get("seed", "?"), r.params.get("model.variant", ""))
+            by_seed.setdefault(group, {}).setdefault(value, r)
+    pairs = []
+    for group in sorted(by_seed, key=lambda g: (g[1], len(g[0]), g[0])):
+        seed, runs = group[0], by_seed[group]
+        if base not in runs or treat not in runs:
+            continue
+        b, t = runs[base], runs[treat]
+        target = b.final_nll
+        b_tokens = tokens_to_reach(b.val_tokens, b.val_nll, target)
+        t_tokens = tokens_to_reach(t.val_tokens, t.val_nll, target)
+        reached = not math.isnan(t_tokens)
+        pairs.append({
+            "seed": seed, "base_run": b.name, "treat_run": t.name, "target_nll": target,
+            "base_final_nll": b.final_nll, "treat_final_nll": t.final_nll,
+            "base_tokens": b_tokens, "treat_tokens": t_tokens, "reached": reached,
+            # never reached: TREAT would need more than all its tokens, so the ratio is below this
+            "ratio": b_tokens / (t_tokens if reached else t.tokens),
+        })
+    if not pairs:
+        raise ValueError(f"--headline {key}={base}:{treat}: no seed has both a {base!r} and a {treat!r} run")
+    return Headline(key, base, treat, pairs)
+
+
+def format_headline(h: Headline) -> str:
+    """Markdown: one row per seed, then the ratio's mean and spread."""
+    lines = [
+        f"| seed | {h.base} final NLL (target) | {h.treat} final NLL | {h.base} tokens to target | "
+        f"{h.treat} tokens to target | speedup ({h.base} tokens / {h.treat} tokens) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in h.pairs:
+        reach = f"{p['treat_tokens']:,.0f}" if p["reached"] else "never reached"
+        ratio = f"{p['ratio']:.2f}x" if p["reached"] else f"< {p['ratio']:.2f}x"
+        lines.append(f"| {p['seed']} | {p['target_nll']:.4f} | {p['treat_final_nll']:.4f} | "
+                     f"{p['base_tokens']:,.0f} | {reach} | {ratio} |")
+    r = h.ratios()
+    if len(r) == len(h.pairs) and len(r) > 1:
+        summary = (f"speedup of {h.treat} over {h.base}: mean {r.mean():.2f}x, std {r.std(ddof=1):.2f}, "
+                   f"range {r.min():.2f}x-{r.max():.2f}x over {len(r)} seeds")
+    elif len(r) == len(h.pairs):
+        summary = f"speedup of {h.treat} over {h.base}: {r[0]:.2f}x (1 seed)"
+    else:
+        summary = (f"{h.treat} did not reach {h.base}'s final NLL in {len(h.pairs) - len(r)} of "
+                   f"{len(h.pairs)} seeds (the ratio is then an upper bound)")
+    return "\n".join(lines + ["", summary])
 
 
 def format_table(c: Comparison, markdown: bool = False) -> str:
@@ -225,13 +308,16 @@ def plot(c: Comparison, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_report(c: Comparison, plots: list[Path], out_dir: Path) -> Path:
+def write_report(c: Comparison, plots: list[Path], out_dir: Path, head: Headline | None = None) -> Path:
     lines = [
         "# Run comparison", "",
         f"Baseline: `{c.baseline.name}` ({c.baseline.label}); target NLL = the baseline's final validation NLL "
         f"{c.target_nll:.4f}. Speedup = the baseline's tokens to reach the target / the run's.", "",
         format_table(c, markdown=True), "",
     ]
+    if head is not None:
+        lines += [f"## Headline: {head.treat} vs {head.base} ({head.key}), paired by seed", "",
+                  format_headline(head), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -246,8 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="keep runs with this tag (e.g. time_sampler=bell); the same key twice means either value")
     p.add_argument("--runs", nargs="+", default=[], metavar="RUN_ID", help="explicit run ids instead of a search")
-    p.add_argument("--baseline", help="run name or id the others are compared to (default: the first run)")
+    p.add_argument("--baseline", help="run name or id the others are compared to, or KEY=VALUE: the first run with "
+                                      "that tag or config value, e.g. time_sampler=uniform (default: the first run)")
     p.add_argument("--target-nll", type=float, help="NLL target (default: the baseline's final validation NLL)")
+    p.add_argument("--headline", metavar="KEY=BASE:TREAT",
+                   help="per seed, the tokens TREAT needs to reach BASE's final NLL and the speedup, with its "
+                        "mean and spread over seeds, e.g. time_sampler=uniform:bell (KEY: a tag or config key)")
     p.add_argument("--out", default="reports/compare", help="folder for the PNG plots and report.md")
     p.add_argument("--attach", action="store_true",
                    help="also attach the plots and report to every compared run in MLflow (artifact folder compare/)")
@@ -256,12 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = load_runs(args.uri, args.experiment, args.runs, args.tag)
         c = compare(records, args.baseline, args.target_nll)
+        head = None
+        if args.headline:
+            key, _, pair = args.headline.partition("=")
+            base, _, treat = pair.partition(":")
+            if not (key and base and treat):
+                raise ValueError(f"--headline {args.headline!r}: expected KEY=BASE:TREAT, e.g. time_sampler=uniform:bell")
+            head = headline(records, key, base, treat)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     plots = plot(c, out)
-    report = write_report(c, plots, out)
+    report = write_report(c, plots, out, head)
     if args.attach:
         from mlflow.tracking import MlflowClient
 
@@ -270,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in (*plots, report):
                 client.log_artifact(r.run_id, str(path), artifact_path="compare")
     print(format_table(c))
+    if head is not None:
+        print("\n" + format_headline(head))
     print(f"\nplots: {', '.join(str(p) for p in plots)}\nreport: {report}")
     return 0
 

@@ -100,3 +100,52 @@ def test_labels_fall_back_to_names_when_nothing_differs():
     runs = [RunRecord("a1", "run-a", {"x": "1"}, {}, "FINISHED"), RunRecord("b2", "run-b", {"x": "1"}, {}, "FINISHED")]
     label_runs(runs)
     assert [r.label for r in runs] == ["run-a", "run-b"]
+
+
+def _record(run_id, sampler, seed, tokens, nll, variant="mdm"):
+    from pretrain.compare import RunRecord
+
+    r = RunRecord(run_id, run_id, {"seed": str(seed), "model.variant": variant,
+                                   "diffusion.time_sampler": sampler}, {"time_sampler": sampler}, "FINISHED")
+    r.val_tokens, r.val_nll = np.array(tokens, dtype=float), np.array(nll, dtype=float)
+    return r
+
+
+def test_headline_pairs_by_seed_and_interpolates():
+    from pretrain.compare import format_headline, headline
+
+    steps = [0, 100, 200, 300, 400]
+    runs = [
+        _record("u0", "uniform", 0, steps, [5.0, 4.0, 3.5, 3.2, 3.0]),
+        # reaches 3.0 halfway between 200 (3.2) and 300 (2.8): 250 tokens -> 400 / 250 = 1.6x
+        _record("b0", "bell", 0, steps, [5.0, 3.8, 3.2, 2.8, 2.6]),
+        _record("u1", "uniform", 1, steps, [5.0, 4.0, 3.5, 3.0, 3.1]),  # final 3.1, first reached at 280
+        _record("b1", "bell", 1, steps, [5.0, 3.5, 3.1, 3.0, 2.9]),     # reaches 3.1 at 200
+        _record("b2", "bell", 2, steps, [5.0, 3.5, 3.1, 3.0, 2.9]),     # no uniform partner: left out
+        _record("ar0", "bell", 0, steps, [4.0, 3.0, 2.5, 2.2, 2.0], variant="ar"),  # AR reference: left out
+    ]
+    h = headline(runs, "time_sampler", "uniform", "bell")
+    assert [(p["seed"], p["base_run"], p["treat_run"]) for p in h.pairs] == [("0", "u0", "b0"), ("1", "u1", "b1")]
+    p0, p1 = h.pairs
+    assert p0["target_nll"] == 3.0 and p0["treat_tokens"] == pytest.approx(250.0) and p0["ratio"] == pytest.approx(1.6)
+    # the baseline's own tokens are where it first reached its final NLL (interpolated: 3.5 -> 3.0 at 200 -> 300)
+    assert p1["base_tokens"] == pytest.approx(280.0) and p1["treat_tokens"] == pytest.approx(200.0)
+    assert h.ratios() == pytest.approx([1.6, 1.4])
+    text = format_headline(h)
+    assert "mean 1.50x" in text and "over 2 seeds" in text
+    # the config key works as well as the tag
+    assert headline(runs, "diffusion.time_sampler", "uniform", "bell").ratios() == pytest.approx([1.6, 1.4])
+
+
+def test_headline_when_treatment_never_reaches_the_target():
+    from pretrain.compare import format_headline, headline
+
+    runs = [_record("u0", "uniform", 0, [0, 100, 200], [5.0, 3.0, 2.0]),
+            _record("b0", "bell", 0, [0, 100, 200], [5.0, 3.5, 2.5])]
+    h = headline(runs, "time_sampler", "uniform", "bell")
+    (p,) = h.pairs
+    assert not p["reached"] and p["ratio"] == pytest.approx(1.0)  # an upper bound: 200 / all 200 of bell's
+    assert len(h.ratios()) == 0
+    assert "never reached" in format_headline(h) and "upper bound" in format_headline(h)
+    with pytest.raises(ValueError, match="no seed has both"):
+        headline(runs, "time_sampler", "uniform", "antithetic")
