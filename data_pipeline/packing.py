@@ -10,7 +10,8 @@ the number of ranks or workers, so any consumer can compute any sample without t
    of `window` consecutive samples and each window is permuted, seeded by (seed, epoch, window).
 Step 3 is the bounded shuffle buffer: it mixes samples across shard boundaries and, in `wrap` mode,
 separates the consecutive chunks of one document, while memory stays bounded by the shards that
-overlap one window (decoded lazily, dropped once the window has passed), not by the dataset.
+overlap the current window (or the caller's request, if larger), decoded lazily and dropped once
+passed, plus a fixed-size cache of decoded shards (`cache_bytes`), never by the dataset.
 Sample counts come from index.json alone (`wrap`: a shard contributes n_tokens + 2 n_docs stream
 tokens whatever its document order), so where a sample lives is known before any shard is read.
 
@@ -19,6 +20,15 @@ Packing, per row of `seq_len` tokens:
   seq_len - 1 tokens and loses its EOS; loss_mask is False on padding only.
 - `wrap` (BD3-LM): a window onto the concatenated stream; loss_mask is all True.
 The optional per-token `density` column follows its tokens; BOS, EOS and PAD get density 0.
+
+Speed (see FORMAT.md, "Reading speed"): rows are contiguous slices, so the hot path copies whole
+rows out of per-shard arrays (a strided "sliding window" view indexed by row start) instead of
+gathering token by token. A shard is decoded once into an epoch-independent layout (`wrap`: every
+document already framed as `[BOS] doc [EOS]`; `pad`: the tokens followed by seq_len - 1 pads, so a
+row's body is one slice even for the last document) and kept in a small LRU cache across epochs
+(small datasets loop many epochs; a large one simply misses); each epoch then only pays one
+vectorised gather per shard for its document order. Callers should ask for many rows per call
+(data_pipeline.stream asks for a chunk of batches): the per-call numpy overhead is fixed.
 
 A shard that fails its checksum raises CorruptShardError naming the file. With `skip_corrupt=True`
 its rows are emitted as padding with an all-False loss_mask instead (so the order, the batch shapes
@@ -30,16 +40,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.shards import CorruptShardError, ShardFormatError, ShardReader
+from data_pipeline.shards import CorruptShardError, ShardData, ShardFormatError, ShardReader
 
 log = logging.getLogger(__name__)
 
 PACKINGS = ("pad", "wrap")
+# Decoded shards kept across epochs per process (each dataloader worker has its own): a dataset
+# that fits is decompressed once per run instead of once per epoch.
+CACHE_BYTES = 128 << 20
 
 
 @dataclass
@@ -52,15 +66,35 @@ class Rows:
 
 
 @dataclass
-class _Shard:
-    """A decoded shard in one epoch's document order (None arrays: corrupt and skipped)."""
+class _Columns:
+    """A shard decoded once, in storage order, laid out so that any row is one slice (any epoch).
 
-    tokens: np.ndarray | None
-    offsets: np.ndarray | None
+    `ext`: wrap: `[BOS] doc [EOS]` of every document back to back; pad: the tokens, then seq_len - 1
+    pad ids. Document j is ext[starts[j]:starts[j + 1]] (wrap: with its BOS and EOS). `density`
+    is aligned with `ext` (0 on BOS/EOS/pad).
+    """
+
+    ext: np.ndarray
     density: np.ndarray | None
+    starts: np.ndarray  # int64 [n_docs + 1]
+    body_view: np.ndarray | None = None  # pad: _windows(ext, seq_len - 1), a row body at each start
+    density_view: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.ext.nbytes + self.starts.nbytes + (self.density.nbytes if self.density is not None else 0)
+
+
+@dataclass
+class _Shard:
+    """A shard in one epoch's document order (cols None: corrupt and skipped)."""
+
+    cols: _Columns | None
     doc_order: np.ndarray | None
     stream: np.ndarray | None = None  # wrap: [BOS] doc [EOS] ... in doc_order
     stream_density: np.ndarray | None = None
+    rows_view: np.ndarray | None = None  # wrap: [len(stream) - L + 1, L] window view (row at each start)
+    density_view: np.ndarray | None = None
 
 
 class SplitSamples:
@@ -68,7 +102,8 @@ class SplitSamples:
 
     def __init__(self, split_dir: str | Path, seq_len: int, packing: str = "pad", pad_id: int = 0, bos_id: int = 1,
                  eos_id: int = 2, seed: int = 0, shuffle: bool = True, window: int = 1024,
-                 tokenizer_fingerprint: str | None = None, skip_corrupt: bool = False):
+                 tokenizer_fingerprint: str | None = None, skip_corrupt: bool = False,
+                 cache_bytes: int = CACHE_BYTES):
         if packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
         if seq_len < 2:
@@ -86,6 +121,7 @@ class SplitSamples:
         self.seed, self.shuffle = seed, shuffle
         self.window = max(1, int(window)) if shuffle else 1
         self.skip_corrupt = skip_corrupt
+        self.cache_bytes = int(cache_bytes)
         self.has_density = bool(index.get("has_density", False))
         # Rows stay compact (uint16 for vocabularies up to 65536) until the training process widens
         # them to int64: a quarter of the bytes to move from dataloader workers.
@@ -109,12 +145,13 @@ class SplitSamples:
         self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._shards: dict[tuple[int, int], _Shard] = {}
+        self._decoded: OrderedDict[int, _Columns] = OrderedDict()  # LRU, at most cache_bytes
         self._reported: set[int] = set()
 
     def __getstate__(self) -> dict:
         # Dataloader workers get a copy: send the index-derived plan, not decoded shards.
         state = dict(self.__dict__)
-        for k in ("_plans", "_perms", "_shards", "_reported"):
+        for k in ("_plans", "_perms", "_shards", "_decoded", "_reported"):
             state.pop(k)
         return state
 
@@ -139,18 +176,75 @@ class SplitSamples:
         """Shuffled position q in the epoch -> sample index in shard/document order (window permutation)."""
         if self.window <= 1:
             return q
-        S, N = self.window, self.samples_per_epoch
+        S = self.window
         w = q // S
+        lo, hi = int(w.min()), int(w.max())
+        if lo == hi:  # the usual case: one window
+            return lo * S + self._perm(epoch, lo)[q - lo * S]
         out = np.empty_like(q)
-        for wi in np.unique(w):
-            key = (epoch, int(wi))
-            if key not in self._perms:
-                size = min(S, N - key[1] * S)
-                self._perms = {k: v for k, v in self._perms.items() if k >= (epoch, key[1] - 1)}
-                self._perms[key] = np.random.default_rng([self.seed, epoch, 2, key[1]]).permutation(size)
-            sel = w == wi
-            out[sel] = wi * S + self._perms[key][q[sel] - wi * S]
+        for wi in range(lo, hi + 1):
+            sel = np.flatnonzero(w == wi)
+            if len(sel):
+                out[sel] = wi * S + self._perm(epoch, wi)[q[sel] - wi * S]
         return out
+
+    def _perm(self, epoch: int, wi: int) -> np.ndarray:
+        key = (epoch, wi)
+        if key not in self._perms:
+            S, N = self.window, self.samples_per_epoch
+            self._perms = {k: v for k, v in self._perms.items() if k >= (epoch, wi - 1)}
+            self._perms[key] = np.random.default_rng([self.seed, epoch, 2, wi]).permutation(min(S, N - wi * S))
+        return self._perms[key]
+
+    # -- decoded shards -------------------------------------------------------------------------
+
+    def _columns(self, k: int) -> _Columns:
+        """Shard k decoded into its row-friendly layout, from the cache or the file."""
+        cols = self._decoded.get(k)
+        if cols is not None:
+            self._decoded.move_to_end(k)
+            return cols
+        data = self.reader.load_shard(k, with_density=self.has_density)
+        if data.n_docs != self._n_docs[k]:
+            raise ShardFormatError(f"{self.dir}: shard {k} ({self.reader.index['shards'][k]['file']}) holds "
+                                   f"{data.n_docs} documents, index.json says {self._n_docs[k]}; rebuild the split")
+        cols = self._layout(data)
+        if cols.nbytes <= self.cache_bytes:
+            self._decoded[k] = cols
+            used = sum(c.nbytes for c in self._decoded.values())
+            while used > self.cache_bytes:
+                used -= self._decoded.popitem(last=False)[1].nbytes
+        return cols
+
+    def _layout(self, data: ShardData) -> _Columns:
+        tokens, n_docs = data.tokens, data.n_docs
+        offsets = data.doc_offsets.astype(np.int64)
+        dens = data.density
+        n = len(tokens)
+        if self.packing == "pad":
+            # the tokens and seq_len - 1 pads: a row body of seq_len - 1 items is a slice for every document
+            tail = self.seq_len - 1
+            ext = np.empty(n + tail, dtype=self.id_dtype)
+            ext[:n], ext[n:] = tokens, self.pad_id
+            ext_d = None
+            if dens is not None:
+                ext_d = np.zeros(n + tail, dtype=np.float16)
+                ext_d[:n] = dens
+            return _Columns(ext, ext_d, offsets, _windows(ext, tail), _windows(ext_d, tail))
+        # wrap: `[BOS] doc [EOS]` per document, so an epoch's stream is a gather of whole segments
+        starts = offsets + 2 * np.arange(n_docs + 1, dtype=np.int64)
+        body = np.ones(n + 2 * n_docs, dtype=bool)
+        body[starts[:-1]] = False
+        body[starts[1:] - 1] = False
+        ext = np.empty(n + 2 * n_docs, dtype=self.id_dtype)
+        ext[starts[:-1]] = self.bos_id
+        ext[starts[1:] - 1] = self.eos_id
+        ext[body] = tokens
+        ext_d = None
+        if dens is not None:
+            ext_d = np.zeros(len(ext), dtype=np.float16)
+            ext_d[body] = dens
+        return _Columns(ext, ext_d, starts)
 
     def _shard(self, epoch: int, pos: int) -> _Shard:
         key = (epoch, pos)
@@ -159,7 +253,7 @@ class SplitSamples:
         order, _ = self._plan(epoch)
         k = int(order[pos])
         try:
-            data = self.reader.load_shard(k, with_density=self.has_density)
+            cols = self._columns(k)
         except CorruptShardError as e:
             if not self.skip_corrupt:
                 raise
@@ -167,22 +261,21 @@ class SplitSamples:
                 self._reported.add(k)
                 log.warning("skipping corrupt shard %s (data.skip_corrupt_shards is on): %s",
                             self.reader.index["shards"][k]["file"], e)
-            shard = _Shard(None, None, None, None)
+            shard = _Shard(None, None)
         else:
-            if data.n_docs != self._n_docs[k]:
-                raise ShardFormatError(f"{self.dir}: shard {k} holds {data.n_docs} documents, index.json says "
-                                       f"{self._n_docs[k]}; rebuild the split")
-            offsets = data.doc_offsets.astype(np.int64)
-            doc_order = (np.random.default_rng([self.seed, epoch, 1, k]).permutation(data.n_docs) if self.shuffle
-                         else np.arange(data.n_docs))
-            shard = _Shard(data.tokens, offsets, data.density, doc_order)
+            n_docs = len(cols.starts) - 1
+            doc_order = (np.random.default_rng([self.seed, epoch, 1, k]).permutation(n_docs) if self.shuffle
+                         else np.arange(n_docs))
+            shard = _Shard(cols, doc_order)
             if self.packing == "wrap":
-                shard.stream, shard.stream_density = _wrap_stream(shard, self.bos_id, self.eos_id)
+                shard.stream, shard.stream_density = _wrap_stream(cols, doc_order)
+                shard.rows_view = _windows(shard.stream, self.seq_len)
+                shard.density_view = _windows(shard.stream_density, self.seq_len)
         self._shards[key] = shard
         return shard
 
     def _evict_before(self, epoch: int, unit: int) -> None:
-        """Drop decoded shards that end before `unit` of `epoch`: a consumer's windows only move forward."""
+        """Drop epoch shards that end before `unit` of `epoch`: a consumer's requests only move forward."""
         if not self._shards:
             return
         bounds = self._plan(epoch)[1]
@@ -194,19 +287,26 @@ class SplitSamples:
         """Rows for source-local sample numbers k (epoch * samples_per_epoch + shuffled position).
 
         Callers ask with non-decreasing k over time (each consumer walks forward), which is what
-        lets shards before the current window be dropped.
+        lets shards before the current window be dropped. Ask for many rows at once: the cost of a
+        call is a few dozen numpy operations plus the copying.
         """
         k = np.asarray(k, dtype=np.int64)
         n, L = len(k), self.seq_len
-        ids = np.full((n, L), self.pad_id, dtype=self.id_dtype)
-        mask = np.zeros((n, L), dtype=bool)
-        dens = np.zeros((n, L), dtype=np.float16) if self.has_density else None
+        ids = np.empty((n, L), dtype=self.id_dtype)
+        mask = np.empty((n, L), dtype=bool)
+        dens = np.empty((n, L), dtype=np.float16) if self.has_density else None
+        if not n:
+            return Rows(ids, mask, dens)
         N = self.samples_per_epoch
         epochs = k // N
-        for e in np.unique(epochs):
-            e = int(e)
-            sel = np.flatnonzero(epochs == e)
+        e_lo, e_hi = int(epochs.min()), int(epochs.max())
+        for e in range(e_lo, e_hi + 1):
+            # sel: the output rows of this epoch; a slice when it is all of them, so a single-shard
+            # request writes straight into the output instead of through a fancy-index copy
+            sel = np.flatnonzero(epochs == e) if e_lo != e_hi else slice(0, n)
             q = k[sel] - e * N
+            if not len(q):
+                continue
             first_window_start = int(q.min()) // self.window * self.window
             self._evict_before(e, first_window_start * (1 if self.packing == "pad" else L))
             s = self._unshuffle(e, q)
@@ -216,31 +316,56 @@ class SplitSamples:
                 self._wrap_rows(e, s, sel, ids, mask, dens)
         return Rows(ids, mask, dens)
 
+    def _groups(self, bounds: np.ndarray, first: np.ndarray):
+        """(shard position, indices into `first`) for each shard position present in `first`."""
+        lo, hi = int(first.min()), int(first.max())
+        if lo == hi:
+            yield lo, None  # None: all of them
+            return
+        for p in range(lo, hi + 1):
+            m = np.flatnonzero(first == p)
+            if len(m):
+                yield p, m
+
     def _pad_rows(self, epoch, s, sel, ids, mask, dens) -> None:
         _, bounds = self._plan(epoch)
         L = self.seq_len
         pos = np.searchsorted(bounds, s, side="right") - 1
         col = np.arange(L)
-        for p in np.unique(pos):
-            m = pos == p
-            rows = sel[m]
-            shard = self._shard(epoch, int(p))
-            if shard.tokens is None:
-                self.skipped_rows += len(rows)
+        for p, m in self._groups(bounds, pos):
+            rows = sel if m is None else _index(sel, len(s))[m]
+            shard = self._shard(epoch, p)
+            if shard.cols is None:
+                self.skipped_rows += len(s) if m is None else len(m)
+                ids[rows], mask[rows] = self.pad_id, False
+                if dens is not None:
+                    dens[rows] = 0
                 continue
-            d = shard.doc_order[s[m] - bounds[p]]
-            starts, lens = shard.offsets[d], shard.offsets[d + 1] - shard.offsets[d]
-            body = np.minimum(lens, L - 1)
-            is_tok = (col >= 1) & (col <= body[:, None])
-            src = np.where(is_tok, starts[:, None] + col - 1, 0)
-            block = np.where(is_tok, shard.tokens[src] if len(shard.tokens) else 0, self.pad_id).astype(self.id_dtype)
+            d = shard.doc_order[(s if m is None else s[m]) - bounds[p]]
+            starts = shard.cols.starts[d]
+            lens = shard.cols.starts[d + 1] - starts
+            past = col > lens[:, None]  # positions after the body (col 0 is BOS, col i body token i-1)
+            direct = isinstance(rows, slice)  # write into the output itself, else into a block copied after
+            block = ids[rows] if direct else np.empty((len(lens), L), dtype=self.id_dtype)
             block[:, 0] = self.bos_id
-            has_eos = lens + 2 <= L
-            block[np.flatnonzero(has_eos), (lens + 1)[has_eos]] = self.eos_id
-            ids[rows] = block
-            mask[rows] = col < np.minimum(lens + 2, L)[:, None]
-            if dens is not None and shard.density is not None and len(shard.density):
-                dens[rows] = np.where(is_tok, shard.density[src], 0)
+            block[:, 1:] = shard.cols.body_view[starts]  # first L-1 tokens on
+            np.putmask(block, past, self.pad_id)
+            has_eos = np.flatnonzero(lens + 2 <= L)
+            block[has_eos, lens[has_eos] + 1] = self.eos_id
+            mblock = mask[rows] if direct else np.empty((len(lens), L), dtype=bool)
+            np.less(col, np.minimum(lens + 2, L)[:, None], out=mblock)
+            if not direct:
+                ids[rows], mask[rows] = block, mblock
+            if dens is not None:
+                if shard.cols.density is None:
+                    dens[rows] = 0
+                    continue
+                dblock = dens[rows] if direct else np.empty((len(lens), L), dtype=np.float16)
+                dblock[:, 0] = 0
+                dblock[:, 1:] = shard.cols.density_view[starts]
+                np.putmask(dblock, past, 0)
+                if not direct:
+                    dens[rows] = dblock
 
     def _wrap_rows(self, epoch, s, sel, ids, mask, dens) -> None:
         _, bounds = self._plan(epoch)
@@ -249,21 +374,33 @@ class SplitSamples:
         first = np.searchsorted(bounds, t0, side="right") - 1
         last = np.searchsorted(bounds, t0 + (L - 1), side="right") - 1
         inside = first == last
-        for p in np.unique(first[inside]):  # rows inside one shard (nearly all): one gather per shard
-            m = np.flatnonzero(inside & (first == p))
-            shard = self._shard(epoch, int(p))
-            if shard.stream is None:
-                self.skipped_rows += len(m)
+        whole = bool(inside.all())
+        # rows inside one shard (nearly all): one row copy each out of the shard's stream
+        for p, m in self._groups(bounds, first if whole else np.where(inside, first, -1)):
+            if p < 0:
                 continue
-            src = (t0[m] - bounds[p])[:, None] + np.arange(L)
-            ids[sel[m]] = shard.stream[src]
-            mask[sel[m]] = True
-            if dens is not None and shard.stream_density is not None:
-                dens[sel[m]] = shard.stream_density[src]
-        if inside.all():
+            if m is None:
+                rows, start = sel, t0 - bounds[p]
+            else:
+                rows, start = _index(sel, len(s))[m], t0[m] - bounds[p]
+            shard = self._shard(epoch, p)
+            if shard.stream is None:
+                self.skipped_rows += len(start)
+                ids[rows], mask[rows] = self.pad_id, False
+                if dens is not None:
+                    dens[rows] = 0
+                continue
+            ids[rows] = shard.rows_view[start]
+            mask[rows] = True
+            if dens is not None:
+                dens[rows] = shard.density_view[start] if shard.density_view is not None else 0
+        if whole:
             return
-        # rows that straddle shard boundaries (at most a few per boundary), token by token
-        sel, t0, first, last = sel[~inside], t0[~inside], first[~inside], last[~inside]
+        # rows that straddle shard boundaries (at most one per boundary), token by token
+        sel, t0, first, last = _index(sel, len(s))[~inside], t0[~inside], first[~inside], last[~inside]
+        ids[sel], mask[sel] = self.pad_id, False
+        if dens is not None:
+            dens[sel] = 0
         t = t0[:, None] + np.arange(L)
         for p in range(int(first.min()), int(last.max()) + 1):  # a row may span several small shards
             rows_local = np.flatnonzero((first <= p) & (last >= p))
@@ -283,30 +420,75 @@ class SplitSamples:
                 dens[rows] = np.where(ok, shard.stream_density[src], dens[rows])
 
 
-def _wrap_stream(shard: _Shard, bos: int, eos: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """`[BOS] doc [EOS]` of a shard's documents in its epoch order, concatenated.
+def _index(sel: slice | np.ndarray, n: int) -> np.ndarray:
+    """Row selection as an index array (rows() passes a slice when one epoch covers the request)."""
+    return np.arange(n)[sel] if isinstance(sel, slice) else sel
 
-    One index array and one gather: BOS/EOS are read from two slots appended after the tokens, so
-    the build costs a few passes over the shard (it bounds the loader's wrap throughput).
+
+def _wrap_stream(cols: _Columns, order: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The shard's `[BOS] doc [EOS]` segments in the epoch's document order, concatenated.
+
+    Two ways, both in blocks (bounded temporaries whatever the shard size), picked by the mean
+    segment length: long segments are copied whole (bytes.join over memoryview slices: ~0.1 us
+    per segment plus memcpy); short ones by one gather with an int64 index (position + the
+    segment's source start - its destination start; numpy converts narrower index arrays to intp
+    first, which costs more than it saves), whose cost is per token.
     """
-    offsets, order = shard.offsets, shard.doc_order
-    n = len(shard.tokens)
-    starts = offsets[:-1][order]
-    seg = offsets[1:][order] - starts + 2
+    starts = cols.starts[:-1][order]
+    seg = cols.starts[1:][order] - starts
     ends = np.cumsum(seg)
-    seg_start = ends - seg
     total = int(ends[-1]) if len(ends) else 0
-    itype = np.int32 if max(total, n + 2) < 2**31 else np.int64
-    src = np.arange(total, dtype=itype)
-    src += np.repeat((starts - seg_start - 1).astype(itype), seg)
-    src[seg_start] = n
-    src[ends - 1] = n + 1
-    dtype = np.promote_types(shard.tokens.dtype, np.min_scalar_type(max(bos, eos)))
-    ext = np.empty(n + 2, dtype=dtype)
-    ext[:n], ext[n], ext[n + 1] = shard.tokens, bos, eos
-    dens = None
-    if shard.density is not None:
-        extd = np.zeros(n + 2, dtype=np.float16)
-        extd[:n] = shard.density
-        dens = extd[src]
-    return ext[src], dens
+    stream = np.empty(total, dtype=cols.ext.dtype)
+    dens = np.empty(total, dtype=np.float16) if cols.density is not None else None
+    by_segment = len(seg) and total >= JOIN_MIN_TOKENS * len(seg)
+    step = JOIN_BLOCK_DOCS if by_segment else None
+    # document blocks: JOIN_BLOCK_DOCS documents, or cut after the document reaching each STREAM_BLOCK tokens
+    cuts = (range(step, len(seg), step) if step else
+            np.searchsorted(ends, np.arange(STREAM_BLOCK, total, STREAM_BLOCK), side="left") + 1)
+    lo = 0
+    for hi in [*cuts, len(seg)]:
+        if hi <= lo:  # repeated cut: a document longer than a block
+            continue
+        a = int(ends[lo - 1]) if lo else 0
+        b = int(ends[hi - 1])
+        if by_segment:
+            first, last = starts[lo:hi].tolist(), (starts[lo:hi] + seg[lo:hi]).tolist()
+            _join_into(stream[a:b], cols.ext, first, last)
+            if dens is not None:
+                _join_into(dens[a:b], cols.density, first, last)
+        else:
+            src = np.repeat(starts[lo:hi] - (ends[lo:hi] - seg[lo:hi]) + a, seg[lo:hi])
+            src += _iota(b - a)
+            cols.ext.take(src, out=stream[a:b])
+            if dens is not None:
+                cols.density.take(src, out=dens[a:b])
+        lo = hi
+    return stream, dens
+
+
+def _join_into(out: np.ndarray, a: np.ndarray, first: list[int], last: list[int]) -> None:
+    """out = concatenation of a[first[i]:last[i]], copied as whole segments."""
+    mv = memoryview(a)
+    out[:] = np.frombuffer(b"".join([mv[i:j] for i, j in zip(first, last, strict=True)]), dtype=a.dtype)
+
+
+STREAM_BLOCK = 65536  # tokens per index gather block
+JOIN_MIN_TOKENS = 48  # mean segment length from which copying whole segments beats the gather
+JOIN_BLOCK_DOCS = 512  # segments per bytes.join
+def _windows(a: np.ndarray | None, n: int) -> np.ndarray | None:
+    """Read-only [len(a) - n + 1, n] view whose row i is a[i:i + n]: indexing it by row starts
+    copies whole rows (memcpy-like) instead of gathering token by token."""
+    if a is None or len(a) < n:
+        return None if a is None else np.empty((0, n), dtype=a.dtype)
+    return np.lib.stride_tricks.as_strided(a, (len(a) - n + 1, n), (a.itemsize, a.itemsize), writeable=False)
+
+
+_IOTA = np.arange(STREAM_BLOCK * 2, dtype=np.intp)
+
+
+def _iota(n: int) -> np.ndarray:
+    """arange(n) without allocating it each time (read-only, shared)."""
+    global _IOTA
+    if n > len(_IOTA):
+        _IOTA = np.arange(n, dtype=np.intp)
+    return _IOTA[:n]
