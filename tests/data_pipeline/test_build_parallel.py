@@ -113,3 +113,50 @@ def test_flipped_byte_fails_verify_and_reader_with_the_shard_name(corpus_dir, sp
     reader.document(0)
     with pytest.raises(CorruptShardError, match="shard-00002.dlm"):
         list(reader.iter_documents())
+
+
+def test_pack_texts_round_trip():
+    from data_pipeline.encode import pack_texts, unpack_texts
+
+    lines = ["a sentence", "", "ünïcödé ▁ text", "  spaces  ", "\r"]
+    packed = pack_texts(lines)
+    assert isinstance(packed, str) and unpack_texts(packed) == lines  # one block for the pipe
+    for texts in (["two\nlines", "one"], ["trailing\n"], ["\n"]):
+        assert pack_texts(texts) is texts and unpack_texts(texts) == texts  # a newline inside: the list
+    assert unpack_texts(pack_texts([""])) == [""]
+
+
+def test_paragraph_documents_with_newlines_identical_for_any_worker_count(corpora, sp_model, tmp_path):
+    # multi-line documents cannot cross to the workers newline-joined: the list path must give the same bytes
+    src = tmp_path / "plays.txt"
+    src.symlink_to((corpora / "tinyshakespeare" / "input.txt").resolve())
+    for w in (1, 2):
+        build(_cfg(src, sp_model, tmp_path / f"w{w}", txt_documents="paragraph"), workers=w, progress=False)
+    assert _files(tmp_path / "w1") == _files(tmp_path / "w2")
+    assert len(list((tmp_path / "w2" / "train").glob("shard-*.dlm"))) > 3
+    doc = next(ShardReader(tmp_path / "w2" / "train").iter_documents())
+    assert len(doc) > 0
+
+
+def test_workers_write_the_shards_not_the_parent(corpus_dir, sp_model, tmp_path, monkeypatch):
+    # the parent's per-token work is serial and caps the speed-up of more workers: with a pool, the
+    # shards are compressed, checksummed and written in the worker processes
+    import multiprocessing
+
+    import data_pipeline.units as units
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork: the recording wrapper reaches the workers by inheritance")
+    log = tmp_path / "writers.txt"
+    real = units.write_shard
+
+    def recording_write_shard(path, *args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(units, "write_shard", recording_write_shard)
+    report = build(_cfg(corpus_dir, sp_model, tmp_path / "ds"), workers=2, progress=False)
+    pids = log.read_text().split()
+    assert len(pids) == sum(len(r.written) for r in report.parts) > 3
+    assert str(os.getpid()) not in pids
