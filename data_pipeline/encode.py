@@ -2,7 +2,8 @@
 
 Why flat arrays: a worker hands back one numpy buffer and one length vector per chunk instead of
 a list of Python lists, so the parent process unpickles a few MB of bytes, not millions of ints,
-and stays free to read the source and write shards while the workers tokenize.
+and stays free to read the source while the workers tokenize (and write the shards: units.write_unit).
+The texts travel the other way as one string where they can (`pack_texts`), for the same reason.
 The long-document policy is applied here too, so it runs in parallel.
 """
 
