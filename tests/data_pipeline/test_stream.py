@@ -1,3 +1,4 @@
+import itertools
 import json
 import logging
 import subprocess
@@ -298,3 +299,113 @@ def test_tokenizer_mismatch_is_refused(split):
     with pytest.raises(ShardFormatError, match="tokenizer"):
         make_val_loader(DataConfig(seq_len=L), info, batch_size=4)
     assert isinstance(make_train_loader(DataConfig(seq_len=L), _info(path), batch_size=4), TrainLoader)
+
+
+# -- the fast path (chunked batches, row copies, decoded-shard cache) equals the definition ----------
+
+
+def _reference_epoch(docs_by_shard, packing, seed, epoch, window, shuffle=True):
+    """Rows of one epoch straight from packing.py's definition, one sample at a time (slow, obvious)."""
+    n = len(docs_by_shard)
+    shard_order = np.random.default_rng([seed, epoch, 0]).permutation(n) if shuffle else range(n)
+    samples = []
+    if packing == "pad":
+        for k in shard_order:
+            docs = docs_by_shard[k]
+            order = np.random.default_rng([seed, epoch, 1, k]).permutation(len(docs)) if shuffle else range(len(docs))
+            for j in order:
+                row = [BOS, *docs[j].tolist(), EOS][:L]
+                samples.append(row + [PAD] * (L - len(row)))
+    else:
+        stream = []
+        for k in shard_order:
+            docs = docs_by_shard[k]
+            order = np.random.default_rng([seed, epoch, 1, k]).permutation(len(docs)) if shuffle else range(len(docs))
+            for j in order:
+                stream += [BOS, *docs[j].tolist(), EOS]
+        samples = [stream[i * L:(i + 1) * L] for i in range(len(stream) // L)]
+    out = []
+    for w in range(0, len(samples), window):
+        size = min(window, len(samples) - w)
+        perm = np.random.default_rng([seed, epoch, 2, w // window]).permutation(size) if window > 1 else range(size)
+        out += [tuple(samples[w + i]) for i in perm]
+    return out
+
+
+@pytest.mark.parametrize("packing", ["pad", "wrap"])
+def test_sample_order_is_the_documented_definition(split, packing):
+    path, _ = split
+    reader = ShardReader(path)
+    by_shard = [[reader.load_shard(k).document(j) for j in range(reader.shards[k]["n_docs"])]
+                for k in range(reader.num_shards)]
+    expected = _reference_epoch(by_shard, packing, 3, 0, 8) + _reference_epoch(by_shard, packing, 3, 1, 8)
+    ds = _stream(path, packing=packing, infinite=True, batch_size=7)
+    got = []
+    for batch in ds:
+        got += _rows([batch])
+        if len(got) >= len(expected):
+            break
+    assert got[:len(expected)] == expected
+
+
+@pytest.mark.parametrize("packing", ["pad", "wrap"])
+@pytest.mark.parametrize("infinite", [True, False])
+def test_chunked_batches_equal_batch_by_batch(split, packing, infinite):
+    path, _ = split
+    for dp_rank, dp_size in ((0, 1), (2, 3)):
+        ds = _stream(path, packing=packing, infinite=infinite, dp_rank=dp_rank, dp_size=dp_size, batch_size=5,
+                     shuffle_buffer=64)
+        one = _stream(path, packing=packing, infinite=infinite, dp_rank=dp_rank, dp_size=dp_size, batch_size=5,
+                      shuffle_buffer=64)
+        assert ds.chunk_batches() > 1
+        n = 60 if infinite else None
+        chunked = list(itertools.islice(iter(ds), n))
+        single = []
+        for b in itertools.count():  # one numpy_batch call per batch: the per-sample definition of a batch
+            g = one.global_indices(b)
+            if not len(g) or (n is not None and b == n):
+                break
+            single.append(one.batch(g))
+        _assert_same(chunked, single)
+        rows, sizes = ds.numpy_chunk(range(3, 9))
+        ref = [one.numpy_batch(one.global_indices(b)) for b in range(3, 9)]
+        assert sizes == [len(r["input_ids"]) for r in ref]
+        for key in rows:
+            np.testing.assert_array_equal(rows[key], np.concatenate([r[key] for r in ref]))
+
+
+def test_workers_send_chunks_that_split_into_the_same_batches(split):
+    path, _ = split
+    for packing in ("pad", "wrap"):
+        cfg = DataConfig(seq_len=L, packing=packing, shuffle_buffer=64)
+        plain = _take(make_train_loader(cfg, _info(path), batch_size=3, seed=2), 80)
+        for workers in (1, 2):
+            cfg_w = DataConfig(seq_len=L, packing=packing, shuffle_buffer=64, num_workers=workers, prefetch_factor=1)
+            loader = make_train_loader(cfg_w, _info(path), batch_size=3, seed=2)
+            assert loader.dataset.chunk_batches() > 1
+            _assert_same(_take(loader, 80), plain)
+        val = [b["input_ids"] for b in make_val_loader(cfg, _info(path), batch_size=4)]
+        val_w = [b["input_ids"] for b in make_val_loader(cfg, _info(path), batch_size=4, num_workers=2)]
+        assert len(val) == len(val_w) and all(torch.equal(a, b) for a, b in zip(val, val_w, strict=True))
+
+
+@pytest.mark.parametrize("packing", ["pad", "wrap"])
+def test_decoded_cache_is_bounded_and_changes_nothing(split, packing, monkeypatch):
+    path, _ = split
+    def rows_of(ds):  # several calls walking forward over ~10 epochs
+        return _rows([ds.batch(np.arange(i, i + 100)) for i in range(0, 900, 100)])
+
+    reference = rows_of(_stream(path, packing=packing, cache_bytes=0, infinite=True))
+    for cache in (0, 700, 10 << 20):
+        ds = _stream(path, packing=packing, cache_bytes=cache, infinite=True)
+        assert rows_of(ds) == reference
+        source = ds.sources[0]
+        assert sum(c.nbytes for c in source._decoded.values()) <= cache
+    assert len(source._decoded) == source.reader.num_shards  # a small split is decoded once per run
+    # the stream of an epoch is built in blocks (by index gather or by whole segments): any block size
+    from data_pipeline import packing as packing_module
+    for block, join_min, join_docs in ((5, 10**9, 1), (7, 0, 3), (64, 0, 1)):
+        monkeypatch.setattr(packing_module, "STREAM_BLOCK", block)
+        monkeypatch.setattr(packing_module, "JOIN_MIN_TOKENS", join_min)
+        monkeypatch.setattr(packing_module, "JOIN_BLOCK_DOCS", join_docs)
+        assert rows_of(_stream(path, packing=packing, infinite=True)) == reference
