@@ -72,13 +72,18 @@ EVAL_SAMPLE_SEED = 20_011
 
 
 def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None):
-    """(checkpoint dir holding model.pt and config.yaml, run dir or None)."""
+    """(checkpoint dir holding model.pt and config.yaml, run dir or None). `checkpoint` may also
+    name a run directory (its latest checkpoint is taken)."""
     from pathlib import Path
 
-    from pretrain.checkpoint import CheckpointError, latest_checkpoint
+    from pretrain.checkpoint import CheckpointError, checkpoint_root, latest_checkpoint
 
+    if checkpoint and Path(checkpoint).is_dir() and checkpoint_root(checkpoint).is_dir():
+        run, checkpoint = checkpoint, None  # a run directory
     if checkpoint:
         path = Path(checkpoint)
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist")
         path = path.parent if path.is_file() else path
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     else:
@@ -195,23 +200,58 @@ def language_metrics(model, cfg, info, sampler_cfg, num_samples: int = 64, batch
     return metrics
 
 
-def log_to_mlflow(run_dir, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> bool:
-    """Add `eval/<name>` metrics (and tags) to the run's MLflow record; False when the run is not tracked."""
-    import time
+def load_reference(reference: str, info, device: torch.device | str = "cpu"):
+    """The AR reference model scoring generative perplexity: a checkpoint (dir or model.pt) or a run
+    dir of this framework. Refused up front (before any sampling) unless it is an `ar` model on the
+    same vocabulary as the evaluated run: its likelihoods of other token ids would mean nothing."""
+    from pretrain.config import ConfigError
+
+    path, _ = resolve_checkpoint(checkpoint=reference)
+    ref, ref_cfg, ref_info = load_model(path, device)
+    if ref_cfg.model.variant != "ar":
+        raise ConfigError(f"--reference-ar {path} is a {ref_cfg.model.variant!r} model; generative perplexity "
+                          f"needs an autoregressive reference (a run trained with model.variant=ar)")
+    if ref_info.vocab_size != info.vocab_size or ref_info.tokenizer.fingerprint != info.tokenizer.fingerprint:
+        raise ConfigError(f"--reference-ar {path} has another vocabulary ({ref_info.vocab_size} tokens, tokenizer "
+                          f"{ref_info.tokenizer.fingerprint}) than the evaluated run ({info.vocab_size} tokens, "
+                          f"{info.tokenizer.fingerprint}): generative perplexity would not compare; train the "
+                          f"reference on the same data.tokenizer")
+    return ref
+
+
+def tracking_client(run_dir):
+    """(MlflowClient, run id) of a tracked run directory (`mlflow_run.json` + `mlflow_run_id`, written
+    by the trainer's tracker), or None when the run was not tracked."""
+    import json
     from pathlib import Path
 
     from pretrain.tracking import RUN_ID_FILE, RUN_INFO_FILE
 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_ID_FILE).is_file() or not (run_dir / RUN_INFO_FILE).is_file():
-        return False
-    import json
-
-    from mlflow.entities import Metric
+        return None
+    uri = json.loads((run_dir / RUN_INFO_FILE).read_text())["uri"]
+    # a relative sqlite path is relative to where the run was launched; from elsewhere MLflow would
+    # silently create an empty store and then not find the run
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(f"the run's MLflow store {uri} is not found from {Path.cwd()}: evaluate from the "
+                                f"directory the run was launched from (or pass --no-mlflow)")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=json.loads((run_dir / RUN_INFO_FILE).read_text())["uri"])
-    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    return MlflowClient(tracking_uri=uri), (run_dir / RUN_ID_FILE).read_text().strip()
+
+
+def log_to_mlflow(run_dir, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> bool:
+    """Add `eval/<name>` metrics (e.g. eval/val.nll, eval/gen.ppl; non-finite values are left out)
+    and tags to the run's MLflow record at `step`; False when the run is not tracked."""
+    import time
+
+    tracked = tracking_client(run_dir)
+    if tracked is None:
+        return False
+    from mlflow.entities import Metric
+
+    client, run_id = tracked
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"eval/{k.replace('/', '.')}", float(v), now, step)
                                       for k, v in metrics.items() if math.isfinite(float(v))])
@@ -221,8 +261,10 @@ def log_to_mlflow(run_dir, metrics: dict[str, float], step: int, tags: dict[str,
 
 
 def format_table(rows: dict[str, float]) -> str:
-    width = max(len(k) for k in rows) if rows else 10
-    return "\n".join(f"{k:<{width}}  {v:.6g}" for k, v in rows.items())
+    """The metrics as an aligned two-column table with a header."""
+    width = max([len(k) for k in rows] + [len("metric")])
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
+    return "\n".join(lines + [f"{k:<{width}}  {v:.6g}" for k, v in rows.items()])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=256, help="validation prompts (tasks) or samples (language)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per sampler batch")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--reference-ar", help="AR checkpoint (dir or model.pt) scoring language samples (gen/ppl)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="do not reuse the committed prefix's keys/values (ar, block); same samples, slower")
+    p.add_argument("--reference-ar", help="AR run dir or checkpoint (dir or model.pt) of this framework on the same "
+                                          "tokenizer, scoring language samples (gen/ppl)")
     p.add_argument("--eval-batches", type=int, default=0, help="validation batches for val/nll (0 = all; -1 = skip)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", help="also write the metrics to this JSON file")
@@ -275,10 +320,15 @@ def main(argv: list[str] | None = None) -> int:
         scfg = SamplerConfig(name=args.sampler, steps=args.steps, tokens_per_step=args.tokens_per_step,
                              temperature=temperature, top_k=args.top_k, top_p=args.top_p, block_size=args.block_size,
                              inner=args.inner, jigsaw_order=args.jigsaw_order, float64=not args.fp32_sampling,
-                             seed=args.seed)
+                             seed=args.seed, kv_cache=not args.no_kv_cache)
         from pretrain.sample import resolve_sampler
 
         sampler_name = resolve_sampler(cfg.model.variant, args.sampler)
+        if args.reference_ar and is_task:
+            raise ConfigError("--reference-ar scores unconditional language samples; this is a task run "
+                              f"({cfg.data.source}), scored by the task's own metrics")
+        # the reference is loaded and checked before any evaluation work
+        ref = load_reference(args.reference_ar, info, device) if args.reference_ar else None
         metrics: dict[str, float] = {}
         step = int(path.name.split("_")[-1]) if path.name.startswith("step_") else 0
         if args.eval_batches >= 0:
@@ -294,12 +344,6 @@ def main(argv: list[str] | None = None) -> int:
                                     return_samples=max(args.show, 0) or 1)
             metrics.update(m)
         else:
-            ref = None
-            if args.reference_ar:
-                ref_path, _ = resolve_checkpoint(checkpoint=args.reference_ar)
-                ref, ref_cfg, ref_info = load_model(ref_path, device)
-                if ref_info.tokenizer.fingerprint != info.tokenizer.fingerprint:
-                    raise ConfigError("--reference-ar uses another tokenizer: generative perplexity would not compare")
             metrics.update(language_metrics(model, cfg, info, scfg, args.num_samples, args.batch_size, device, ref))
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -317,8 +361,15 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     if run_dir is not None and not args.no_mlflow:
         try:
-            if log_to_mlflow(run_dir, metrics, step, tags={"eval.sampler": sampler_name, "eval.steps": str(scfg.steps)}):
-                print(f"logged under eval/ to the MLflow run of {run_dir}")
+            tags = {"eval.sampler": sampler_name, "eval.steps": str(scfg.steps), "eval.temperature": str(scfg.temperature),
+                    "eval.float64": str(scfg.float64), "eval.device": device.type, "eval.seed": str(scfg.seed),
+                    "eval.dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+            if args.reference_ar:
+                tags["eval.reference_ar"] = str(args.reference_ar)
+            if log_to_mlflow(run_dir, metrics, step, tags=tags):
+                print(f"logged under eval/ to the MLflow run of {run_dir} (step {step})")
+            else:
+                print(f"{run_dir} was not tracked (no mlflow_run_id): nothing logged to MLflow")
         except Exception as e:  # tracking must not lose the printed result
             print(f"warning: MLflow logging failed ({type(e).__name__}: {e})", file=sys.stderr)
     return 0
