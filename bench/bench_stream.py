@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, make in readers:
                 if name.startswith("HF") and rep:
                     continue  # ~300x slower than the rest: one short run gives its rate
-                r = measure(make, tokens // 16 if name.startswith("HF") else tokens)
+                r = measure(make, tokens // 8 if name.startswith("HF") else tokens)
                 runs[name].append(r)
                 print(f"  [{rep + 1}/{repeats}] {name}: {r['tokens_per_s'] / 1e6:.1f} M tokens/s", flush=True)
 
