@@ -5,7 +5,8 @@ DeepSpeed engine and tensor-parallel layers the launcher uses). Memory is measur
 after the last optimizer step (activations and gradients released) every live tensor of the rank is
 counted once by its storage, then compared with the theoretical share for Adam in fp32 at that point
 (12 bytes per parameter: 4 weight + 8 moments; ZeRO-1/2 shard the moments over the data-parallel
-ranks, ZeRO-3 also the weights; tensor parallelism divides everything by tp). Engine buffers
+ranks, ZeRO-3 also the weights; tensor parallelism divides everything by tp; a pipeline stage
+holds its own layers, so the theory uses the largest stage's parameter count). Engine buffers
 (DeepSpeed's flat fp32 partitions and communication buckets) are what the ratio above 1 shows. Step time is the median over the measured steps, as a ratio to dp=1 in the same
 run. On CPU all ranks share the machine's cores, so this shows overhead, not speedup.
 
@@ -38,6 +39,8 @@ LAYOUTS = {
     "dp2-zero2": dict(nproc=2, tp=1, zero=2),
     "dp2-zero3": dict(nproc=2, tp=1, zero=3),
     "tp2": dict(nproc=2, tp=2, zero=0),
+    "pp2": dict(nproc=2, tp=1, zero=0, pp=2),
+    "pp2-dp2-zero1": dict(nproc=4, tp=1, zero=1, pp=2),
 }
 
 
@@ -75,7 +78,7 @@ def rank_main(rank: int, world: int, port: int, overrides: list[str], out: str) 
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
     distributed = world > 1 or cfg.parallel.zero_stage > 0
-    topology = init_distributed("gloo", tp=cfg.parallel.tp, pp=1) if distributed else Topology()
+    topology = init_distributed("gloo", tp=cfg.parallel.tp, pp=cfg.parallel.pp) if distributed else Topology()
     step_times: list[float] = []
 
     class Timer(Callback):
@@ -87,7 +90,9 @@ def rank_main(rank: int, world: int, port: int, overrides: list[str], out: str) 
     baseline = live_tensor_bytes()  # before any optimizer state exists
     trainer.fit()
     total = live_tensor_bytes()
-    result = {"rank": rank, "n_params": trainer.n_params, "live_bytes": total, "live_bytes_before_fit": baseline,
+    local = sum(p.numel() for p in trainer.engine.module.parameters())  # this rank's (stage's / shard's) share
+    result = {"rank": rank, "n_params": trainer.n_params, "local_params": local, "live_bytes": total,
+              "live_bytes_before_fit": baseline,
               "step_s": statistics.median(step_times[2:] or step_times)}
     if distributed:
         import torch.distributed as dist
@@ -103,6 +108,7 @@ def rank_main(rank: int, world: int, port: int, overrides: list[str], out: str) 
 
 def run_layout(name: str, layout: dict, common: list[str], work: Path) -> list[dict]:
     overrides = [*common, f"launch.nproc={layout['nproc']}", f"parallel.tp={layout['tp']}",
+                 f"parallel.pp={layout.get('pp', 1)}",
                  f"parallel.zero_stage={layout['zero']}", f"data.shard_dir={work / 'shards'}"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,9 +140,12 @@ def main() -> int:
         n_params = results[0]["n_params"]
         state = max(r["live_bytes"] for r in results)
         zero, nproc, tp = LAYOUTS[name]["zero"], LAYOUTS[name]["nproc"], LAYOUTS[name]["tp"]
-        dp = nproc // tp
+        pp = LAYOUTS[name].get("pp", 1)
+        dp = nproc // (tp * pp)
         weight, moments = (4 / dp if zero == 3 else 4), (8 / dp if zero >= 1 else 8)
         theory = n_params * (weight + moments) / tp
+        if pp > 1:  # a stage holds its own layers: the largest stage is the rank that bounds memory
+            theory = max(r["local_params"] for r in results) * (weight + moments)
         step = statistics.median(r["step_s"] for r in results)
         base_step = base_step or step
         rows.append({"layout": name, "ranks": nproc, "params": n_params, "measured_mb_per_rank": state / 2**20,

@@ -162,6 +162,7 @@ def pipeline_module(model: nn.Module, topology: Topology, loss_fn: Callable | No
     for param in pipe.parameters():
         if topology.tp_rank == 0 or getattr(param, "tensor_model_parallel", False):
             param.model_parallel = True
+    pipe.block_len = model.block_len  # the blockwise objectives ask the model for its block length
     return pipe
 
 
@@ -182,18 +183,35 @@ class _Captured(Exception):  # noqa: N818  (control flow, not an error)
         self.args, self.kwargs = args, kwargs
 
 
-def capture_forward(loss_fn: Callable, *args, **kwargs) -> tuple[tuple, dict]:
+class StandIn:
+    """What an objective calls in place of the model: `call(*args, **kwargs)`, and the model's
+    `block_len` (the blockwise objectives ask the model for its block length)."""
+
+    def __init__(self, like: nn.Module, call: Callable):
+        self.block_len, self.call = getattr(like, "block_len", None), call
+
+    def __call__(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+
+def capture_forward(like: nn.Module, loss_fn: Callable, *args, **kwargs) -> tuple[tuple, dict]:
     """Run `loss_fn(model, *args, **kwargs)` up to its (single) model call and return that call's
-    (args, kwargs). Nothing after the call runs; everything before it (corruption, RNG draws) does."""
+    (args, kwargs). Nothing after the call runs; everything before it (corruption, RNG draws) does.
+    `like`: the model (or pipeline module) whose `block_len` the stand-in answers with."""
 
     def model(*a, **k):
         raise _Captured(a, k)
 
     try:
-        loss_fn(model, *args, **kwargs)
+        loss_fn(StandIn(like, model), *args, **kwargs)
     except _Captured as c:
         return c.args, c.kwargs
     raise RuntimeError(f"{loss_fn} never called the model")
+
+
+def replay(like: nn.Module, loss_fn: Callable, logits: torch.Tensor, *args, **kwargs):
+    """`loss_fn(model, *args, **kwargs)` with a model that returns `logits` (the pipeline's output)."""
+    return loss_fn(StandIn(like, lambda *a, **k: logits), *args, **kwargs)
 
 
 def stage_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
@@ -316,17 +334,22 @@ def _all_layers(pipe) -> list[nn.Module]:
     return list(pipe._layer_specs)
 
 
-def consolidate_layer_files(ds_dir, n_layers: int) -> dict[str, torch.Tensor]:
-    """The plain model's state dict from DeepSpeed's per-layer pipeline files
-    (`layer_XX-model_00-model_states.pt`, one per layer; tensor parallelism is not combined with
-    the pipeline here)."""
+def consolidate_layer_files(ds_dir, tp_rank: int = 0) -> dict[str, torch.Tensor]:
+    """The plain model's state dict (tensor-parallel rank `tp_rank`'s shard) from DeepSpeed's
+    per-layer pipeline checkpoint files `layer_XX-model_RR-model_states.pt`."""
+    import re
     from pathlib import Path
 
+    pattern = re.compile(rf"layer_(\d+)-model_{tp_rank:02d}-model_states\.pt")
+    files = {int(m.group(1)): f for f in Path(ds_dir).iterdir() if (m := pattern.fullmatch(f.name))}
+    if not files:
+        raise FileNotFoundError(f"{ds_dir} holds no pipeline layer files for tensor-parallel rank {tp_rank}")
+    n_layers = len(files) - 2  # embedding and head around the blocks
+    missing = sorted(set(range(n_layers + 2)) - set(files))
+    if missing:
+        raise FileNotFoundError(f"{ds_dir}: pipeline layer files missing for layers {missing}")
     out: dict[str, torch.Tensor] = {}
-    for layer in range(n_layers + 2):
-        f = Path(ds_dir) / f"layer_{layer:02d}-model_00-model_states.pt"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing (pipeline layer {layer} of {n_layers + 2})")
+    for layer, f in sorted(files.items()):
         for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
             out[plain_key(layer, k, n_layers)] = v
     return out

@@ -165,6 +165,11 @@ class Trainer:
             self.engine = DeepSpeedEngine(model, optimizer, ds_config, mpu=mpu)
         else:
             self.engine = PlainEngine(model, optimizer, t.grad_clip, self.accumulation)
+        self.ema = None
+        if t.ema > 0:
+            from pretrain.ema import EMA
+
+            self.ema = EMA(self.engine.module, t.ema)
         self.train_loader = make_train_loader(
             cfg.data, self.data, batch_size=self.micro_batch, dp_rank=topology.dp_rank, dp_size=dp, seed=cfg.seed,
         )
@@ -221,6 +226,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
         }
+        if self.ema is not None:  # this rank's average, under this rank's parameter names
+            rank_state["ema"] = self.ema.state_dict()
         return ckpt.save_checkpoint(
             self.run_dir, self.state.step, lambda d: self.engine.save(d, self.topology.is_rank0),
             trainer_state, rank_state, to_yaml(self.cfg), keep=self.cfg.train.keep_checkpoints,
@@ -256,17 +263,28 @@ class Trainer:
             torch.set_rng_state(r["torch_rng"].cpu())
             if self.device.type == "cuda" and r["cuda_rng"]:
                 torch.cuda.set_rng_state_all([x.cpu() for x in r["cuda_rng"]])
+        if self.ema is not None:
+            if r is not None and "ema" in r and self.portable is None:
+                self.ema.load_state_dict(r["ema"])
+            else:
+                log.warning("checkpoint %s has no weight average for this layout: train.ema restarts from the "
+                            "resumed weights", path)
         self.state = TrainState(**s["train_state"])
         self.start_step = self.state.step
         log.info("resumed from %s at step %d", path, self.state.step)
         return True
 
     # ------------------------------------------------------------------ loop
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        """The moving-average weights swapped in (train.ema), or nothing when it is off."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def evaluate(self) -> dict[str, float]:
-        metrics = validation_nll(
-            self.engine, self.objective, self.val_loader, self.device, seed=self.cfg.seed,
-            max_batches=self.cfg.train.eval_batches, autocast=self.autocast, reduce=self._dp_sum,
-        )
+        with self.ema_weights():
+            metrics = validation_nll(
+                self.engine, self.objective, self.val_loader, self.device, seed=self.cfg.seed,
+                max_batches=self.cfg.train.eval_batches, autocast=self.autocast, reduce=self._dp_sum,
+            )
         if self.engine.kind == "pipeline":  # only the last stage saw real logits: its numbers for all
             import torch.distributed as dist
             from megatron.core import parallel_state as ps
@@ -339,20 +357,21 @@ class Trainer:
         recomputes the same objective on the pipeline's logits with the same step RNG and scales
         each micro-batch's loss exactly as train_step does. Its statistics then go to the whole
         pipeline. A non-finite loss skips the whole step on every stage."""
-        from parallel.pipeline import capture_forward, stage_inputs
+        from parallel.pipeline import capture_forward, replay, stage_inputs
 
         dp, n_micro = self.topology.dp_size, len(micro_batches)
 
         def rng(i: int):
             return step_rng(self.cfg.seed, self.state.step, self.topology.dp_rank, dp, micro=i, n_micro=n_micro)
 
-        inputs = [stage_inputs(*capture_forward(self.objective.training_loss, b, rng(i)))
+        pipe = self.engine.module
+        inputs = [stage_inputs(*capture_forward(pipe, self.objective.training_loss, b, rng(i)))
                   for i, b in enumerate(micro_batches)]
         results: list[torch.Tensor] = []
 
         def loss_fn(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
             i = int(label[0])
-            loss, stats = self.objective.training_loss(lambda *a, **k: logits, micro_batches[i], rng(i))
+            loss, stats = replay(pipe, self.objective.training_loss, logits, micro_batches[i], rng(i))
             n_local = float(stats["n_tokens"])
             glob = self._dp_sum(torch.cat([
                 torch.tensor([float(loss.detach()) * n_local, n_local], dtype=torch.float64),
@@ -420,6 +439,8 @@ class Trainer:
                         )
                     continue
                 nonfinite_in_a_row = 0
+                if self.ema is not None:
+                    self.ema.update()
                 step_s = time.perf_counter() - t0
                 tokens = sum(b["input_ids"].numel() for b in micro) * self.topology.dp_size
                 self.state.step += 1
@@ -577,7 +598,7 @@ class SamplesCallback(Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), trainer.ema_weights():
                 if cfg.data.source.startswith("task:"):
                     from pretrain.evaluate import task_metrics
 
