@@ -155,12 +155,13 @@ def load_rank_state(path: str | Path, rank: int) -> dict[str, Any] | None:
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
-def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu"):
+def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu", ema: bool | None = None):
     """(model in eval mode on `device`, info) from a checkpoint directory (.../checkpoints/step_*) or
     a run directory (its latest checkpoint), any layout (weights consolidated by pretrain.convert).
 
-    info: variant, vocab_size, seq_len, block_size, step, and tokenizer_fingerprint when the run's
-    shard directory is still there (None otherwise). The public entry point through which
+    info: variant, vocab_size, seq_len, block_size, step, ema (whether the weights are the moving
+    average), and tokenizer_fingerprint when the run's shard directory is still there (None
+    otherwise). `ema` None: the moving average when the run kept one (train.ema > 0), as MDLM evaluates. The public entry point through which
     `data_pipeline` (the density `model` annotator) may load a trained model."""
     from pretrain.config import load_config
     from pretrain.convert import consolidated_state_dict
@@ -176,7 +177,9 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
         raise CheckpointError(f"{path}: config.yaml is missing, so the model cannot be rebuilt")
     cfg = load_config(path / "config.yaml")
     state = load_trainer_state(path)
-    weights = consolidated_state_dict(path)
+    if ema is None:
+        ema = cfg.train.ema > 0 and state.get("layout", {}).get("engine") != "portable"
+    weights = consolidated_state_dict(path, ema=ema)
     vocab = state.get("vocab_size") or cfg.model.vocab_size
     if not vocab:
         emb = [v for k, v in weights.items() if k.endswith("weight") and v.dim() == 2]
@@ -196,6 +199,6 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     except Exception:  # the shard directory is gone or elsewhere: the vocabulary size still guards
         fingerprint = None
     info = {"variant": cfg.model.variant, "vocab_size": int(vocab), "seq_len": cfg.data.seq_len,
-            "block_size": cfg.model.block_size, "step": int(state.get("step", 0)),
+            "block_size": cfg.model.block_size, "step": int(state.get("step", 0)), "ema": bool(ema),
             "tokenizer_fingerprint": fingerprint}
     return model, info

@@ -93,6 +93,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 5  # NaN/inf losses are skipped; this many in a row stops the run
+    ema: float = 0.0  # decay of a moving average of the weights used for validation and export (MDLM 0.9999); 0 = off
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
 
@@ -254,6 +255,9 @@ def validate(cfg: Config) -> None:
     need(cfg.tracking.flush_interval_s > 0, "tracking.flush_interval_s", "must be > 0")
     need(cfg.tracking.log_samples >= 0, "tracking.log_samples", "must be >= 0 (0 = off)")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(0.0 <= t.ema < 1.0, "train.ema", "must be in [0, 1) (0 = off; MDLM uses 0.9999)")
+    need(t.ema == 0.0 or p.zero_stage != 3, "train.ema",
+         "must be 0 with parallel.zero_stage=3: ZeRO-3 partitions the weights the average is taken of")
 
     need(p.tp >= 1, "parallel.tp", "must be >= 1")
     need(p.pp >= 1, "parallel.pp", "must be >= 1")
