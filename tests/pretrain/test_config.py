@@ -111,7 +111,7 @@ def test_section_given_a_scalar_is_an_error():
         ("diffusion.eps=0.7", "must be in [0, 0.5)"),
         ("data.packing=stack", "must be one of pad, wrap"),
         ("parallel.tp=2", "must be a multiple of parallel.tp x parallel.pp = 2"),
-        ("parallel.pp=2", "pipeline parallelism is not available yet"),
+        ("parallel.pp=0", "`parallel.pp` = 0: must be >= 1"),
         ("parallel.zero_stage=4", "must be 0, 1, 2 or 3"),
         ("train.micro_batch_size=5", "must be a multiple of micro_batch_size"),
     ],
@@ -120,6 +120,21 @@ def test_out_of_range_values_say_what_is_allowed(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(CONFIGS / "quickstart.yaml", [override])
     assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["parallel.zero_stage=2"], "DeepSpeed's pipeline engine does not combine with ZeRO-2/3"),
+        (["model.tie_embeddings=true"], "the embedding and the head sit on different stages"),
+        (["model.n_layers=1"], "must be <= model.n_layers = 1"),
+    ],
+)
+def test_pipeline_layouts_the_engine_cannot_run_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "quickstart.yaml", ["launch.nproc=2", "parallel.pp=2", *overrides])
+    assert fragment in str(e.value)
+    load_config(CONFIGS / "quickstart.yaml", ["launch.nproc=2", "parallel.pp=2"])  # the plain pp=2 layout is valid
 
 
 def test_all_problems_are_reported_together():
