@@ -23,6 +23,7 @@ from data_pipeline.shards import token_dtype
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
 LONG_DOC_POLICIES = ("split", "truncate")
+ENCODE_SLICE = 256  # documents handed to the tokenizer per call (see encode_chunk)
 
 _worker_tokenizer: Tokenizer | None = None  # set once per worker process by `_init_worker`
 _worker_density: dict | None = None  # the build's data.density settings (as a dict), set by `_init_worker`
@@ -35,10 +36,21 @@ def encode_chunk(texts: Sequence[str], max_doc_tokens: int = 0, long_docs: str =
     tok = tokenizer if tokenizer is not None else _worker_tokenizer
     if tok is None:
         raise RuntimeError("encode_chunk needs a tokenizer (none given, and this is not a build worker)")
-    ids = tok.encode_batch(texts)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=token_dtype(tok.vocab_size),
-                       count=int(lengths.sum()))
+    flats, all_lengths = [], []
+    # A slice of documents at a time: the tokenizer returns Python ints (~32 bytes per token), and a
+    # whole chunk's worth (~5 MB) left the cache and, freed at once, went back to the OS, so a worker
+    # page-faulted it in again for every chunk (~10% more CPU, mostly in the workers).
+    for start in range(0, len(texts), ENCODE_SLICE):
+        ids = tok.encode_batch(texts[start:start + ENCODE_SLICE])
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flats.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=token_dtype(tok.vocab_size),
+                                 count=int(lengths.sum())))
+        all_lengths.append(lengths)
+    if len(flats) == 1:
+        flat, lengths = flats[0], all_lengths[0]
+    else:
+        flat = np.concatenate(flats) if flats else np.zeros(0, token_dtype(tok.vocab_size))
+        lengths = np.concatenate(all_lengths) if all_lengths else np.zeros(0, np.int64)
     return limit_documents(flat, lengths, max_doc_tokens, long_docs)
 
 
