@@ -110,6 +110,7 @@ def median_run(runs: list[dict]) -> dict:
     mid["tok_per_s_runs"] = [round(r["tok_per_s"]) for r in runs]
     if "cpu_seconds" in runs[0]:
         mid["cpu_seconds_median"] = statistics.median(r["cpu_seconds"] for r in runs)
+        mid["cpu_seconds_runs"] = [round(r["cpu_seconds"], 3) for r in runs]
     return mid
 
 
