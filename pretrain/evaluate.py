@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0, help="top-k filtering (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering (1 = off)")
     p.add_argument("--fp32-sampling", action="store_true", help="categorical draws in float32 (default float64)")
-    p.add_argument("--num-samples", type=int, default=256, help="validation prompts (tasks) or samples (language)")
+    p.add_argument("--num-samples", type=int, default=256, help="validation prompts (tasks) or samples (language); 0 = language runs skip sampling")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per sampler batch")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--no-kv-cache", action="store_true",
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             m, shown = task_metrics(model, cfg, info, scfg, args.num_samples, args.batch_size, device,
                                     return_samples=max(args.show, 0) or 1)
             metrics.update(m)
-        else:
+        elif args.num_samples > 0:  # 0: the validation NLL alone (no sampling)
             metrics.update(language_metrics(model, cfg, info, scfg, args.num_samples, args.batch_size, device, ref))
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
