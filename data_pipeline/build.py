@@ -88,10 +88,20 @@ def build_fields(cfg: DataConfig) -> dict:
     return {
         "source": cfg.source, "text_field": cfg.text_field, "train_split": cfg.train_split,
         "val_split": cfg.val_split, "val_fraction": cfg.val_fraction, "tokenizer": cfg.tokenizer,
-        "vocab_size": cfg.vocab_size, "task": dataclasses.asdict(cfg.task) if cfg.source.startswith("task:") else None,
+        "vocab_size": cfg.vocab_size, "task": _task_content(cfg),
         **{k: getattr(cfg, k) for k in LATER_FIELDS if k != "density"},
         "density": _density_content(cfg),
     }
+
+
+def _task_content(cfg: DataConfig) -> dict | None:
+    """The generator settings of the task being built (another task's settings do not change it)."""
+    if not cfg.source.startswith("task:"):
+        return None
+    name = cfg.source.removeprefix("task:")
+    own = getattr(cfg.task, name, None)
+    return {"num_train": cfg.task.num_train, "num_val": cfg.task.num_val, "seed": cfg.task.seed,
+            name: dataclasses.asdict(own) if dataclasses.is_dataclass(own) else None}
 
 
 def _density_content(cfg: DataConfig) -> dict | None:

@@ -139,3 +139,21 @@ def test_uint8_density_round_trip(tmp_path):
     data = reader.load_shard(0, with_density=True)
     assert data.density.dtype == np.float16
     np.testing.assert_allclose(data.density[:5], np.linspace(0, 1, 5), atol=1 / 255)
+
+
+def test_shard_directory_depends_on_the_built_tasks_settings_only():
+    import dataclasses
+
+    from data_pipeline.build import default_shard_dir
+    from data_pipeline.config import DataConfig, TaskConfig
+
+    def shard_dir(source: str, **task) -> str:
+        base = TaskConfig()
+        for name, settings in task.items():
+            base = dataclasses.replace(base, **{name: dataclasses.replace(getattr(base, name), **settings)})
+        return str(default_shard_dir(DataConfig(source=source, task=base)))
+
+    sudoku = shard_dir("task:sudoku")
+    assert shard_dir("task:sudoku", linreg={"dim": 5}, pathfinding={"nodes": 20}) == sudoku  # other tasks: no change
+    assert shard_dir("task:sudoku", sudoku={"givens": 30}) != sudoku  # its own settings: another build
+    assert shard_dir("task:linreg", linreg={"dim": 5}) != shard_dir("task:linreg")
