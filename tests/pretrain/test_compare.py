@@ -131,8 +131,9 @@ def test_headline_pairs_by_seed_and_interpolates():
     # the baseline's own tokens are where it first reached its final NLL (interpolated: 3.5 -> 3.0 at 200 -> 300)
     assert p1["base_tokens"] == pytest.approx(280.0) and p1["treat_tokens"] == pytest.approx(200.0)
     assert h.ratios() == pytest.approx([1.6, 1.4])
+    assert [p["budget_ratio"] for p in h.pairs] == pytest.approx([1.6, 2.0])  # 400 / 250, 400 / 200
     text = format_headline(h)
-    assert "mean 1.50x" in text and "over 2 seeds" in text
+    assert "mean 1.50x" in text and "over 2 seeds" in text and "mean 1.80x" in text
     # the config key works as well as the tag
     assert headline(runs, "diffusion.time_sampler", "uniform", "bell").ratios() == pytest.approx([1.6, 1.4])
 
