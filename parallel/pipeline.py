@@ -42,7 +42,7 @@ from torch import nn
 
 from parallel.engine import DeepSpeedEngine
 from parallel.topology import Topology
-from pretrain.model.attention_masks import attention_mask, two_stream_mask
+from pretrain.model.attention_masks import attention_mask, block_len, two_stream_mask
 from pretrain.model.transformer import modulate
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,17 @@ def pipeline_module(model: nn.Module, topology: Topology, loss_fn: Callable | No
     for param in pipe.parameters():
         if topology.tp_rank == 0 or getattr(param, "tensor_model_parallel", False):
             param.model_parallel = True
-    pipe.block_len = model.block_len  # the blockwise objectives ask the model for its block length
+    # DeepSpeed keeps the whole layer list for partitioning; keep only the classes of other stages'
+    # layers so their weights are freed (every rank builds the full model once, with the same seed
+    # as a single process, then holds its own stage: the peak at start-up is the whole model)
+    for i, layer in enumerate(pipe._layer_specs):
+        if not pipe._local_start <= i < pipe._local_stop:
+            pipe._layer_specs[i] = type(layer)
+    pipe.n_blocks = n_blocks
+    # the blockwise objectives ask the model for its block length; a plain function, not the model's
+    # bound method, which would keep every stage's layers alive on every rank
+    block_size = model.cfg.block_size
+    pipe.block_len = lambda seq_len: block_len(seq_len, block_size)
     return pipe
 
 
@@ -325,13 +335,9 @@ class PipelineEngine(DeepSpeedEngine):
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """This stage's layers under the plain model's keys (other stages hold the rest)."""
-        n_layers = sum(isinstance(m, PipeBlock) for m in _all_layers(self.engine.module))
+        n_layers = self.engine.module.n_blocks
         return {plain_key(int(k.split(".", 1)[0]), k.split(".", 1)[1], n_layers): v
                 for k, v in self.engine.module.state_dict().items()}
-
-
-def _all_layers(pipe) -> list[nn.Module]:
-    return list(pipe._layer_specs)
 
 
 def consolidate_layer_files(ds_dir, tp_rank: int = 0) -> dict[str, torch.Tensor]:
