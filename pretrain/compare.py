@@ -132,7 +132,9 @@ def label_runs(records: list[RunRecord]) -> None:
         if not k.startswith(_IGNORED_PARAM_PREFIXES) and len({r.params.get(k) for r in records}) > 1
     ]
     for r in records:
-        parts = [f"{k.split('.')[-1]}={r.params.get(k)}" for k in differing[:4]]
+        # an AR run's diffusion settings are unused: naming them would suggest a bell or uniform AR run
+        keys = [k for k in differing if not (r.params.get("model.variant") == "ar" and k.startswith("diffusion."))]
+        parts = [f"{k.split('.')[-1]}={r.params.get(k)}" for k in keys[:4]]
         r.label = ", ".join(parts) if parts else r.name
     if len({r.label for r in records}) < len(records):  # e.g. seeds differ only in ignored keys
         for r in records:

@@ -150,3 +150,12 @@ def test_headline_when_treatment_never_reaches_the_target():
     assert "never reached" in format_headline(h) and "upper bound" in format_headline(h)
     with pytest.raises(ValueError, match="no seed has both"):
         headline(runs, "time_sampler", "uniform", "antithetic")
+
+
+def test_ar_labels_leave_out_unused_diffusion_settings():
+    from pretrain.compare import RunRecord
+
+    runs = [RunRecord(n, n, {"model.variant": v, "diffusion.time_sampler": ts}, {}, "FINISHED")
+            for n, v, ts in (("b", "mdm", "bell"), ("u", "mdm", "uniform"), ("a", "ar", "bell"))]
+    label_runs(runs)
+    assert [r.label for r in runs] == ["time_sampler=bell, variant=mdm", "time_sampler=uniform, variant=mdm", "variant=ar"]
