@@ -256,7 +256,13 @@ def format_headline(h: Headline) -> str:
                    f"{h.base}'s budget (1 seed)")
     else:
         summary = (f"{h.treat} did not reach {h.base}'s final NLL in {len(h.pairs) - len(r)} of "
-                   f"{len(h.pairs)} seeds (the ratio is then an upper bound)")
+                   f"{len(h.pairs)} seeds (the ratio is then an upper bound)"
+                   + (f"; where it did: {', '.join(f'{x:.2f}x' for x in r)} vs first reached" if len(r) else ""))
+    # the same question without thresholds: is TREAT's final NLL lower, beyond the seeds' spread?
+    diff = np.array([p["treat_final_nll"] - p["base_final_nll"] for p in h.pairs])
+    summary += (f"\nfinal NLL, {h.treat} - {h.base}: mean {diff.mean():+.4f} nats"
+                + (f", std {diff.std(ddof=1):.4f}, range {diff.min():+.4f} to {diff.max():+.4f} over {len(diff)} seeds"
+                   if len(diff) > 1 else " (1 seed)"))
     return "\n".join(lines + ["", summary])
 
 

@@ -134,6 +134,7 @@ def test_headline_pairs_by_seed_and_interpolates():
     assert [p["budget_ratio"] for p in h.pairs] == pytest.approx([1.6, 2.0])  # 400 / 250, 400 / 200
     text = format_headline(h)
     assert "mean 1.50x" in text and "over 2 seeds" in text and "mean 1.80x" in text
+    assert "final NLL, bell - uniform: mean -0.3000 nats" in text  # (2.6 - 3.0 + 2.9 - 3.1) / 2
     # the config key works as well as the tag
     assert headline(runs, "diffusion.time_sampler", "uniform", "bell").ratios() == pytest.approx([1.6, 1.4])
 
