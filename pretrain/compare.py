@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,6 +288,11 @@ def format_table(c: Comparison, markdown: bool = False) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
 
 
+def _group(label: str) -> str:
+    """A run's label without its seed: the configuration it belongs to."""
+    return re.sub(r"(, )?seed=\d+", "", label).strip(", ") or label
+
+
 def plot(c: Comparison, out_dir: Path) -> list[Path]:
     """PNG plots: validation NLL vs tokens and vs wall-clock, training loss vs step."""
     import matplotlib
@@ -295,6 +301,10 @@ def plot(c: Comparison, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # one colour per configuration, so several seeds of it read as one family of curves
+    palette = plt.get_cmap("tab10").colors
+    groups = list(dict.fromkeys(_group(r.label) for r in c.runs))
+    colours = {g: palette[i % len(palette)] for i, g in enumerate(groups)}
     specs = [
         ("val_nll_vs_tokens.png", "tokens seen", "validation NLL (nats/token)", lambda r: (r.val_tokens, r.val_nll)),
         ("val_nll_vs_wall.png", "wall-clock (s)", "validation NLL (nats/token)", lambda r: (r.val_elapsed, r.val_nll)),
@@ -307,9 +317,18 @@ def plot(c: Comparison, out_dir: Path) -> list[Path]:
             x, y = series(r)
             if len(x):
                 ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=r.label,
-                        linewidth=2.2 if r is c.baseline else 1.6)
+                        linewidth=2.2 if r is c.baseline else 1.6, color=colours[_group(r.label)])
         if filename.startswith("val_nll") and not math.isnan(c.target_nll):
             ax.axhline(c.target_nll, color="grey", linestyle="--", linewidth=1, label="baseline's final NLL")
+        if filename.startswith("val_nll"):
+            # the step-0 evaluation (~log V) and transient spikes would squash the range where the runs
+            # differ: the axes span the lowest value up to the highest first evaluation after step 0
+            firsts = [float(r.val_nll[1]) for r in c.runs if len(r.val_nll) > 1 and np.isfinite(r.val_nll[1])]
+            lows = [float(np.nanmin(r.val_nll)) for r in c.runs if len(r.val_nll)]
+            if firsts and lows:
+                lo, hi = min(lows), max(firsts)
+                pad = 0.05 * (hi - lo) or 0.1
+                ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
