@@ -198,6 +198,16 @@ class Trainer:
         dist.all_reduce(out, group=ps.get_data_parallel_group())
         return out
 
+    def _global_totals(self, loss: torch.Tensor, stats: dict, extra: tuple[float, ...] = ()) -> torch.Tensor:
+        """One micro-batch's [loss x tokens, tokens, per-t-bucket loss sums, bucket counts, *extra],
+        summed over the data-parallel group (one all-reduce), float64."""
+        n_local = float(stats["n_tokens"])
+        return self._dp_sum(torch.cat([
+            torch.tensor([float(loss.detach()) * n_local, n_local], dtype=torch.float64),
+            stats["t_bucket_loss_sum"].double(), stats["t_bucket_count"].double(),
+            torch.tensor(extra, dtype=torch.float64),
+        ]))
+
     def _barrier(self) -> None:
         if self.topology.world_size > 1:
             import torch.distributed as dist
@@ -326,11 +336,7 @@ class Trainer:
                 loss, stats = self.objective.training_loss(self.engine, batch, rng)
             n_local = float(stats["n_tokens"])
             k = len(stats["t_bucket_loss_sum"])
-            local = torch.cat([
-                torch.tensor([float(loss.detach()) * n_local, n_local], dtype=torch.float64),
-                stats["t_bucket_loss_sum"].double(), stats["t_bucket_count"].double(),
-            ])
-            glob = self._dp_sum(local)
+            glob = self._global_totals(loss, stats)
             if not math.isfinite(float(glob[0])):
                 skipped = True
                 self.engine.skip()
@@ -373,11 +379,7 @@ class Trainer:
             i = int(label[0])
             loss, stats = replay(pipe, self.objective.training_loss, logits, micro_batches[i], rng(i))
             n_local = float(stats["n_tokens"])
-            glob = self._dp_sum(torch.cat([
-                torch.tensor([float(loss.detach()) * n_local, n_local], dtype=torch.float64),
-                stats["t_bucket_loss_sum"].double(), stats["t_bucket_count"].double(),
-                torch.tensor([stats.get("masked_fraction", 0.0)], dtype=torch.float64),
-            ]))
+            glob = self._global_totals(loss, stats, extra=(stats.get("masked_fraction", 0.0),))
             results.append(glob)
             if not math.isfinite(float(glob[0])):
                 self.engine.skip_step()
