@@ -114,6 +114,10 @@ class DataConfig:
     packing: str = "pad"  # pad: one document per sequence (MDLM LM1B) | wrap: concatenate and cut (BD3-LM)
     num_workers: int = 0  # dataloader worker processes per rank
     shuffle_buffer: int = 1024  # sequences per seeded shuffle window (bounds memory, mixes across shards)
+    # wrap: False (MDLM) cuts each shard's documents in storage order, so rows are the same every
+    # epoch and only their order is shuffled; True shuffles the documents inside each shard every
+    # epoch before cutting (rows differ between epochs; one more gather of every token per epoch)
+    wrap_doc_shuffle: bool = False
     # Extra train sources, interleaved by weight in a seeded schedule that every rank computes alike,
     # so mixing keeps exact and elastic resume. Each must use the run's tokenizer (else refused).
     mixture: list[MixtureSource] = field(default_factory=list)

@@ -4,10 +4,16 @@ documents and packing (data_pipeline.stream adds ranks, workers, mixtures and re
 The epoch order is a pure function of (index.json, seed, epoch, packing, seq_len, window), never of
 the number of ranks or workers, so any consumer can compute any sample without talking to others:
 1. shards in a permutation seeded by (seed, epoch);
-2. documents inside each shard in a permutation seeded by (seed, epoch, shard);
+2. documents inside each shard in a permutation seeded by (seed, epoch, shard) (`pad`; `wrap` only
+   with `wrap_doc_shuffle`, else in storage order);
 3. the resulting samples (`pad`: one per document; `wrap`: the `[BOS] doc [EOS]` stream of the whole
    epoch cut into `seq_len` chunks, the tail shorter than `seq_len` dropped) are grouped in windows
    of `window` consecutive samples and each window is permuted, seeded by (seed, epoch, window).
+`wrap` rows are MDLM's by default: each shard's documents stay in storage order, so a row holds
+the same tokens every epoch (up to the rows that straddle a shard boundary, which move with the
+shard order) and only the order of the rows is shuffled; no per-epoch work touches the tokens.
+`wrap_doc_shuffle=True` shuffles the documents before cutting, so the rows themselves differ
+between epochs, at the cost of one gather of every token per epoch (~2 ns/token here).
 Step 3 is the bounded shuffle buffer: it mixes samples across shard boundaries and, in `wrap` mode,
 separates the consecutive chunks of one document, while memory stays bounded by the shards that
 overlap the current window (or the caller's request, if larger), decoded lazily and dropped once
@@ -26,8 +32,9 @@ rows out of per-shard arrays (a strided "sliding window" view indexed by row sta
 gathering token by token. A shard is decoded once into an epoch-independent layout (`wrap`: every
 document already framed as `[BOS] doc [EOS]`; `pad`: the tokens followed by seq_len - 1 pads, so a
 row's body is one slice even for the last document) and kept in a small LRU cache across epochs
-(small datasets loop many epochs; a large one simply misses); each epoch then only pays one
-vectorised gather per shard for its document order. Callers should ask for many rows per call
+(small datasets loop many epochs; a large one simply misses); `wrap` rows are then copied straight
+out of it, and only `wrap_doc_shuffle` pays one vectorised gather per shard and epoch for its
+document order. Callers should ask for many rows per call
 (data_pipeline.stream asks for a chunk of batches): the per-call numpy overhead is fixed.
 
 A shard that fails its checksum raises CorruptShardError naming the file. With `skip_corrupt=True`
@@ -77,7 +84,9 @@ class _Columns:
     ext: np.ndarray
     density: np.ndarray | None
     starts: np.ndarray  # int64 [n_docs + 1]
-    body_view: np.ndarray | None = None  # pad: _windows(ext, seq_len - 1), a row body at each start
+    # pad: _windows(ext, seq_len - 1), a row body at each start; wrap: _windows(ext, seq_len), a row
+    # at each start (the rows of an epoch whose documents stay in storage order)
+    body_view: np.ndarray | None = None
     density_view: np.ndarray | None = None
 
     @property
@@ -90,7 +99,7 @@ class _Shard:
     """A shard in one epoch's document order (cols None: corrupt and skipped)."""
 
     cols: _Columns | None
-    doc_order: np.ndarray | None
+    doc_order: np.ndarray | None  # None: storage order
     stream: np.ndarray | None = None  # wrap: [BOS] doc [EOS] ... in doc_order
     stream_density: np.ndarray | None = None
     rows_view: np.ndarray | None = None  # wrap: [len(stream) - L + 1, L] window view (row at each start)
@@ -103,7 +112,7 @@ class SplitSamples:
     def __init__(self, split_dir: str | Path, seq_len: int, packing: str = "pad", pad_id: int = 0, bos_id: int = 1,
                  eos_id: int = 2, seed: int = 0, shuffle: bool = True, window: int = 1024,
                  tokenizer_fingerprint: str | None = None, skip_corrupt: bool = False,
-                 cache_bytes: int = CACHE_BYTES):
+                 cache_bytes: int = CACHE_BYTES, wrap_doc_shuffle: bool = False):
         if packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
         if seq_len < 2:
@@ -119,6 +128,7 @@ class SplitSamples:
         self.seq_len, self.packing = seq_len, packing
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.seed, self.shuffle = seed, shuffle
+        self.wrap_doc_shuffle = bool(wrap_doc_shuffle)
         self.window = max(1, int(window)) if shuffle else 1
         self.skip_corrupt = skip_corrupt
         self.cache_bytes = int(cache_bytes)
@@ -244,7 +254,7 @@ class SplitSamples:
         if dens is not None:
             ext_d = np.zeros(len(ext), dtype=np.float16)
             ext_d[body] = dens
-        return _Columns(ext, ext_d, starts)
+        return _Columns(ext, ext_d, starts, _windows(ext, self.seq_len), _windows(ext_d, self.seq_len))
 
     def _shard(self, epoch: int, pos: int) -> _Shard:
         key = (epoch, pos)
@@ -264,13 +274,16 @@ class SplitSamples:
             shard = _Shard(None, None)
         else:
             n_docs = len(cols.starts) - 1
-            doc_order = (np.random.default_rng([self.seed, epoch, 1, k]).permutation(n_docs) if self.shuffle
-                         else np.arange(n_docs))
+            shuffled = self.shuffle and (self.packing == "pad" or self.wrap_doc_shuffle)
+            doc_order = np.random.default_rng([self.seed, epoch, 1, k]).permutation(n_docs) if shuffled else None
             shard = _Shard(cols, doc_order)
-            if self.packing == "wrap":
+            if self.packing == "wrap" and shuffled:
                 shard.stream, shard.stream_density = _wrap_stream(cols, doc_order)
                 shard.rows_view = _windows(shard.stream, self.seq_len)
                 shard.density_view = _windows(shard.stream_density, self.seq_len)
+            elif self.packing == "wrap":  # storage order: the decoded layout is the stream
+                shard.stream, shard.stream_density = cols.ext, cols.density
+                shard.rows_view, shard.density_view = cols.body_view, cols.density_view
         self._shards[key] = shard
         return shard
 
@@ -341,7 +354,9 @@ class SplitSamples:
                 if dens is not None:
                     dens[rows] = 0
                 continue
-            d = shard.doc_order[(s if m is None else s[m]) - bounds[p]]
+            d = (s if m is None else s[m]) - bounds[p]
+            if shard.doc_order is not None:
+                d = shard.doc_order[d]
             starts = shard.cols.starts[d]
             lens = shard.cols.starts[d + 1] - starts
             past = col > lens[:, None]  # positions after the body (col 0 is BOS, col i body token i-1)

@@ -19,7 +19,8 @@ needs (consumers decode the shards their windows touch, so every rank decodes th
 whole epoch but materializes only its own rows; zstd decoding is cheap next to a training step).
 
 Resume state (`TrainLoader.state_dict()`): plain ints/strings/lists, independent of world size:
-the dataset fingerprints, seed, packing, seq_len, window, mixture weights and `consumed`, the number
+the dataset fingerprints, seed, packing, seq_len, window, wrap_doc_shuffle, mixture weights and
+`consumed`, the number
 of global samples the run has consumed (start + batches * batch_size * dp_size; every rank of a
 step has taken the same number of batches, so every rank reports the same state).
 Guarantees on `load_state_dict`:
@@ -27,7 +28,8 @@ Guarantees on `load_state_dict`:
   with any number of workers (the state counts batches the trainer took, not batches prefetched);
 - another dp_size (or batch size): global samples [0, consumed) count as seen and every later
   sample goes to exactly one new rank, so within each epoch no sample is seen twice or skipped;
-- another dataset (fingerprint), seed, packing, seq_len, window or mixture: an error, since the
+- another dataset (fingerprint), seed, packing, seq_len, window, wrap_doc_shuffle or mixture: an
+  error, since the
   position would mean different samples.
 An infinite stream runs on across epochs (a batch may straddle an epoch boundary), so ranks never
 get uneven batch counts; the validation stream is one finite, unshuffled pass whose ranks may
@@ -126,7 +128,7 @@ class ShardStream(IterableDataset):
                  shuffle: bool = True, infinite: bool = True, dp_rank: int = 0, dp_size: int = 1,
                  shuffle_buffer: int = 1024, weights: Sequence[float] | None = None,
                  tokenizer_fingerprint: str | None = None, skip_corrupt_shards: bool = False, start: int = 0,
-                 cache_bytes: int = CACHE_BYTES):
+                 cache_bytes: int = CACHE_BYTES, wrap_doc_shuffle: bool = False):
         dirs = [split_dirs] if isinstance(split_dirs, (str, Path)) else list(split_dirs)
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
@@ -136,13 +138,15 @@ class ShardStream(IterableDataset):
             raise ValueError("a finite (validation) stream reads one split, not a mixture")
         self.sources = [SplitSamples(d, seq_len, packing, pad_id, bos_id, eos_id, seed=seed, shuffle=shuffle,
                                      window=shuffle_buffer, tokenizer_fingerprint=tokenizer_fingerprint,
-                                     skip_corrupt=skip_corrupt_shards, cache_bytes=cache_bytes) for d in dirs]
+                                     skip_corrupt=skip_corrupt_shards, cache_bytes=cache_bytes,
+                                     wrap_doc_shuffle=wrap_doc_shuffle) for d in dirs]
         self.weights = [float(w) for w in (weights if weights is not None else [1.0] * len(dirs))]
         if len(self.weights) != len(dirs):
             raise ValueError(f"{len(dirs)} split directories but {len(self.weights)} weights")
         self.mixture = Mixture(self.weights, seed)
         self.seq_len, self.packing, self.pad_id = seq_len, packing, pad_id
         self.seed, self.shuffle, self.infinite = seed, shuffle, infinite
+        self.wrap_doc_shuffle = bool(wrap_doc_shuffle)
         self.shuffle_buffer = self.sources[0].window
         self.batch_size, self.dp_rank, self.dp_size = batch_size, dp_rank, dp_size
         self.start = int(start)
@@ -241,7 +245,8 @@ class ShardStream(IterableDataset):
         """What a saved position means: it may only be loaded into a stream with the same layout."""
         return {"seed": self.seed, "packing": self.packing, "seq_len": self.seq_len,
                 "shuffle_buffer": self.shuffle_buffer, "weights": list(self.weights),
-                "fingerprints": [s.fingerprint for s in self.sources]}
+                "fingerprints": [s.fingerprint for s in self.sources],
+                "wrap_doc_shuffle": self.wrap_doc_shuffle if self.packing == "wrap" else None}
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> Batch:
@@ -334,18 +339,25 @@ class TrainLoader:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION} "
                              "(a checkpoint from an older loader): its position cannot be mapped onto this order")
         layout = self.dataset.layout()
+        state = {**_legacy_layout(state), **state}
         diff = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
         if diff:
             details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume the data loader: {details}. The saved position counts samples of "
-                             "another order; resume with the same data, seed, packing, seq_len, shuffle_buffer "
-                             "and mixture (dp size, batch size and num_workers may change)")
+                             "another order; resume with the same data, seed, packing, seq_len, shuffle_buffer, "
+                             "wrap_doc_shuffle and mixture (dp size, batch size and num_workers may change)")
         if state.get("dp_size") != self.dataset.dp_size or state.get("batch_size") != self.batch_size:
             log.info("elastic data resume at global sample %d: dp_size %s -> %d, batch size %s -> %d",
                      state["consumed"], state.get("dp_size"), self.dataset.dp_size, state.get("batch_size"),
                      self.batch_size)
         self._it = None
         self.dataset.start, self._batches = int(state["consumed"]), 0
+
+
+def _legacy_layout(state: dict) -> dict:
+    """Layout keys that states saved before they existed imply: `wrap` rows always shuffled their
+    documents each epoch until data.wrap_doc_shuffle (default off) existed."""
+    return {"wrap_doc_shuffle": True if state.get("packing") == "wrap" else None}
 
 
 class ValLoader:
@@ -392,7 +404,8 @@ def make_train_loader(data_cfg: DataConfig, info: DatasetInfo, batch_size: int, 
                      batch_size=batch_size, seed=seed, shuffle=True, infinite=True, dp_rank=dp_rank,
                      dp_size=dp_size, shuffle_buffer=data_cfg.shuffle_buffer, weights=weights,
                      tokenizer_fingerprint=_tokenizer_fingerprint(info),
-                     skip_corrupt_shards=getattr(data_cfg, "skip_corrupt_shards", False))
+                     skip_corrupt_shards=getattr(data_cfg, "skip_corrupt_shards", False),
+                     wrap_doc_shuffle=getattr(data_cfg, "wrap_doc_shuffle", False))
     return TrainLoader(ds, num_workers=data_cfg.num_workers, prefetch_factor=getattr(data_cfg, "prefetch_factor", 4))
 
 

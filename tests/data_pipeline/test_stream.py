@@ -170,6 +170,16 @@ def test_exact_resume_in_process_with_workers(split, packing, tmp_path):
             other.load_state_dict(state)
     with pytest.raises(ValueError, match="version"):
         resumed.load_state_dict({**state, "version": 1})
+    if packing == "wrap":  # rows cut after a per-epoch document shuffle are another order
+        shuffled = make_train_loader(DataConfig(seq_len=L, packing=packing, shuffle_buffer=8, wrap_doc_shuffle=True),
+                                     _info(path), 5, dp_rank=1, dp_size=2, seed=9)
+        with pytest.raises(ValueError, match="wrap_doc_shuffle: saved False, now True"):
+            shuffled.load_state_dict(state)
+        # a state saved before the option existed was cut after the document shuffle
+        legacy = {k: v for k, v in state.items() if k != "wrap_doc_shuffle"}
+        shuffled.load_state_dict(legacy)
+        with pytest.raises(ValueError, match="wrap_doc_shuffle: saved True, now False"):
+            resumed.load_state_dict(legacy)
 
 
 CHILD = textwrap.dedent("""
@@ -304,7 +314,7 @@ def test_tokenizer_mismatch_is_refused(split):
 # -- the fast path (chunked batches, row copies, decoded-shard cache) equals the definition ----------
 
 
-def _reference_epoch(docs_by_shard, packing, seed, epoch, window, shuffle=True):
+def _reference_epoch(docs_by_shard, packing, seed, epoch, window, shuffle=True, wrap_doc_shuffle=False):
     """Rows of one epoch straight from packing.py's definition, one sample at a time (slow, obvious)."""
     n = len(docs_by_shard)
     shard_order = np.random.default_rng([seed, epoch, 0]).permutation(n) if shuffle else range(n)
@@ -320,7 +330,8 @@ def _reference_epoch(docs_by_shard, packing, seed, epoch, window, shuffle=True):
         stream = []
         for k in shard_order:
             docs = docs_by_shard[k]
-            order = np.random.default_rng([seed, epoch, 1, k]).permutation(len(docs)) if shuffle else range(len(docs))
+            order = (np.random.default_rng([seed, epoch, 1, k]).permutation(len(docs))
+                     if shuffle and wrap_doc_shuffle else range(len(docs)))
             for j in order:
                 stream += [BOS, *docs[j].tolist(), EOS]
         samples = [stream[i * L:(i + 1) * L] for i in range(len(stream) // L)]
@@ -332,14 +343,15 @@ def _reference_epoch(docs_by_shard, packing, seed, epoch, window, shuffle=True):
     return out
 
 
-@pytest.mark.parametrize("packing", ["pad", "wrap"])
-def test_sample_order_is_the_documented_definition(split, packing):
+@pytest.mark.parametrize("packing,doc_shuffle", [("pad", False), ("wrap", False), ("wrap", True)])
+def test_sample_order_is_the_documented_definition(split, packing, doc_shuffle):
     path, _ = split
     reader = ShardReader(path)
     by_shard = [[reader.load_shard(k).document(j) for j in range(reader.shards[k]["n_docs"])]
                 for k in range(reader.num_shards)]
-    expected = _reference_epoch(by_shard, packing, 3, 0, 8) + _reference_epoch(by_shard, packing, 3, 1, 8)
-    ds = _stream(path, packing=packing, infinite=True, batch_size=7)
+    expected = [row for epoch in (0, 1)
+                for row in _reference_epoch(by_shard, packing, 3, epoch, 8, wrap_doc_shuffle=doc_shuffle)]
+    ds = _stream(path, packing=packing, infinite=True, batch_size=7, wrap_doc_shuffle=doc_shuffle)
     got = []
     for batch in ds:
         got += _rows([batch])
@@ -389,15 +401,15 @@ def test_workers_send_chunks_that_split_into_the_same_batches(split):
         assert len(val) == len(val_w) and all(torch.equal(a, b) for a, b in zip(val, val_w, strict=True))
 
 
-@pytest.mark.parametrize("packing", ["pad", "wrap"])
-def test_decoded_cache_is_bounded_and_changes_nothing(split, packing, monkeypatch):
+@pytest.mark.parametrize("packing,doc_shuffle", [("pad", False), ("wrap", False), ("wrap", True)])
+def test_decoded_cache_is_bounded_and_changes_nothing(split, packing, doc_shuffle, monkeypatch):
     path, _ = split
     def rows_of(ds):  # several calls walking forward over ~10 epochs
         return _rows([ds.batch(np.arange(i, i + 100)) for i in range(0, 900, 100)])
 
-    reference = rows_of(_stream(path, packing=packing, cache_bytes=0, infinite=True))
+    reference = rows_of(_stream(path, packing=packing, wrap_doc_shuffle=doc_shuffle, cache_bytes=0, infinite=True))
     for cache in (0, 700, 10 << 20):
-        ds = _stream(path, packing=packing, cache_bytes=cache, infinite=True)
+        ds = _stream(path, packing=packing, wrap_doc_shuffle=doc_shuffle, cache_bytes=cache, infinite=True)
         assert rows_of(ds) == reference
         source = ds.sources[0]
         assert sum(c.nbytes for c in source._decoded.values()) <= cache
@@ -408,4 +420,4 @@ def test_decoded_cache_is_bounded_and_changes_nothing(split, packing, monkeypatc
         monkeypatch.setattr(packing_module, "STREAM_BLOCK", block)
         monkeypatch.setattr(packing_module, "JOIN_MIN_TOKENS", join_min)
         monkeypatch.setattr(packing_module, "JOIN_BLOCK_DOCS", join_docs)
-        assert rows_of(_stream(path, packing=packing, infinite=True)) == reference
+        assert rows_of(_stream(path, packing=packing, wrap_doc_shuffle=doc_shuffle, infinite=True)) == reference
