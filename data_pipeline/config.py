@@ -122,7 +122,7 @@ class DataConfig:
     # so mixing keeps exact and elastic resume. Each must use the run's tokenizer (else refused).
     mixture: list[MixtureSource] = field(default_factory=list)
     main_weight: float = 1.0  # weight of the main source (the one built from data.source) in the mixture
-    prefetch_factor: int = 4  # chunks (~256K tokens each) each worker prepares ahead, so the loader is never the bottleneck
+    prefetch_factor: int = 4  # chunks (~1M tokens each) each worker prepares ahead, so the loader is never the bottleneck
     # A shard failing its checksum stops the run by default (naming the file). True: its rows become
     # fully masked padding (order and resume position unchanged), counted and logged: for a long run
     # that should survive one bad file rather than stop.

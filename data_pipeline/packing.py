@@ -187,22 +187,21 @@ class SplitSamples:
         if self.window <= 1:
             return q
         S = self.window
-        w = q // S
-        lo, hi = int(w.min()), int(w.max())
-        if lo == hi:  # the usual case: one window
+        lo, hi = int(q.min()) // S, int(q.max()) // S
+        if lo == hi:  # one window
             return lo * S + self._perm(epoch, lo)[q - lo * S]
-        out = np.empty_like(q)
-        for wi in range(lo, hi + 1):
-            sel = np.flatnonzero(w == wi)
-            if len(sel):
-                out[sel] = wi * S + self._perm(epoch, wi)[q[sel] - wi * S]
-        return out
+        # consecutive windows (only an epoch's last may be short): their permutations, offset to
+        # epoch positions and concatenated, map q - lo * S in one gather
+        perms = np.concatenate([wi * S + self._perm(epoch, wi) for wi in range(lo, hi + 1)])
+        return perms[q - lo * S]
 
     def _perm(self, epoch: int, wi: int) -> np.ndarray:
         key = (epoch, wi)
         if key not in self._perms:
             S, N = self.window, self.samples_per_epoch
-            self._perms = {k: v for k, v in self._perms.items() if k >= (epoch, wi - 1)}
+            # keep the windows a request may still reach back to (a chunk spans a few windows)
+            back = max(1, (1 << 20) // (S * self.seq_len))
+            self._perms = {k: v for k, v in self._perms.items() if k >= (epoch, wi - back)}
             self._perms[key] = np.random.default_rng([self.seed, epoch, 2, wi]).permutation(min(S, N - wi * S))
         return self._perms[key]
 
@@ -296,8 +295,9 @@ class SplitSamples:
 
     # -- rows ---------------------------------------------------------------------------------
 
-    def rows(self, k: np.ndarray) -> Rows:
+    def rows(self, k: np.ndarray, out: Rows | None = None) -> Rows:
         """Rows for source-local sample numbers k (epoch * samples_per_epoch + shuffled position).
+        `out`: arrays with at least len(k) rows to write into (their first len(k) rows are returned).
 
         Callers ask with non-decreasing k over time (each consumer walks forward), which is what
         lets shards before the current window be dropped. Ask for many rows at once: the cost of a
@@ -305,9 +305,13 @@ class SplitSamples:
         """
         k = np.asarray(k, dtype=np.int64)
         n, L = len(k), self.seq_len
-        ids = np.empty((n, L), dtype=self.id_dtype)
-        mask = np.empty((n, L), dtype=bool)
-        dens = np.empty((n, L), dtype=np.float16) if self.has_density else None
+        if out is None:
+            ids = np.empty((n, L), dtype=self.id_dtype)
+            mask = np.empty((n, L), dtype=bool)
+            dens = np.empty((n, L), dtype=np.float16) if self.has_density else None
+        else:
+            ids, mask = out.ids[:n], out.mask[:n]
+            dens = out.density[:n] if self.has_density else None
         if not n:
             return Rows(ids, mask, dens)
         N = self.samples_per_epoch

@@ -10,10 +10,12 @@ One global sample order, the same for every world size and worker count, is the 
 - Global sample g goes to data-parallel rank g % dp_size. A rank's j-th sample after the resume
   point G0 is g = G0 + j * dp_size + dp_rank; its batch b holds j in [b*B, (b+1)*B).
 - Dataloader workers split a rank's stream by whole chunks of `chunk_batches()` batches (worker
-  c % num_workers builds chunk c and sends it as one item), and torch's DataLoader returns
-  workers' items round-robin, so the rank sees the same batches in the same order with 0, 1 or N
-  workers; each worker prefetches `prefetch_factor` chunks. A chunk's rows are computed in one
-  call to the packing layer (its cost per call is fixed, so one call per batch would dominate).
+  c % num_workers builds chunk c into a shared-memory slot and sends the slot's number, see
+  _SlotRing), and torch's DataLoader returns workers' items round-robin, so the rank sees the same
+  batches in the same order with 0, 1 or N workers; each worker prefetches `prefetch_factor`
+  chunks. A chunk's rows are computed in one call to the packing layer and widened to the
+  trainer's dtypes in one conversion (the cost per call is fixed, so one call per batch would
+  dominate); its batches are views of that chunk's fresh tensors.
 Ranks and workers never coordinate: each computes its own rows from index.json and the shards it
 needs (consumers decode the shards their windows touch, so every rank decodes the shards of the
 whole epoch but materializes only its own rows; zstd decoding is cheap next to a training step).
@@ -50,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig
-from data_pipeline.packing import CACHE_BYTES, PACKINGS, SplitSamples
+from data_pipeline.packing import CACHE_BYTES, PACKINGS, Rows, SplitSamples
 from data_pipeline.shards import INDEX_FILE, ShardFormatError
 
 if TYPE_CHECKING:
@@ -62,7 +64,8 @@ __all__ = ["PACKINGS", "ShardStream", "TrainLoader", "ValLoader", "make_train_lo
 
 STATE_VERSION = 2
 MIX_BLOCK = 1024  # global samples per mixture block: weights are exact to 1/MIX_BLOCK per block
-CHUNK_TOKENS = 1 << 18  # tokens of rows computed per call to the packing layer (see chunk_batches)
+CHUNK_TOKENS = 1 << 20  # tokens of rows computed per call to the packing layer (see chunk_batches)
+CHUNK_MAX_BATCHES = 128
 
 Batch = dict[str, torch.Tensor]
 
@@ -150,7 +153,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = self.sources[0].window
         self.batch_size, self.dp_rank, self.dp_size = batch_size, dp_rank, dp_size
         self.start = int(start)
-        self.wire = False  # True inside DataLoader workers: yield compact numpy rows (see _loader)
+        self.ring: _SlotRing | None = None  # set on the copy DataLoader workers run (see _loader)
         dens = [s.has_density for s in self.sources]
         self.has_density = all(dens)
         if any(dens) and not all(dens):
@@ -167,19 +170,25 @@ class ShardStream(IterableDataset):
         g = self.start + j * self.dp_size + self.dp_rank
         return g if self.infinite else g[g < self.sources[0].samples_per_epoch]
 
-    def numpy_batch(self, g: np.ndarray) -> dict[str, np.ndarray]:
-        """Compact rows of global samples g (ids uint16/int32, density float16): what workers send."""
+    def numpy_batch(self, g: np.ndarray, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Compact rows of global samples g (ids uint16/int32, density float16): what workers send.
+        `out`: arrays with at least len(g) rows to write into (a worker's shared-memory slot)."""
         src, k = self.mixture.assign(g)
-        if len(self.sources) == 1:
-            rows = self.sources[0].rows(k)
-            out = {"input_ids": rows.ids, "loss_mask": rows.mask}
-            if self.has_density:
-                out["density"] = rows.density
-            return out
         n, L = len(g), self.seq_len
-        ids = np.empty((n, L), dtype=np.result_type(*(s.id_dtype for s in self.sources)))
-        mask = np.empty((n, L), dtype=bool)
-        dens = np.zeros((n, L), dtype=np.float16) if self.has_density else None
+        if len(self.sources) == 1:
+            into = None if out is None else Rows(out["input_ids"], out["loss_mask"], out.get("density"))
+            rows = self.sources[0].rows(k, into)
+            batch = {"input_ids": rows.ids, "loss_mask": rows.mask}
+            if self.has_density:
+                batch["density"] = rows.density
+            return batch
+        if out is None:
+            ids = np.empty((n, L), dtype=self.id_dtype)
+            mask = np.empty((n, L), dtype=bool)
+            dens = np.empty((n, L), dtype=np.float16) if self.has_density else None
+        else:
+            ids, mask = out["input_ids"][:n], out["loss_mask"][:n]
+            dens = out["density"][:n] if self.has_density else None
         for i, source in enumerate(self.sources):
             sel = np.flatnonzero(src == i)
             if len(sel):
@@ -187,44 +196,52 @@ class ShardStream(IterableDataset):
                 ids[sel], mask[sel] = rows.ids, rows.mask
                 if dens is not None:
                     dens[sel] = rows.density
-        out = {"input_ids": ids, "loss_mask": mask}
+        batch = {"input_ids": ids, "loss_mask": mask}
         if dens is not None:
-            out["density"] = dens
-        return out
+            batch["density"] = dens
+        return batch
 
     def batch(self, g: np.ndarray) -> Batch:
         return to_torch(self.numpy_batch(g))
 
     def chunk_batches(self) -> int:
         """Batches computed together in one call to the packing layer (whose cost per call is fixed):
-        about CHUNK_TOKENS tokens, but a rank's chunk spans at most one shuffle window of global
-        samples, so it never holds more decoded shards than the window does."""
-        span = self.shuffle_buffer if self.shuffle else CHUNK_TOKENS // self.seq_len
-        by_tokens = CHUNK_TOKENS // (self.batch_size * self.seq_len)
-        by_window = span // (self.batch_size * self.dp_size)
-        return max(1, min(by_tokens, by_window))
+        about CHUNK_TOKENS tokens, at least one batch and at most CHUNK_MAX_BATCHES (small batches
+        amortise the call by then; more would only delay the first batch). A chunk may span several
+        shuffle windows: the decoded shards it needs are those of CHUNK_TOKENS tokens of the order."""
+        return max(1, min(CHUNK_MAX_BATCHES, CHUNK_TOKENS // (self.batch_size * self.seq_len)))
 
-    def numpy_chunk(self, batches: Sequence[int]) -> tuple[dict[str, np.ndarray], list[int]]:
+    def numpy_chunk(self, batches: Sequence[int], out: dict[str, np.ndarray] | None = None
+                    ) -> tuple[dict[str, np.ndarray], list[int]]:
         """Rows of several of this rank's batches at once, and each batch's row count (a finite
         stream's last batches are short or empty). Equal to numpy_batch of each batch, stacked."""
         j = np.asarray(batches, dtype=np.int64)[:, None] * self.batch_size + np.arange(self.batch_size)
         g = (self.start + j * self.dp_size + self.dp_rank).ravel()
         if self.infinite:
-            return self.numpy_batch(g), [self.batch_size] * len(batches)
+            return self.numpy_batch(g, out), [self.batch_size] * len(batches)
         keep = g < self.sources[0].samples_per_epoch  # a prefix: g grows along the chunk
-        return self.numpy_batch(g[keep]), np.count_nonzero(keep.reshape(j.shape), axis=1).tolist()
+        return self.numpy_batch(g[keep], out), np.count_nonzero(keep.reshape(j.shape), axis=1).tolist()
+
+    @property
+    def id_dtype(self) -> np.dtype:
+        return np.result_type(*(s.id_dtype for s in self.sources))
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
         per = self.chunk_batches()
-        if self.wire:
-            # a worker owns whole chunks (chunk c = batches [c*per, (c+1)*per), worker c % n) and sends
-            # each as one item; _loader splits them, in order, into batches
-            for c in itertools.count(w, n):
-                rows, sizes = self.numpy_chunk(range(c * per, (c + 1) * per))
+        if self.ring is not None:
+            # a worker owns whole chunks (chunk c = batches [c*per, (c+1)*per), worker c % n), writes
+            # each into its next shared-memory slot and sends the slot's number; _loader widens the
+            # slots, in order, into batches
+            for i, c in enumerate(itertools.count(w, n)):
+                slot = i % self.ring.slots
+                self.ring.free[w].acquire()  # the training process has widened this slot's last chunk
+                rows, sizes = self.numpy_chunk(range(c * per, (c + 1) * per), self.ring.numpy(w, slot))
                 if sizes[0]:
-                    yield _compact(rows), sizes
+                    yield w, slot, sizes, bool(rows["loss_mask"].all())
+                else:
+                    self.ring.free[w].release()
                 if not sizes[-1]:
                     return
         else:
@@ -232,7 +249,7 @@ class ShardStream(IterableDataset):
             # DataLoader): worker w owns batches b % n == w and computes `per` of them at a time
             for b in itertools.count(w, n * per):
                 rows, sizes = self.numpy_chunk(range(b, b + n * per, n))
-                yield from _split(rows, sizes)
+                yield from _split(widen(rows), sizes)
                 if not sizes[-1]:
                     return
 
@@ -250,53 +267,86 @@ class ShardStream(IterableDataset):
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> Batch:
-    """The trainer's dtypes: input_ids int64, loss_mask bool, density float32 (fresh arrays: no
-    view of a chunk leaks out). A loss_mask of None means all True (see _compact)."""
-    ids = batch["input_ids"]
-    mask = batch["loss_mask"]
+    """The trainer's dtypes: input_ids int64, loss_mask bool, density float32, in fresh tensors."""
+    return widen(batch)
+
+
+def widen(rows: dict[str, np.ndarray], all_true: bool = False) -> Batch:
+    """Compact rows to the trainer's dtypes, in fresh tensors (one conversion per chunk, not per
+    batch). `all_true`: the loss mask is known to be all True (every wrap row) and is not copied."""
+    ids = rows["input_ids"]
+    # numpy's astype, not torch's .to(): numpy reuses freed large blocks, while each torch CPU tensor
+    # of a few MB is freshly mapped and page-faulted (measured ~4x slower per chunk)
     out = {"input_ids": torch.from_numpy(ids.astype(np.int64)),
-           "loss_mask": torch.ones(ids.shape, dtype=torch.bool) if mask is None else torch.from_numpy(mask.copy())}
-    if "density" in batch:
-        out["density"] = torch.from_numpy(batch["density"].astype(np.float32))
+           "loss_mask": torch.ones(ids.shape, dtype=torch.bool) if all_true else torch.from_numpy(rows["loss_mask"].copy())}
+    if "density" in rows:
+        out["density"] = torch.from_numpy(rows["density"].astype(np.float32))
     return out
 
 
-def _compact(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-    """An all-True loss_mask (every wrap row) travels as None: a third fewer bytes through the pipe."""
-    if rows["loss_mask"].all():
-        rows = {**rows, "loss_mask": None}
-    return rows
+def _split(chunk: Batch, sizes: Sequence[int]) -> Iterator[Batch]:
+    """The non-empty batches of a widened chunk, in order: views of its rows (each chunk's tensors
+    are fresh, so a batch shares memory only with the other batches of its chunk, never with a
+    buffer that is written again)."""
+    sizes = [size for size in sizes if size]  # empty batches come last (a finite stream's end)
+    keys = list(chunk)
+    for parts in zip(*(chunk[k].split(sizes) for k in keys), strict=True):
+        yield dict(zip(keys, parts, strict=True))
 
 
-def _split(rows: dict[str, np.ndarray | None], sizes: Sequence[int]) -> Iterator[Batch]:
-    """The non-empty batches of a chunk, in order, as torch tensors."""
-    if rows["loss_mask"] is not None:
-        rows = _compact(rows)
-    a = 0
-    for size in sizes:
-        if not size:
-            return
-        yield to_torch({k: None if v is None else v[a:a + size] for k, v in rows.items()})
-        a += size
+class _SlotRing:
+    """Shared-memory chunk buffers between dataloader workers and the training process.
+
+    Worker w writes its i-th chunk's compact rows into slot i % slots of its own buffers and sends
+    only (w, slot, sizes, all_true); the training process widens the slot into fresh tensors and
+    frees it (a semaphore per worker counts free slots, so a slot is never overwritten before it
+    was read). Pickling each chunk through the worker's pipe cost ~2 ns/token, more than computing
+    it; the buffers are reused, so they are mapped and paged in once per loader, not per chunk.
+    Created by the training process before the workers start; they inherit it.
+    """
+
+    def __init__(self, workers: int, slots: int, rows: int, seq_len: int, id_dtype: np.dtype, density: bool):
+        shape = (workers, slots, rows, seq_len)
+        self.slots = slots
+        self.ids = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, id_dtype)).dtype).share_memory_()
+        self.mask = torch.empty(shape, dtype=torch.bool).share_memory_()
+        self.density = torch.empty(shape, dtype=torch.float16).share_memory_() if density else None
+        ctx = torch.multiprocessing.get_context()
+        self.free = [ctx.Semaphore(slots) for _ in range(workers)]
+
+    def numpy(self, w: int, slot: int) -> dict[str, np.ndarray]:
+        out = {"input_ids": self.ids[w, slot].numpy(), "loss_mask": self.mask[w, slot].numpy()}
+        if self.density is not None:
+            out["density"] = self.density[w, slot].numpy()
+        return out
+
+    def take(self, w: int, slot: int, n: int, all_true: bool) -> Batch:
+        """Slot (w, slot)'s first n rows, widened into fresh tensors; the slot is free again."""
+        rows = {k: v[:n] for k, v in self.numpy(w, slot).items()}
+        try:
+            return widen(rows, all_true)
+        finally:
+            self.free[w].release()
+
+
+def _loader(dataset: ShardStream, num_workers: int, prefetch_factor: int) -> Iterator[Batch]:
+    """Batches in the rank's order. Workers compute chunks (several batches each: torch's per-item
+    cost is ~0.1-0.3 ms) into shared-memory slots (_SlotRing) and send slot numbers; the training
+    process widens each chunk once and splits it into batches. `prefetch_factor` counts chunks."""
+    if num_workers == 0:
+        return iter(dataset)
+    wire = copy.copy(dataset)
+    wire.ring = _SlotRing(num_workers, prefetch_factor + 1, dataset.chunk_batches() * dataset.batch_size,
+                          dataset.seq_len, dataset.id_dtype, dataset.has_density)
+    loader = DataLoader(wire, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_factor,
+                        collate_fn=_as_is, persistent_workers=False)
+    ring = wire.ring
+    return (batch for w, slot, sizes, all_true in loader
+            for batch in _split(ring.take(w, slot, sum(sizes), all_true), sizes))
 
 
 def _as_is(batch):
     return batch
-
-
-def _loader(dataset: ShardStream, num_workers: int, prefetch_factor: int) -> Iterator[Batch]:
-    """Batches in the rank's order. Workers send chunks of compact numpy rows (several batches
-    per item: torch's per-item cost is ~0.1-0.3 ms), pickled through the pipe, and the training
-    process widens them per batch: measured ~5x cheaper per batch than torch's shared-memory
-    tensors for [64, 128] batches (one shared-memory segment and file descriptor per tensor).
-    `prefetch_factor` counts chunks."""
-    if num_workers == 0:
-        return iter(dataset)
-    wire = copy.copy(dataset)
-    wire.wire = True
-    loader = DataLoader(wire, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_factor,
-                        collate_fn=_as_is, persistent_workers=False)
-    return (batch for rows, sizes in loader for batch in _split(rows, sizes))
 
 
 class TrainLoader:

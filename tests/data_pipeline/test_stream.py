@@ -125,8 +125,10 @@ def test_train_loader_crosses_epochs_each_sample_once_per_epoch(split):
     assert _rows(_take(single, steps)) == merged  # dp=2 x 2 workers reads what one rank reads
 
 
-def test_shuffle_is_seeded_and_bounded_in_memory(split):
+def test_shuffle_is_seeded_and_bounded_in_memory(split, monkeypatch):
     path, _ = split
+    from data_pipeline import stream as stream_module
+    monkeypatch.setattr(stream_module, "CHUNK_TOKENS", 4 * L)  # a chunk of one batch (default: ~256K tokens)
     order = _rows(_stream(path))
     assert order == _rows(_stream(path))
     assert order != _rows(_stream(path, seed=4))
@@ -139,7 +141,7 @@ def test_shuffle_is_seeded_and_bounded_in_memory(split):
     for _ in range(3 * source.samples_per_epoch // 4):
         next(it)
         held.append(len(source._shards))
-    assert max(held) <= 4  # decoded shards: those overlapping the current window, not the split
+    assert max(held) <= 4  # decoded shards: those overlapping the current chunk and window, not the split
 
 
 def _assert_same(a, b):
