@@ -9,11 +9,17 @@ cannot beat per core (goal: 1 worker >= 0.7x of it); 2 workers show the parallel
 >= 1.7x of 1 worker on 2 cores); megatron-core's builder is what Megatron users run today (it stores
 raw, uncompressed token ids, so its bytes on disk are the comparison for our zstd shards).
 The corpus is repeated R times (symlinks with distinct names: distinct document ids) so the timed
-work dominates process start-up.
+work dominates process start-up. Shards are SHARD_MB (4 MB) instead of the default 64 MB: the ~40 MB
+corpus is then ~10 shards, as a real corpus is thousands. With 64 MB it would be one shard whose
+compression and hashing (a worker's task, overlapped with tokenizing when there are many shards)
+is a serial tail no large build has; it read as ~1.55x instead of ~1.7x for 2 workers.
 
 The machines this runs on are shared (2 cores, other jobs): every method runs N times, interleaved
 (floor, 1 worker, 2 workers, megatron, then again) so a load change hits all of them, and the table
-shows the medians with the load average seen during the runs. Beside wall time each build records
+shows the medians with the load average seen during the runs. Each measurement runs in a fresh
+Python process (its inputs are loaded before the clock starts): in one long-lived process, the
+megatron run (which imports torch) and the earlier builds left the later 1-worker builds ~15%
+slower, so the order of methods changed their numbers. Beside wall time each build records
 its CPU seconds (parent + worker processes): 2 x cpu(1 worker) / cpu(2 workers) is the speed-up two
 idle cores would give if nothing waited, a bound that other jobs on the machine do not move much.
 """
@@ -28,6 +34,7 @@ import platform
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +56,7 @@ from data_pipeline.tokenizer import make_tokenizer  # noqa: E402
 CORPORA = REPO / ".." / "shared" / "corpora"
 FILES = {"wiki": "wikitext-2/valid.txt", "shakespeare": "tinyshakespeare/input.txt", "ptb": "ptb/ptb.valid.txt"}
 RESULTS = REPO / "bench" / "results" / "bench_build.json"
+SHARD_MB = 4.0
 
 
 def make_corpus(root: Path, repeat: int) -> Path:
@@ -106,6 +114,27 @@ def megatron_build(texts: list[str], tokenizer, out: Path) -> dict:
     return {"tokens": n, "seconds": dt, "tok_per_s": n / dt, "bytes_on_disk": disk, "compression": raw / disk}
 
 
+def measure_in_child(method: str, root: Path, cfg: dict, workers: int = 1) -> dict:
+    """One measurement of `method` in a fresh interpreter (see the module doc); its JSON result."""
+    job = {"method": method, "root": str(root), "cfg": cfg, "workers": workers}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode:
+        raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child(job: dict) -> dict:
+    root, cfg = Path(job["root"]), job["cfg"]
+    tokenizer = make_tokenizer(DataConfig(tokenizer=cfg["tokenizer"], vocab_size=cfg["vocab_size"]))
+    if job["method"].startswith("build"):
+        return our_build(DataConfig(**cfg, shard_dir=str(root / f"w{job['workers']}")), job["workers"])
+    texts = [doc.text for _, doc in iter_all_documents(DataConfig(source=cfg["source"], val_fraction=cfg["val_fraction"]))]
+    if job["method"] == "floor":
+        return bare_encoding(texts, tokenizer)
+    return megatron_build(texts, tokenizer, root / "megatron")
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median tokens/s (its other numbers belong to that same run), plus every run's rate."""
     ordered = sorted(runs, key=lambda r: r["tok_per_s"])
@@ -125,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="timed runs of each method (default 5; --quick 1)")
     parser.add_argument("--vocab", type=int, default=8000, help="sentencepiece vocabulary (unigram)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, as JSON (measure_in_child)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
     if not (CORPORA / "SOURCES.md").is_file():
         print(f"shared corpora not found at {CORPORA.resolve()}; nothing to measure", file=sys.stderr)
         return 2
@@ -139,24 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_build-") as tmp:
         root = Path(tmp)
         corpus = make_corpus(root, repeat)
-        base = DataConfig(source=str(corpus), val_fraction=0.01, vocab_size=args.vocab)
         sample = (Document(str(i), t) for i, t in enumerate(
             line for rel in FILES.values() for line in (CORPORA / rel).read_text().splitlines() if line.strip()))
         tokenizer = make_tokenizer(DataConfig(tokenizer="sentencepiece", vocab_size=args.vocab), sample)
         tokenizer.save(root / "tok")
-        cfg = dict(source=str(corpus), val_fraction=0.01, vocab_size=tokenizer.vocab_size,
+        cfg = dict(source=str(corpus), val_fraction=0.01, vocab_size=tokenizer.vocab_size, shard_size_mb=SHARD_MB,
                    tokenizer=f"sentencepiece:{root / 'tok' / 'tokenizer.model'}")
-        texts = [doc.text for _, doc in iter_all_documents(base)]
         same = True
         for r in range(n_runs):
             loads.append(os.getloadavg()[0])
-            runs["floor"].append(bare_encoding(texts, tokenizer))
+            runs["floor"].append(measure_in_child("floor", root, cfg))
             for w in (1, 2):
-                runs[f"build_w{w}"].append(our_build(DataConfig(**cfg, shard_dir=str(root / f"w{w}")), w))
+                runs[f"build_w{w}"].append(measure_in_child("build", root, cfg, w))
             same = same and _same_files(root / "w1", root / "w2")
             for w in (1, 2):
                 shutil.rmtree(root / f"w{w}")
-            runs["megatron"].append(megatron_build(texts, tokenizer, root / "megatron"))
+            runs["megatron"].append(measure_in_child("megatron", root, cfg))
             loads.append(os.getloadavg()[0])
             print(f"run {r + 1}/{n_runs}: " + ", ".join(f"{k} {v[-1]['tok_per_s']:,.0f} tok/s" for k, v in runs.items())
                   + f"; load average {loads[-2]:.2f} -> {loads[-1]:.2f}", flush=True)
@@ -166,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     per_run = [b["tok_per_s"] / a["tok_per_s"] for a, b in zip(runs["build_w1"], runs["build_w2"], strict=True)]
     cpu_bound = 2 * results["build_w1"]["cpu_seconds_median"] / results["build_w2"]["cpu_seconds_median"]
     print(f"corpus: wikitext-2 valid + tinyshakespeare + ptb valid x{repeat}, {results['floor']['tokens']:,} tokens, "
-          f"sentencepiece unigram {tokenizer.vocab_size}; median of {n_runs} runs; load average (1 min) during "
+          f"sentencepiece unigram {tokenizer.vocab_size}, {SHARD_MB:g} MB shards; median of {n_runs} runs; load average (1 min) during "
           f"the runs {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} cpus")
     print(f"{'method':<34}{'tokens/s':>12}{'x floor':>9}{'seconds':>9}{'CPU s':>8}{'MB on disk':>12}"
           f"{'compression':>13}")

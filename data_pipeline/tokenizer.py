@@ -19,9 +19,12 @@ import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from data_pipeline.config import DataConfig
 from data_pipeline.document import Document
 from data_pipeline.fsutil import atomic_write_bytes
+from data_pipeline.shards import token_dtype
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,14 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(every text's ids back to back as the shard dtype, per-text lengths as int64): the build's form."""
+        ids = self.encode_batch(texts)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=token_dtype(self.vocab_size),
+                           count=int(lengths.sum()))
+        return flat, lengths
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError

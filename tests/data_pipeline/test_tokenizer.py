@@ -1,6 +1,7 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_pipeline.config import DataConfig
@@ -61,6 +62,13 @@ def test_sentencepiece_trains_round_trips_and_saves(tmp_path):
     model = tmp_path / "tok" / "tokenizer.model"
     from_path = make_tokenizer(DataConfig(tokenizer=f"sentencepiece:{model}", vocab_size=600))
     assert from_path.fingerprint == tok.fingerprint
+    # the build's flat form: every text's ids back to back in the shard dtype, and the lengths
+    texts = [*lines[:300], "", "Unseen  double  spaces, ünïcode ☃ and\ttabs"]
+    expected = tok.encode_batch(texts)
+    flat, lengths = tok.encode_flat(texts)
+    assert flat.dtype == np.uint16 and lengths.dtype == np.int64
+    assert lengths.tolist() == [len(ids) for ids in expected]
+    assert flat.tolist() == [i for ids in expected for i in ids]
 
 
 def test_tokenizer_errors_say_what_to_do(tmp_path):
