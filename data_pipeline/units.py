@@ -4,24 +4,27 @@ Why fixed document ranges: shard u holds source documents [u * D, (u + 1) * D) o
 with D (`docs_per_shard`) fixed in the build plan. A shard's bytes then depend only on those
 documents, the tokenizer and the settings, never on the worker count, chunking or timing, so
 - any number of workers gives byte-identical shards (the parent assembles each from its chunks in
-  document order; a worker compresses, checksums and writes it),
+  document order; its writer thread compresses, checksums and writes it),
 - each shard is an independent unit written atomically: a rerun after a kill keeps the finished
   ones (checking their header against the source) and builds the rest,
 - `--part i/K` builds the shards u with u % K == i; every part reads the whole source (reading is
   cheap next to tokenizing) and records what it built in `part-i-of-K.json` for the merge.
-The parent reads documents, cuts them into ~1 MB chunks that never cross a shard boundary, and
-keeps a bounded number of tasks in flight, consumed in submission order. Everything per token
-(tokenizing, compressing, hashing, writing) runs in the workers: work left in the parent is serial
+The parent reads documents, cuts them into ~2 MB chunks that never cross a shard boundary, and
+keeps a bounded number of tasks in flight, consumed in submission order. Tokenizing (and density
+annotation) runs in the worker processes; compressing, hashing and writing in one writer thread of
+the parent, beside its reading (see _shard_writer). Work left on the parent's main thread is serial
 and caps the speed-up of more workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,13 +206,14 @@ def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per
     desc = "tokens" if n_parts == 1 else f"part {part}/{n_parts} tokens"
     density_dtype = density["dtype"] if density is not None else None
     with make_executor(workers, tokenizer, shard_dir, density) as pool, \
+            _shard_writer(pool) as writer, \
             tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
         splits = {s: _SplitBuild(s, shard_dir / s, docs_per_unit[s], part, n_parts, tokenizer.vocab_size, stats, bar,
                                  density_dtype) for s in docs_per_unit}
 
         # `pending` holds (future, what to do with its result) in submission order: chunks to tokenize,
         # and shards to write. Consuming it in order keeps the shard assembly deterministic; the writes
-        # run in the workers, so the parent only reads the source and moves arrays.
+        # run beside the parent's reading (see _shard_writer).
         def drain(limit: int, to: int | None = None) -> None:
             if len(pending) <= limit:
                 return
@@ -218,7 +222,7 @@ def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per
                 then(None if fut is None else fut.result())
 
         def submit_write(sb: _SplitBuild, unit: int, fn, *args) -> None:
-            pending.append((pool.submit(fn, *args), lambda entry: sb.written(unit, entry)))
+            pending.append((writer.submit(fn, *args), lambda entry: sb.written(unit, entry)))
 
         def submit(sb: _SplitBuild, unit: int, texts: list[str], last: bool, source_docs: int = 0) -> None:
             fut = None
@@ -239,11 +243,20 @@ def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per
     return [sb.result for sb in splits.values()]
 
 
+def _shard_writer(pool):
+    """Where shards are assembled, compressed, hashed and written: with worker processes, one thread of
+    this process, which already holds the shard's token ids (numpy, zstd, hashlib and file writes
+    release the GIL, so it runs beside the reading); sending them to a worker cost a second trip
+    through a pipe. In process (1 worker): the executor itself."""
+    if isinstance(pool, InlineExecutor):
+        return contextlib.nullcontext(pool)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+
+
 def write_unit(path: Path, chunks: list[tuple], dtype: np.dtype, density_dtype: str | None,
                source_docs: int) -> dict:
     """Assemble, compress, checksum and atomically write one shard from its encoded chunks; returns its
-    index entry. A worker task: compression and hashing are the build's other per-token work, so they
-    run in parallel too instead of serialising in the parent."""
+    index entry (a task of _shard_writer)."""
     flats = [c[0] for c in chunks]
     flat = np.concatenate(flats) if flats else np.zeros(0, dtype)
     lengths = np.concatenate([c[1] for c in chunks]) if flats else np.zeros(0, np.int64)
