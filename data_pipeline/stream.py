@@ -22,17 +22,16 @@ whole epoch but materializes only its own rows; zstd decoding is cheap next to a
 
 Resume state (`TrainLoader.state_dict()`): plain ints/strings/lists, independent of world size:
 the dataset fingerprints, seed, packing, seq_len, window, wrap_doc_shuffle, mixture weights and
-`consumed`, the number
-of global samples the run has consumed (start + batches * batch_size * dp_size; every rank of a
-step has taken the same number of batches, so every rank reports the same state).
+`consumed`, the number of global samples the run has consumed (start + batches * batch_size *
+dp_size; every rank of a step has taken the same number of batches, so every rank reports the same
+state).
 Guarantees on `load_state_dict`:
 - same dp_size and batch size: the next batches equal those of an uninterrupted run, bit for bit,
   with any number of workers (the state counts batches the trainer took, not batches prefetched);
 - another dp_size (or batch size): global samples [0, consumed) count as seen and every later
   sample goes to exactly one new rank, so within each epoch no sample is seen twice or skipped;
 - another dataset (fingerprint), seed, packing, seq_len, window, wrap_doc_shuffle or mixture: an
-  error, since the
-  position would mean different samples.
+  error, since the position would mean different samples.
 An infinite stream runs on across epochs (a batch may straddle an epoch boundary), so ranks never
 get uneven batch counts; the validation stream is one finite, unshuffled pass whose ranks may
 differ by one batch.
@@ -202,7 +201,7 @@ class ShardStream(IterableDataset):
         return batch
 
     def batch(self, g: np.ndarray) -> Batch:
-        return to_torch(self.numpy_batch(g))
+        return widen(self.numpy_batch(g))
 
     def chunk_batches(self) -> int:
         """Batches computed together in one call to the packing layer (whose cost per call is fixed):
@@ -266,14 +265,10 @@ class ShardStream(IterableDataset):
                 "wrap_doc_shuffle": self.wrap_doc_shuffle if self.packing == "wrap" else None}
 
 
-def to_torch(batch: dict[str, np.ndarray]) -> Batch:
-    """The trainer's dtypes: input_ids int64, loss_mask bool, density float32, in fresh tensors."""
-    return widen(batch)
-
-
 def widen(rows: dict[str, np.ndarray], all_true: bool = False) -> Batch:
-    """Compact rows to the trainer's dtypes, in fresh tensors (one conversion per chunk, not per
-    batch). `all_true`: the loss mask is known to be all True (every wrap row) and is not copied."""
+    """Compact rows in the trainer's dtypes (input_ids int64, loss_mask bool, density float32), in
+    fresh tensors: one conversion per chunk, not per batch. `all_true`: the loss mask is known to be
+    all True (every wrap row) and is not copied."""
     ids = rows["input_ids"]
     # numpy's astype, not torch's .to(): numpy reuses freed large blocks, while each torch CPU tensor
     # of a few MB is freshly mapped and page-faulted (measured ~4x slower per chunk)
