@@ -118,7 +118,8 @@ def ours(cfg: DataConfig, info, workers: int, packing: str = "wrap", cache: bool
         if not cache:  # the same stream with no decoded shard kept across epochs
             ds = loader.dataset
             ds.sources = [SplitSamples(s.dir, s.seq_len, s.packing, s.pad_id, s.bos_id, s.eos_id, seed=s.seed,
-                                       shuffle=s.shuffle, window=s.window, cache_bytes=0) for s in ds.sources]
+                                       shuffle=s.shuffle, window=s.window, cache_bytes=0,
+                                       wrap_doc_shuffle=s.wrap_doc_shuffle) for s in ds.sources]
         return loader
     return run
 

@@ -199,9 +199,6 @@ class SplitSamples:
         key = (epoch, wi)
         if key not in self._perms:
             S, N = self.window, self.samples_per_epoch
-            # keep the windows a request may still reach back to (a chunk spans a few windows)
-            back = max(1, (1 << 20) // (S * self.seq_len))
-            self._perms = {k: v for k, v in self._perms.items() if k >= (epoch, wi - back)}
             self._perms[key] = np.random.default_rng([self.seed, epoch, 2, wi]).permutation(min(S, N - wi * S))
         return self._perms[key]
 
@@ -286,10 +283,13 @@ class SplitSamples:
         self._shards[key] = shard
         return shard
 
-    def _evict_before(self, epoch: int, unit: int) -> None:
-        """Drop epoch shards that end before `unit` of `epoch`: a consumer's requests only move forward."""
+    def _evict_before(self, epoch: int, window: int) -> None:
+        """Drop the window permutations and epoch shards before shuffle window `window` of `epoch`:
+        a consumer's requests only move forward."""
+        self._perms = {k: v for k, v in self._perms.items() if k >= (epoch, window)}
         if not self._shards:
             return
+        unit = window * self.window * (1 if self.packing == "pad" else self.seq_len)  # documents or stream tokens
         bounds = self._plan(epoch)[1]
         self._shards = {(e, p): s for (e, p), s in self._shards.items() if e > epoch or (e == epoch and bounds[p + 1] > unit)}
 
@@ -324,8 +324,8 @@ class SplitSamples:
             q = k[sel] - e * N
             if not len(q):
                 continue
-            first_window_start = int(q.min()) // self.window * self.window
-            self._evict_before(e, first_window_start * (1 if self.packing == "pad" else L))
+            first_window = int(q.min()) // self.window
+            self._evict_before(e, first_window)
             s = self._unshuffle(e, q)
             if self.packing == "pad":
                 self._pad_rows(e, s, sel, ids, mask, dens)
