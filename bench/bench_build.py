@@ -16,7 +16,8 @@ is a serial tail no large build has; it read as ~1.55x instead of ~1.7x for 2 wo
 
 The machines this runs on are shared (2 cores, other jobs): every method runs N times, interleaved
 (floor, 1 worker, 2 workers, megatron, then again) so a load change hits all of them, and the table
-shows the medians with the load average seen during the runs. Each measurement runs in a fresh
+shows the medians and the share of CPU time other processes used during the runs (from /proc/stat;
+the load average would count this benchmark's own processes). Each measurement runs in a fresh
 Python process (its inputs are loaded before the clock starts): in one long-lived process, the
 megatron run (which imports torch) and the earlier builds left the later 1-worker builds ~15%
 slower, so the order of methods changed their numbers. Beside wall time each build records
@@ -114,14 +115,32 @@ def megatron_build(texts: list[str], tokenizer, out: Path) -> dict:
     return {"tokens": n, "seconds": dt, "tok_per_s": n / dt, "bytes_on_disk": disk, "compression": raw / disk}
 
 
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds every process of the machine has used since boot, plus the time the hypervisor gave
+    this VM's CPUs to others (steal); from /proc/stat, None where it does not exist."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_in_child(method: str, root: Path, cfg: dict, workers: int = 1) -> dict:
-    """One measurement of `method` in a fresh interpreter (see the module doc); its JSON result."""
+    """One measurement of `method` in a fresh interpreter (see the module doc); its JSON result, with
+    `others_cpu_seconds`: what the rest of the machine used meanwhile (the noise this run saw)."""
     job = {"method": method, "root": str(root), "cfg": cfg, "workers": workers}
+    busy0, cpu0, t0 = _machine_busy_seconds(), _cpu_seconds(), time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    busy1, cpu1, wall = _machine_busy_seconds(), _cpu_seconds(), time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if busy0 is not None:
+        result["others_cpu_seconds"] = max(0.0, (busy1 - busy0) - (cpu1 - cpu0))
+        result["machine_seconds"] = wall * (os.cpu_count() or 1)  # CPU seconds the machine had meanwhile
+    return result
 
 
 def child(job: dict) -> dict:
@@ -168,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     names = {"floor": "bare sentencepiece encode (1 proc)", "build_w1": "data_pipeline.build --workers 1",
              "build_w2": "data_pipeline.build --workers 2", "megatron": "megatron IndexedDatasetBuilder"}
     runs: dict[str, list[dict]] = {k: [] for k in names}
-    loads: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench_build-") as tmp:
         root = Path(tmp)
         corpus = make_corpus(root, repeat)
@@ -180,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
                    tokenizer=f"sentencepiece:{root / 'tok' / 'tokenizer.model'}")
         same = True
         for r in range(n_runs):
-            loads.append(os.getloadavg()[0])
             runs["floor"].append(measure_in_child("floor", root, cfg))
             for w in (1, 2):
                 runs[f"build_w{w}"].append(measure_in_child("build", root, cfg, w))
@@ -188,17 +205,16 @@ def main(argv: list[str] | None = None) -> int:
             for w in (1, 2):
                 shutil.rmtree(root / f"w{w}")
             runs["megatron"].append(measure_in_child("megatron", root, cfg))
-            loads.append(os.getloadavg()[0])
+            this_run = [v[-1] for v in runs.values()]
             print(f"run {r + 1}/{n_runs}: " + ", ".join(f"{k} {v[-1]['tok_per_s']:,.0f} tok/s" for k, v in runs.items())
-                  + f"; load average {loads[-2]:.2f} -> {loads[-1]:.2f}", flush=True)
+                  + f"; others used {100 * _others_share(this_run):.1f}% of the CPU", flush=True)
     results = {k: median_run(v) for k, v in runs.items()}
     f = results["floor"]["tok_per_s_median"]
     w1, w2 = results["build_w1"]["tok_per_s_median"], results["build_w2"]["tok_per_s_median"]
     per_run = [b["tok_per_s"] / a["tok_per_s"] for a, b in zip(runs["build_w1"], runs["build_w2"], strict=True)]
     cpu_bound = 2 * results["build_w1"]["cpu_seconds_median"] / results["build_w2"]["cpu_seconds_median"]
     print(f"corpus: wikitext-2 valid + tinyshakespeare + ptb valid x{repeat}, {results['floor']['tokens']:,} tokens, "
-          f"sentencepiece unigram {tokenizer.vocab_size}, {SHARD_MB:g} MB shards; median of {n_runs} runs; load average (1 min) during "
-          f"the runs {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} cpus")
+          f"sentencepiece unigram {tokenizer.vocab_size}, {SHARD_MB:g} MB shards; median of {n_runs} runs on {os.cpu_count()} cpus")
     print(f"{'method':<34}{'tokens/s':>12}{'x floor':>9}{'seconds':>9}{'CPU s':>8}{'MB on disk':>12}"
           f"{'compression':>13}")
     for key, name in names.items():
@@ -214,15 +230,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"goals: 1 worker / floor = {w1 / f:.2f} (goal >= 0.7); 2 workers / 1 worker = {w2 / w1:.2f} (goal >= 1.7; "
           f"per run {', '.join(f'{x:.2f}' for x in per_run)}); CPU-time bound on 2 idle cores "
           f"{cpu_bound:.2f}; shards identical for 1 and 2 workers: {same}")
-    if max(loads) > 0.5:
-        print(f"note: the load average reached {max(loads):.2f} besides this benchmark on {os.cpu_count()} cpus: "
-              "other processes took CPU time, so the 2-worker speed-up reads low; trust the CPU-time bound more")
+    others = _others_share([r for v in runs.values() for r in v])
+    print(f"other processes used {100 * others:.1f}% of the machine's CPU time during the measurements")
+    if others > 0.05:
+        print("note: other processes took CPU time beside this benchmark, so the 2-worker speed-up reads low; "
+              "trust the CPU-time bound more")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"repeat": repeat, "runs": n_runs, "vocab": tokenizer.vocab_size,
-                                    "load_average_1min": loads, "results": results, "goals": goals,
+                                    "others_cpu_share": others, "results": results, "goals": goals,
                                     "machine": platform.platform(), "cpus": os.cpu_count()}, indent=2))
     print(f"wrote {args.out}")
     return 0
+
+
+def _others_share(measured: list[dict]) -> float:
+    """The share of the machine's CPU time that other processes used during these measurements."""
+    measured = [r for r in measured if "others_cpu_seconds" in r]
+    return sum(r["others_cpu_seconds"] for r in measured) / max(1e-9, sum(r["machine_seconds"] for r in measured))
 
 
 def _same_files(a: Path, b: Path) -> bool:

@@ -110,6 +110,10 @@ class DataConfig:
     shard_dir: str = ""  # "" = data/shards/<derived from source and tokenizer>
     shard_size_mb: float = 64.0  # uncompressed bytes per shard (aimed at: a shard is a fixed document range)
     build_workers: int = 0  # tokenizing processes of the shard build; 0 = all cores (CLI: --workers)
+    # Bind each build worker to its own CPU (when there are no more workers than CPUs this process may
+    # use): unpinned, Linux was seen running two workers on one core while the other idled. Turn off
+    # when several builds share a node without per-job cpusets (they would all pin to the same CPUs).
+    build_pin_workers: bool = True
     seq_len: int = 168
     packing: str = "pad"  # pad: one document per sequence (MDLM LM1B) | wrap: concatenate and cut (BD3-LM)
     num_workers: int = 0  # dataloader worker processes per rank

@@ -205,7 +205,7 @@ def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per
         max_inflight, drain_to = INLINE_BATCH, 0
     desc = "tokens" if n_parts == 1 else f"part {part}/{n_parts} tokens"
     density_dtype = density["dtype"] if density is not None else None
-    with make_executor(workers, tokenizer, shard_dir, density) as pool, \
+    with make_executor(workers, tokenizer, shard_dir, density, pin=cfg.build_pin_workers) as pool, \
             _shard_writer(pool) as writer, \
             tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
         splits = {s: _SplitBuild(s, shard_dir / s, docs_per_unit[s], part, n_parts, tokenizer.vocab_size, stats, bar,

@@ -45,7 +45,7 @@ def collect_stats(cfg, tokenizer, shard_dir: Path, workers: int = 1) -> Path:
         n_docs += n
 
     buf: list[str] = []
-    with make_executor(workers, tokenizer, shard_dir) as pool:
+    with make_executor(workers, tokenizer, shard_dir, pin=cfg.build_pin_workers) as pool:
         def flush() -> None:
             pending.append(pool.submit(count_chunk, list(buf), cfg.max_doc_tokens, cfg.long_docs))
             buf.clear()

@@ -159,3 +159,35 @@ def test_pool_builds_write_shards_on_a_writer_thread_beside_the_reading(corpus_d
     assert len(log) == sum(len(r.written) for r in report.parts) > 3
     assert {pid for pid, _ in log} == {os.getpid()}
     assert all(name.startswith("shard-writer") for _, name in log), log
+
+
+def _worker_cpus(_) -> tuple[int, tuple[int, ...]]:
+    time.sleep(0.05)  # hold the worker, so the next task goes to the other one
+    return os.getpid(), tuple(sorted(os.sched_getaffinity(0)))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_pool_workers_are_pinned_to_distinct_cpus_when_asked(sp_model, tmp_path):
+    # unpinned, Linux was seen leaving two busy workers on one core of two (bench_build): with
+    # data.build_pin_workers each worker gets its own CPU of the ones this process may use
+    from data_pipeline.encode import default_workers, make_executor, pins_workers
+    allowed = tuple(sorted(os.sched_getaffinity(0)))
+    n_cpus = default_workers()
+    assert not pins_workers(n_cpus + 1, True)  # more workers than CPUs: two would share one
+    assert not pins_workers(2, False) and not pins_workers(1, True)
+    if n_cpus < 2:
+        pytest.skip("one CPU: nothing to pin to")
+    from data_pipeline.config import DataConfig
+    from data_pipeline.tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer(DataConfig(tokenizer=f"sentencepiece:{sp_model}", vocab_size=1000))
+    tokenizer.save(tmp_path / "tok")
+    for pin in (True, False):
+        with make_executor(2, tokenizer, tmp_path / "tok", pin=pin) as pool:
+            seen = dict(pool.map(_worker_cpus, range(8)))
+        assert len(seen) == 2  # both workers ran tasks
+        if pin:
+            assert sorted(seen.values()) == [(allowed[0],), (allowed[1],)]  # one CPU each, distinct
+        else:
+            assert all(cpus == allowed for cpus in seen.values())
+    assert tuple(sorted(os.sched_getaffinity(0))) == allowed  # the parent itself is never pinned
