@@ -187,6 +187,12 @@ def test_annotated_shards_build_via_config(tmp_path, annotator):
                          batch_size=4)
     batch = next(iter(stream))
     assert batch["density"].shape == batch["input_ids"].shape
+    # inspect's summary shows the density histogram, its counts covering every stored token
+    from data_pipeline.inspect import describe_split
+
+    text = describe_split(info.train_dir, top_k=3, progress=False)
+    hist = [int(c.replace(",", "")) for c in text.split("density histogram (10 bins over [0, 1]): ")[1].split()]
+    assert len(hist) == 10 and sum(hist) == idx["total_tokens"]
     # the annotator is part of the content: another one builds elsewhere; none keeps the old name
     assert default_shard_dir(cfg) != default_shard_dir(DataConfig(source="task:sudoku", task=cfg.task))
     from data_pipeline.build import build_fields
