@@ -12,10 +12,12 @@ import pytest
 
 from data_pipeline.build import build, ensure_shards, main
 from data_pipeline.config import DataConfig
+from data_pipeline.encode import default_workers, make_executor, pins_workers
 from data_pipeline.inspect import main as inspect_main
 from data_pipeline.merge import IncompleteBuildError
 from data_pipeline.shards import CorruptShardError, ShardReader
 from data_pipeline.sources import iter_documents
+from data_pipeline.tokenizer import make_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -170,16 +172,12 @@ def _worker_cpus(_) -> tuple[int, tuple[int, ...]]:
 def test_pool_workers_are_pinned_to_distinct_cpus_when_asked(sp_model, tmp_path):
     # unpinned, Linux was seen leaving two busy workers on one core of two (bench_build): with
     # data.build_pin_workers each worker gets its own CPU of the ones this process may use
-    from data_pipeline.encode import default_workers, make_executor, pins_workers
     allowed = tuple(sorted(os.sched_getaffinity(0)))
     n_cpus = default_workers()
     assert not pins_workers(n_cpus + 1, True)  # more workers than CPUs: two would share one
     assert not pins_workers(2, False) and not pins_workers(1, True)
     if n_cpus < 2:
         pytest.skip("one CPU: nothing to pin to")
-    from data_pipeline.config import DataConfig
-    from data_pipeline.tokenizer import make_tokenizer
-
     tokenizer = make_tokenizer(DataConfig(tokenizer=f"sentencepiece:{sp_model}", vocab_size=1000))
     tokenizer.save(tmp_path / "tok")
     for pin in (True, False):
