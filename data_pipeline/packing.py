@@ -71,6 +71,14 @@ class Rows:
     mask: np.ndarray
     density: np.ndarray | None
 
+    @staticmethod
+    def allocate(n: int, seq_len: int, id_dtype: np.dtype, has_density: bool, out: Rows | None = None) -> Rows:
+        """Room for n rows: fresh arrays, or the first n rows of `out` (a caller's buffer)."""
+        if out is None:
+            return Rows(np.empty((n, seq_len), dtype=id_dtype), np.empty((n, seq_len), dtype=bool),
+                        np.empty((n, seq_len), dtype=np.float16) if has_density else None)
+        return Rows(out.ids[:n], out.mask[:n], out.density[:n] if has_density else None)
+
 
 @dataclass
 class _Columns:
@@ -305,13 +313,8 @@ class SplitSamples:
         """
         k = np.asarray(k, dtype=np.int64)
         n, L = len(k), self.seq_len
-        if out is None:
-            ids = np.empty((n, L), dtype=self.id_dtype)
-            mask = np.empty((n, L), dtype=bool)
-            dens = np.empty((n, L), dtype=np.float16) if self.has_density else None
-        else:
-            ids, mask = out.ids[:n], out.mask[:n]
-            dens = out.density[:n] if self.has_density else None
+        room = Rows.allocate(n, L, self.id_dtype, self.has_density, out)
+        ids, mask, dens = room.ids, room.mask, room.density
         if not n:
             return Rows(ids, mask, dens)
         N = self.samples_per_epoch

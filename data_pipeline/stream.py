@@ -173,31 +173,21 @@ class ShardStream(IterableDataset):
         """Compact rows of global samples g (ids uint16/int32, density float16): what workers send.
         `out`: arrays with at least len(g) rows to write into (a worker's shared-memory slot)."""
         src, k = self.mixture.assign(g)
-        n, L = len(g), self.seq_len
+        into = None if out is None else Rows(out["input_ids"], out["loss_mask"], out.get("density"))
         if len(self.sources) == 1:
-            into = None if out is None else Rows(out["input_ids"], out["loss_mask"], out.get("density"))
             rows = self.sources[0].rows(k, into)
-            batch = {"input_ids": rows.ids, "loss_mask": rows.mask}
-            if self.has_density:
-                batch["density"] = rows.density
-            return batch
-        if out is None:
-            ids = np.empty((n, L), dtype=self.id_dtype)
-            mask = np.empty((n, L), dtype=bool)
-            dens = np.empty((n, L), dtype=np.float16) if self.has_density else None
         else:
-            ids, mask = out["input_ids"][:n], out["loss_mask"][:n]
-            dens = out["density"][:n] if self.has_density else None
-        for i, source in enumerate(self.sources):
-            sel = np.flatnonzero(src == i)
-            if len(sel):
-                rows = source.rows(k[sel])
-                ids[sel], mask[sel] = rows.ids, rows.mask
-                if dens is not None:
-                    dens[sel] = rows.density
-        batch = {"input_ids": ids, "loss_mask": mask}
-        if dens is not None:
-            batch["density"] = dens
+            rows = Rows.allocate(len(g), self.seq_len, self.id_dtype, self.has_density, into)
+            for i, source in enumerate(self.sources):
+                sel = np.flatnonzero(src == i)
+                if len(sel):
+                    part = source.rows(k[sel])
+                    rows.ids[sel], rows.mask[sel] = part.ids, part.mask
+                    if rows.density is not None:
+                        rows.density[sel] = part.density
+        batch = {"input_ids": rows.ids, "loss_mask": rows.mask}
+        if self.has_density:
+            batch["density"] = rows.density
         return batch
 
     def batch(self, g: np.ndarray) -> Batch:

@@ -255,6 +255,9 @@ def test_mixture_weights_partition_and_tokenizer_check(tmp_path):
     assert sorted({r[1] for r in rows} - set(range(1000, 1040))) == list(range(10, 10 + len(main)))
     state = loader.state_dict()
     assert [p["epoch"] for p in state["position"]] == [768 // 80, 256 // 40]
+    # a worker writes mixed rows into its shared-memory slot: the same batches as in process
+    cfg_w = DataConfig(**{**cfg.__dict__, "num_workers": 1})
+    _assert_same(_take(make_train_loader(cfg_w, _info(tmp_path / "a" / "train"), batch_size=MIX_BLOCK // 4), 4), batches)
     _write(tmp_path / "c" / "train", 5, fingerprint="other")
     bad = DataConfig(seq_len=L, mixture=[MixtureSource(shard_dir=str(tmp_path / "c"))])
     with pytest.raises(ShardFormatError, match="tokenizer"):
