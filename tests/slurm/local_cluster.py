@@ -71,6 +71,18 @@ class Cluster:
         return {"SLURM_CONF": str(self.conf)}
 
     def stop(self) -> None:
+        """Cancel what is still queued or running, then stop the daemons and remove the cluster's files."""
+        if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
+            # a test that failed mid-job leaves it running: cancel it while the controller is up, so its
+            # tasks (and slurmstepd) end instead of outliving the cluster
+            env = {**os.environ, **self.env}
+            subprocess.run(["scancel", "--quiet", "--user=root"], env=env, capture_output=True, timeout=20)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                r = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=10)
+                if r.returncode != 0 or not r.stdout.strip():
+                    break
+                time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             p = self.procs.pop(name, None)
             if p is None:
@@ -82,8 +94,12 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        # slurmd leaves a slurmstepd per running step; they exit with their jobs, or here
         shutil.rmtree(self.base, ignore_errors=True)
+
+    def stderr_of(self, name: str) -> str:
+        """What daemon `name` wrote to stderr (a file: a pipe nobody reads blocks the daemon once full)."""
+        path = self.base / "log" / f"{name}.stderr"
+        return path.read_text(errors="replace")[-800:] if path.is_file() else ""
 
     def log(self, name: str) -> str:
         path = self.base / "log" / f"{name}.log"
@@ -153,13 +169,13 @@ def start(timeout_s: float = 60.0) -> Cluster:
             ["runuser", "-u", "munge", "--", munged, "--foreground", f"--socket={munge_socket}",
              f"--pid-file={munge_dir}/munged.pid", f"--log-file={munge_dir}/munged.log",
              f"--seed-file={munge_dir}/munged.seed", "--force"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdout=subprocess.DEVNULL, stderr=_stderr_file(base, "munged"))
         _wait(lambda: munge_socket.exists(), 15, "munged", cluster, lambda: (munge_dir / "munged.log").read_text()
               if (munge_dir / "munged.log").exists() else "")
         for daemon in ("slurmctld", "slurmd"):
             exe = shutil.which(daemon) or f"/usr/sbin/{daemon}"
             cluster.procs[daemon] = subprocess.Popen([exe, "-D", "-f", str(conf)], env=env,
-                                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                                     stdout=subprocess.DEVNULL, stderr=_stderr_file(base, daemon))
 
         def idle() -> bool:
             r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True,
@@ -170,7 +186,31 @@ def start(timeout_s: float = 60.0) -> Cluster:
     except BaseException:
         cluster.stop()
         raise
+    _stop_on_termination(cluster)
     return cluster
+
+
+def _stderr_file(base: Path, name: str):
+    return open(base / "log" / f"{name}.stderr", "wb")  # noqa: SIM115 (the daemon holds it; closed at exit)
+
+
+def _stop_on_termination(cluster: Cluster) -> None:
+    """SIGTERM/SIGHUP to this process (a CI timeout, a closed terminal) would skip the fixture's teardown and
+    leave munged, slurmctld and slurmd running: stop the cluster first, then die of the signal as before."""
+
+    def handler(signum, frame):
+        cluster.stop()
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, handler)
 
 
 def _wait(ok, timeout_s: float, what: str, cluster: Cluster, logs) -> None:
@@ -180,7 +220,7 @@ def _wait(ok, timeout_s: float, what: str, cluster: Cluster, logs) -> None:
             return
         for name, p in cluster.procs.items():
             if p.poll() is not None:
-                err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+                err = cluster.stderr_of(name)
                 raise ClusterUnavailable(f"{name} exited with code {p.returncode}: {err.strip()[-800:]}\n{logs()}")
         time.sleep(0.3)
     raise ClusterUnavailable(f"{what} did not come up within {timeout_s:.0f} s\n{logs()}")

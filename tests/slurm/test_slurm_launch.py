@@ -4,6 +4,8 @@ failures reported in Slurm's words; plus the backend choice and --dry-run, which
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +75,20 @@ def mlflow_run(cwd: Path, run_dir: Path):
     return client, client.get_run(run_id)
 
 
+def job_pids(job_id: str) -> list[int]:
+    """The PIDs Slurm tracks for a job on this node (its tasks and their children), without slurmstepd."""
+    out = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True, check=True).stdout
+    pids = [int(line.split()[0]) for line in out.splitlines()[1:] if line.split() and line.split()[0].isdigit()]
+    alive = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "slurmstepd":
+                alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
 def sbatch_lines(text: str) -> list[str]:
     return sorted(line for line in text.splitlines() if line.startswith("#SBATCH"))
 
@@ -119,9 +135,23 @@ def test_preemption_checkpoints_requeues_and_continues_exactly(slurm_cluster, sh
     while max(read_metrics(run_dir), default=0) < 5:  # mid-training
         assert time.monotonic() < deadline, job_info(job_id)
         time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    preempted_at = max(read_metrics(run_dir))
-    assert preempted_at < STEPS - 5
+    # The test, not a race, decides where the signal lands: every process of the job on this node
+    # (`scontrol listpids`, Slurm's own list, minus its slurmstepd) is stopped with SIGSTOP, USR2 is sent while
+    # they are stopped, and SIGCONT lets it arrive. So the run cannot finish before the signal, and at
+    # most the step in flight completes first. (`scontrol suspend` would do the stopping, but Slurm
+    # refuses to signal a suspended job.)
+    pids = job_pids(job_id)
+    assert pids, job_info(job_id)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.2)
+        signalled_at = max(read_metrics(run_dir))
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert signalled_at < STEPS - 5
 
     deadline = time.monotonic() + 240
     while (state := job_info(job_id).get("JobState")) != "COMPLETED":
@@ -130,7 +160,12 @@ def test_preemption_checkpoints_requeues_and_continues_exactly(slurm_cluster, sh
         time.sleep(1)
     assert job_info(job_id)["Restarts"] == "1"
     log = (run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
-    assert "checkpoint at step" in log and "requeueing" in log and "resumed from" in log, log[-3000:]
+    # the checkpoint is taken at the step boundary the signal reached (the step in flight may finish first),
+    # and the requeued job resumes exactly there
+    saved = [int(m) for m in re.findall(r"checkpoint at step (\d+) written by all ranks", log)]
+    assert len(saved) == 1 and saved[0] in (signalled_at, signalled_at + 1), (saved, signalled_at, log[-3000:])
+    resumed = [int(m) for m in re.findall(r"resumed from \S+ at step (\d+)", log)]
+    assert resumed == saved, (resumed, saved, log[-3000:])
     assert_same_trajectory(run_dir, reference)  # the requeued job's lines win for steps logged twice
     client, run = mlflow_run(tmp_path, run_dir)  # one MLflow run across the requeue
     assert run.info.status == "FINISHED"
