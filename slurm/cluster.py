@@ -38,18 +38,30 @@ def slurm_answers(timeout_s: float = 10.0) -> tuple[bool, str]:
     return True, ""
 
 
+def array_task_ids(spec: str) -> list[int]:
+    """The task ids of an `ArrayTaskId` field: "4", or a pending array's "0-1%2", "3,5-6" (the "%N"
+    after a range is the array's parallelism limit, not a task)."""
+    ids: list[int] = []
+    for part in spec.split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            ids.extend(range(int(lo), int(hi or lo) + 1))
+    return ids
+
+
 def parse_scontrol(text: str) -> dict[str, dict[str, str]]:
-    """`scontrol show job -o` output -> submitit job id ("123" or "123_4" for array tasks) -> fields."""
+    """`scontrol show job -o` output -> submitit job id ("123" or "123_4" for array tasks) -> fields.
+
+    Slurm shows an array's tasks that have not started as one record with a range of task ids: each of
+    them gets that record (so a pending task reads PENDING, not unknown)."""
     out: dict[str, dict[str, str]] = {}
     for line in text.splitlines():
         fields = dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line))
         if "JobId" not in fields:
             continue
-        if fields.get("ArrayJobId") and fields.get("ArrayTaskId", "").isdigit():
-            key = f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
-        else:
-            key = fields["JobId"]
-        out[key] = fields
+        if fields.get("ArrayJobId"):
+            for task in array_task_ids(fields.get("ArrayTaskId", "")):
+                out[f"{fields['ArrayJobId']}_{task}"] = fields
         out.setdefault(fields["JobId"], fields)
     return out
 

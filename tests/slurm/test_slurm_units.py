@@ -32,6 +32,19 @@ def test_scontrol_lines_become_submitit_job_ids():
     assert info["9"]["Reason"] == "Dependency"
 
 
+def test_a_pending_array_record_names_each_of_its_tasks():
+    # a pending array is one record whose ArrayTaskId is a range ("0-1%2": tasks 0 and 1, at most 2 at once);
+    # its tasks must read PENDING, not UNKNOWN (which `--wait` took for a terminal state: a false failure)
+    text = ("JobId=12 ArrayJobId=12 ArrayTaskId=0-1%2 JobName=build JobState=PENDING Reason=None\n"
+            "JobId=20 ArrayJobId=20 ArrayTaskId=3,5-6 JobName=build JobState=PENDING Reason=Priority\n"
+            "JobId=21 ArrayJobId=20 ArrayTaskId=4 JobName=build JobState=RUNNING Reason=None\n")
+    info = parse_scontrol(text)
+    assert info["12_0"]["JobState"] == info["12_1"]["JobState"] == "PENDING"
+    assert "12_2" not in info
+    assert {k for k in info if k.startswith("20_")} == {"20_3", "20_4", "20_5", "20_6"}
+    assert info["20_4"]["JobState"] == "RUNNING" and info["20_5"]["Reason"] == "Priority"
+
+
 def test_executor_parameters_map_to_sbatch_names():
     cfg = load_config(None, ["launch.slurm.partition=gpu", "launch.slurm.mem_gb=64", "launch.slurm.exclusive=true"])
     p = executor_parameters(cfg.launch.slurm, nodes=2, tasks_per_node=4, gpus_per_node=4, name="x", setup=["a"])
