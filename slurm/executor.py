@@ -121,8 +121,25 @@ def make_executor(folder: Path, params: dict[str, Any], max_requeues: int = 3):
 def slurm_message(e: BaseException) -> str:
     """sbatch's own words from a submitit submission error (no traceback)."""
     text = str(e).strip()
-    lines = [ln for ln in text.splitlines() if "sbatch:" in ln or "error" in ln.lower()]
-    return "\n".join(lines or text.splitlines()[-3:]) or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if "sbatch:" in ln or "error" in ln.lower()]
+    # submitit repeats sbatch's stderr in its message: each line once, in order
+    return "\n".join(dict.fromkeys(lines or text.splitlines()[-3:])) or type(e).__name__
+
+
+# sbatch's words for a request no node of the partition can hold, and the settings that make the request
+RESOURCE_REFUSALS = ("Requested node configuration is not available", "CPU count per node can not be satisfied",
+                     "More processors requested than permitted", "Memory specification can not be satisfied",
+                     "Node count specification invalid")
+
+
+def resource_hint(message: str, slurm, tasks_per_node: int) -> str:
+    """For a refusal about resources: which settings the request came from, and how to see what nodes have."""
+    if not any(r in message for r in RESOURCE_REFUSALS):
+        return ""
+    return (f"\nthe job asks each node for {tasks_per_node} task(s) x launch.slurm.cpus_per_task={slurm.cpus_per_task}"
+            f" CPUs" + (f", launch.slurm.mem_gb={slurm.mem_gb} GB" if getattr(slurm, "mem_gb", 0) else "")
+            + ": lower them (e.g. --set launch.slurm.cpus_per_task=1); `sinfo -N -o '%N %c %m %G'` shows each node's"
+            " CPUs, memory (MB) and GPUs")
 
 
 def submit(executor, fn, *args):

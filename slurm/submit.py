@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from slurm.cluster import TERMINAL, SlurmError, explain_failure, job_state, refu
 from slurm.executor import (
     executor_parameters,
     make_executor,
+    resource_hint,
     sbatch_header,
     snapshot_code,
     snapshot_dir,
@@ -65,8 +68,32 @@ def folder_for(cfg, run_dir: Path) -> Path:
 
 def training_parameters(cfg, run_dir: Path, run_name: str, code_dir: Path | None) -> dict[str, Any]:
     lc = cfg.launch
+    # a task that exits non-zero ends the whole step at once: without it the other ranks wait for the dead one
+    # (for shards, then in the rendezvous) until parallel.timeout_s and the job sits RUNNING
     return executor_parameters(lc.slurm, nodes=lc.nodes, tasks_per_node=lc.nproc, gpus_per_node=gpus_per_node(cfg),
-                               name=run_name, setup=snapshot_setup(code_dir))
+                               name=run_name, setup=snapshot_setup(code_dir), slurm_srun_args=["--kill-on-bad-exit=1"])
+
+
+def preflight(cfg) -> None:
+    """What the local launcher finds out before any rank starts, checked before submitting: the shards are
+    built, or their source exists (a local path) and the build settings are valid. A SlurmError says what
+    is wrong and that nothing was submitted."""
+    from data_pipeline.build import check_config, is_complete, resolve_shard_dir
+    from data_pipeline.config_file import ConfigError
+    from data_pipeline.sources import DataSourceError, local_files
+
+    d = cfg.data
+    if is_complete(resolve_shard_dir(d)):
+        return
+    try:
+        check_config(d)
+        if not d.source.startswith(("task:", "hf:")):
+            local_files(d.source)
+        tok = d.tokenizer.partition(":")[2] if d.tokenizer.startswith("sentencepiece:") else ""
+        if tok and not Path(tok).expanduser().exists():
+            raise DataSourceError(f"data.tokenizer={d.tokenizer!r}: no such sentencepiece model file")
+    except (ConfigError, DataSourceError) as e:
+        raise SlurmError(f"not submitted: {e}") from None
 
 
 def dry_run_text(cfg, run_dir: Path, run_name: str) -> str:
@@ -88,7 +115,9 @@ def submit_training(cfg, run_dir: Path, run_name: str, wait: bool = False, log_l
     from pretrain.config import save_config
     from slurm.job import TrainJob
 
+    preflight(cfg)
     run_dir = Path(run_dir).resolve()
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")  # the resolved config, as submitted (the job carries it too)
     if cfg.tracking.enabled:
@@ -99,8 +128,12 @@ def submit_training(cfg, run_dir: Path, run_name: str, wait: bool = False, log_l
     folder = folder_for(cfg, run_dir)
     params = training_parameters(cfg, run_dir, run_name, code_dir)
     executor = make_executor(folder, params, max_requeues=cfg.launch.slurm.max_requeues)
-    job = submit(executor, TrainJob(cfg, str(run_dir), run_name, cfg.launch.slurm.max_requeues, log_level))
-    refuse_if_hopeless(job.job_id, job.paths.submission_file)
+    try:
+        job = submit(executor, TrainJob(cfg, str(run_dir), run_name, cfg.launch.slurm.max_requeues, log_level))
+        refuse_if_hopeless(job.job_id, job.paths.submission_file)
+    except SlurmError as e:
+        raise SlurmError(_forget_refused(str(e), run_dir if created else None, code_dir)
+                         + resource_hint(str(e), cfg.launch.slurm, cfg.launch.nproc)) from None
     out, err = log_paths(folder, job.job_id)
     print(
         f"submitted Slurm job {job.job_id}: {cfg.launch.nodes} node(s) x {cfg.launch.nproc} task(s), "
@@ -114,15 +147,51 @@ def submit_training(cfg, run_dir: Path, run_name: str, wait: bool = False, log_l
     (run_dir / "slurm_job_id").write_text(f"{job.job_id}\n")
     if not wait:
         return 0
-    return wait_for(job.job_id, err, lambda: job.results()[0])  # task 0's return value
+    n_tasks = cfg.launch.nodes * cfg.launch.nproc
+    return wait_for(job.job_id, err, lambda: job.results()[0],  # task 0's return value
+                    task_logs=[log_paths(folder, job.job_id, k)[1] for k in range(n_tasks)])
+
+
+def _forget_refused(message: str, run_dir: Path | None, code_dir: Path | None) -> str:
+    """Nothing ran: remove the code snapshot, and the run directory when this submission created it (a
+    later launch must not take it for a run to resume). The refused script's #SBATCH lines go into the
+    message instead of its path, which is removed with the run directory."""
+    if run_dir is None and code_dir is None:
+        return message
+    m = re.search(r"sbatch script: (\S+)", message)
+    if m and run_dir is not None and Path(m.group(1)).is_file():
+        header = [ln for ln in Path(m.group(1)).read_text().splitlines() if ln.startswith("#SBATCH")]
+        message = message.replace(m.group(0), "the refused sbatch header:\n  " + "\n  ".join(header))
+    for path in (code_dir, run_dir):
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+    return message
 
 
 def log_paths(folder: Path, job_id: str, task: int = 0) -> tuple[Path, Path]:
     return folder / f"{job_id}_{task}_log.out", folder / f"{job_id}_{task}_log.err"
 
 
-def wait_for(job_id: str, log: Path, result=None, poll_s: float = 2.0) -> int:
-    """Poll until the job ends (a requeued job goes back to PENDING and is followed on); 0 if it completed."""
+def failed_tasks(task_logs: list[Path]) -> list[tuple[int, str]]:
+    """(task, the end of its log) for each task whose log ends in a Python error (submitit logs the traceback
+    of a task that raised) or in Slurm's own error line."""
+    out = []
+    for k, path in enumerate(task_logs):
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        tail = text.strip().splitlines()[-40:]
+        if any(ln.startswith("Traceback") or "error:" in ln.lower() for ln in tail):
+            errors = [ln for ln in tail if ln and not ln.startswith((" ", "\t", "Traceback"))]
+            out.append((k, "\n".join(errors[-4:])))
+    return out
+
+
+def wait_for(job_id: str, log: Path, result=None, poll_s: float = 2.0, task_logs: list[Path] | None = None) -> int:
+    """Poll until the job ends (a requeued job goes back to PENDING and is followed on); 0 if it completed.
+    A job that failed is explained with Slurm's reason and exit code and, given `task_logs` (each task's
+    stderr log), which task failed first and how."""
     last = None
     while True:
         state = job_state(job_id)
@@ -143,5 +212,12 @@ def wait_for(job_id: str, log: Path, result=None, poll_s: float = 2.0) -> int:
             if isinstance(value, dict) and "steps" in value:
                 print(f"done: {value['steps']} steps, final validation NLL {value['final_val_nll']:.4f}", flush=True)
         return 0
+    failed = failed_tasks(task_logs or [])
+    if failed:
+        k, why = failed[0]
+        log = task_logs[k]
+        print(f"error: task {k} (rank {k}) of job {job_id} failed:\n{why}"
+              + (f"\n(also failed: tasks {', '.join(str(t) for t, _ in failed[1:])})" if failed[1:] else ""),
+              file=sys.stderr)
     print(f"error: {explain_failure(job_id, log)}", file=sys.stderr)
     return 1

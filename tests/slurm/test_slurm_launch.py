@@ -179,16 +179,43 @@ def test_slurm_refusals_and_start_failures_are_reported_in_slurms_words(slurm_cl
     r = launch(tmp_path, *sets, "launch.slurm.partition=nosuchpartition")
     assert r.returncode == 1
     assert "invalid partition" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "sbatch script:" in r.stderr
+    assert "#SBATCH --partition=nosuchpartition" in r.stderr, r.stderr  # what was refused, shown once
+    assert r.stderr.lower().count("invalid partition") == 1, r.stderr
+    left = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()] if (tmp_path / "runs").exists() else []
+    assert not left, left  # no run directory or code snapshot left behind
 
     r = launch(tmp_path, *sets, "launch.slurm.cpus_per_task=512")
     assert r.returncode == 1
     assert "Requested node configuration is not available" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("Requested node configuration is not available") == 1, r.stderr
+    assert "launch.slurm.cpus_per_task=512" in r.stderr and "sinfo" in r.stderr, r.stderr  # the setting to change
 
     r = launch(tmp_path, *sets, 'launch.slurm.setup=["echo no such module >&2", "exit 3"]', extra=("--wait",))
     assert r.returncode == 1
     assert "FAILED" in r.stderr and "exit code 3:0" in r.stderr and "_0_log.err" in r.stderr, r.stderr
     assert "no such module" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_rank_that_fails_at_start_ends_the_job_at_once_with_its_reason(slurm_cluster, tmp_path):
+    # rank 0 fails building the shards (a line that is not UTF-8: the source exists, so the pre-submit check
+    # passes); rank 1 would wait for the shards until parallel.timeout_s: the job must end at once instead
+    source = tmp_path / "corpus.txt"
+    source.write_bytes(b"a first line of text\n\xff\xfe this line is not UTF-8\n")
+    sets = [*TINY, *SLURM, "tracking.enabled=false", f"data.source={source}", "data.tokenizer=sentencepiece",
+            "data.vocab_size=64", f"data.shard_dir={tmp_path / 'shards'}", "parallel.timeout_s=600"]
+    t0 = time.monotonic()
+    r = launch(tmp_path, *sets, extra=("--wait",), timeout=240)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "task 0 (rank 0)" in r.stderr and "UTF-8" in r.stderr and "_0_log.err" in r.stderr, r.stderr[-3000:]
+    assert elapsed < 120, f"the failed job took {elapsed:.0f} s to end (parallel.timeout_s is 600)"
+
+    # and what the local path checks is checked before submitting: nothing is submitted for a missing source
+    r = launch(tmp_path, *sets[:-3], f"data.source={tmp_path / 'missing.txt'}", "data.tokenizer=sentencepiece")
+    assert r.returncode == 1 and "not submitted" in r.stderr and "missing.txt" in r.stderr, r.stderr[-2000:]
+    assert "submitted Slurm job" not in r.stdout
 
 
 @pytest.mark.slurm
