@@ -178,7 +178,8 @@ def ratio_probabilities(density: torch.Tensor, real: torch.Tensor, p_mask: torch
 
     n_d = per_group(dense)
     n_o = per_group(w_real) - n_d
-    r_g = torch.zeros(n, dtype=torch.float64).index_copy_(0, flat_g, r.reshape(-1))  # one rate per group
+    first = torch.nonzero(torch.diff(flat_g, prepend=flat_g.new_full((1,), -1))).flatten()
+    r_g = r.reshape(-1)[first]  # one rate per group: the rate at its first position
     target = r_g * (n_d + n_o)
     # the more likely class (multiplier hi) is the one that can saturate
     (m_hi, n_hi, m_lo, n_lo) = (ratio, n_d, 1.0, n_o) if ratio > 1.0 else (1.0, n_o, ratio, n_d)
