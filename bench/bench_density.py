@@ -8,7 +8,8 @@
    annotator's cost over bare tokenization (goal for the cheap ones: < 20%). unigram/tfidf also need
    a first counting pass over the train split (one more tokenization pass), reported separately.
    `model` uses the checkpoint of run 2's uniform model (same tokenizer), on CPU.
-2. Effect: the same small MDM (configs/density/math_*.yaml) trained on the same annotated GSM8K
+2. Effect: the same small model (configs/density/math_*.yaml: block diffusion, block 32, t in
+   [0.3, 0.8], w = 2, the paper's setting) trained on the same annotated GSM8K
    shards for the same number of data tokens with uniform / density_priority / complementary masking
    through `python -m pretrain.launch`; validation NLL is the uniform-t, uniform-mask NELBO for all.
    complementary makes two forward rows per sequence (same data tokens, ~2x compute). With

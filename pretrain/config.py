@@ -62,14 +62,28 @@ class BellConfig:
 class DiffusionConfig:
     schedule: str = "loglinear"  # linear | loglinear | cosine: alpha_t, the unmasked probability
     eps: float = 1e-3  # t is drawn from [eps, 1] (MDLM's sampling_eps)
+    # training t restricted to [max(eps, t_min), t_max], the sampler truncated and renormalised (seed 002
+    # trains at noise ratio [0.3, 0.8]; under `linear` t is the masking rate). The training NELBO is then
+    # over that range only; validation NLL stays the full [eps, 1] NELBO (time_samplers.py)
+    t_min: float = 0.0
+    t_max: float = 1.0
     time_sampler: str = "uniform"  # uniform | antithetic | bell
     weighting: str = "elbo"  # elbo: importance-weighted, unbiased NELBO | reweighted: the sampler's surrogate
     bell: BellConfig = field(default_factory=BellConfig)
     # which tokens get masked at a given t: uniform | density_priority | complementary (seed 002;
     # the last two read the shards' density column: set data.density.annotator; see masking.py)
     masking: str = "uniform"
-    # density policies: logit tilt per unit of density (0 = uniform; odds ratio e^s densest vs sparsest)
+    # how density_priority/complementary tilt toward dense tokens (masking.py): ratio (dense tokens
+    # density_ratio times as likely to be masked, the rate kept: the paper's form) | logit_tilt (ours)
+    density_form: str = "ratio"
+    density_ratio: float = 2.0  # w of the ratio form: the paper's best is 2 (1 = uniform masking)
+    density_threshold: float = 0.5  # ratio form: dense = density >= this (with data view hubs: the hub flag)
+    # logit_tilt form: logit tilt per unit of density (0 = uniform; odds ratio e^s densest vs sparsest)
     density_strength: float = 3.0
+    # complementary's syntactic sample: priority (its own mask at rate 1 - r, dense tokens kept: ratio
+    # syntactic_ratio, or strength -s) | complement (exactly the tokens the logical sample leaves)
+    syntactic: str = "priority"
+    syntactic_ratio: float = 0.5  # w of the syntactic sample (the paper's 0.5, as its summaries give it)
     eval_t_samples: int = 8  # t draws per validation sequence (fixed seed: deterministic)
     loss_buckets: int = 10  # training loss is also logged per t bucket
 
@@ -156,6 +170,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.weighting": ("elbo", "reweighted"),
     "diffusion.bell.family": ("logit_normal", "beta"),
     "diffusion.masking": ("uniform", "density_priority", "complementary"),
+    "diffusion.density_form": ("ratio", "logit_tilt"),
+    "diffusion.syntactic": ("priority", "complement"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16"),
@@ -231,8 +247,16 @@ def validate(cfg: Config) -> None:
     need(f.eval_t_samples >= 1, "diffusion.eval_t_samples", "must be >= 1")
     need(f.loss_buckets >= 1, "diffusion.loss_buckets", "must be >= 1")
     need(f.density_strength >= 0, "diffusion.density_strength", "must be >= 0 (0 = uniform masking)")
+    need(f.density_ratio > 0, "diffusion.density_ratio", "must be > 0 (1 = uniform masking; the paper's best is 2)")
+    need(f.syntactic_ratio > 0, "diffusion.syntactic_ratio", "must be > 0 (the paper's 0.5)")
+    need(0.0 < f.density_threshold <= 1.0, "diffusion.density_threshold",
+         "must be in (0, 1]: tokens with density >= it are the dense ones")
+    need(0.0 <= f.t_min < 1.0, "diffusion.t_min", "must be in [0, 1)")
+    need(0.0 < f.t_max <= 1.0, "diffusion.t_max", "must be in (0, 1]")
+    need(max(f.eps, f.t_min) < f.t_max, "diffusion.t_max",
+         f"must exceed max(diffusion.eps, diffusion.t_min) = {max(f.eps, f.t_min)} (t is drawn from between them)")
     if f.masking != "uniform":
-        allowed_variants = ("mdm", "scatter") if f.masking == "complementary" else ("mdm", "scatter", "block")
+        allowed_variants = ("mdm", "scatter", "block")
         need(m.variant in allowed_variants, "diffusion.masking",
              f"works with model.variant in {', '.join(allowed_variants)} (not {m.variant})")
         need(getattr(getattr(d, "density", None), "annotator", "none") != "none", "diffusion.masking",

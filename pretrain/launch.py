@@ -78,7 +78,12 @@ def plan(cfg: Config) -> str:
     tokens = t.steps * t.batch_size * d.seq_len
     objective = (
         "next-token cross-entropy" if m.variant == "ar" else
-        f"{f.schedule} schedule, {f.time_sampler} t on [{f.eps}, 1], {f.weighting} weighting, {f.masking} masking"
+        f"{f.schedule} schedule, {f.time_sampler} t on [{max(f.eps, f.t_min)}, {f.t_max}], {f.weighting} weighting, "
+        f"{f.masking} masking"
+        + (f" ({f.density_form}: " + (f"w = {f.density_ratio}" if f.density_form == "ratio" else f"s = {f.density_strength}")
+           + (f", syntactic {f.syntactic}" + (f" w = {f.syntactic_ratio}" if f.syntactic == "priority" else "")
+              if f.masking == "complementary" else "") + ")"
+           if f.masking != "uniform" else "")
     )
     lines = [
         f"backend     {cfg.launch.backend}: "

@@ -15,8 +15,10 @@ block (BD3-LM, Arriola et al., arXiv 2503.09573)
     trained in one pass over [x_t | x_0] (2L tokens) with BD3-LM's mask (attention_masks.py); the
     model returns logits for the x_t half. Not done here: BD3-LM's clipped noise schedule search
     ("data-driven noise schedules", a variance-reduction schedule choice; `diffusion.eps` is the
-    lower clip). With time conditioning the model gets the mean t of a sequence's blocks (adaLN
-    is per sequence); BD3-LM itself trains without time conditioning.
+    lower clip; `diffusion.t_min`/`t_max` clip the time range). With time conditioning the model gets
+    the mean t of a sequence's blocks (adaLN is per sequence); BD3-LM itself trains without time
+    conditioning. Masking policies: all three (masking.py); `complementary` gives each sequence a
+    logical and a syntactic row, per block at t_bj and its complementary time (`_complementary_block_loss`).
     Evaluation: per-block t, stratified K draws per block from the caller's fixed generator,
     uniform q: an unbiased estimate of the block NELBO on [eps, 1].
 
@@ -122,9 +124,8 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         bl, nb = self._blocks(model, L)
         t = self.sampler.sample(B * nb, rng).view(B, nb)  # float64, CPU; stratified over batch x blocks
         t_tok = t.repeat_interleave(bl, dim=1)  # [B, L]
-        if getattr(self.masking, "expands", 1) != 1:
-            raise ValueError(f"masking {self.masking.name!r} is not available for block diffusion yet "
-                             "(use uniform or density_priority, or model.variant=mdm)")
+        if getattr(self.masking, "expands", 1) == 2:
+            return self._complementary_block_loss(model, input_ids, real, t, bl, rng, token_info_of(batch))
         masked = self.masking.mask(input_ids, real, self.schedule.alpha(t_tok), rng, **token_info_of(batch))
         x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
         logits = model(x_t, t.mean(dim=1).to(device=device, dtype=torch.float32), key_padding_mask=real, x0=input_ids)
@@ -137,6 +138,36 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
             n_real_blk = real.view(B, nb, bl).sum(dim=2).cpu()
             per_token = weighted.detach().cpu().double() / n_real_blk.clamp(min=1)
             stats = _loss_stats(loss, masked, n_real, t, per_token, n_real_blk > 0, self.loss_buckets)
+        return loss, stats
+
+    def _complementary_block_loss(self, model, input_ids, real, t, bl: int, rng: StepRNG, info: dict):
+        """Complementary masking (seed 002) under block diffusion, t [B, nb] one time per (sequence,
+        block). Rows 2b / 2b + 1 are the logical / syntactic samples of sequence b; in block j the
+        logical row is masked at rate 1 - alpha(t_bj) and the syntactic row at alpha(t_bj), i.e. at
+        time t_S = alpha^{-1}(1 - alpha(t_bj)). Each block is its own MDLM NELBO term (module
+        docstring), so `pair_weights` (objective.py's derivation, applied per block) gives its pair of
+        weights, and the loss is
+            sum_{b, j} 0.5 [ w_R(t_bj) CE_R(b, j) + w_S(t_bj) CE_S(b, j) ] / (real tokens of the batch),
+        exactly the mdm pair loss with the sequence replaced by the block (one block: the same loss).
+        Time conditioning sees each row's mean block time (t for the logical row, t_S for the syntactic)."""
+        device, (B, L) = input_ids.device, input_ids.shape
+        nb = L // bl
+        t_tok = t.repeat_interleave(bl, dim=1)  # [B, L]
+        masked = self.masking.mask(input_ids, real, self.schedule.alpha(t_tok), rng, **info)  # [2B, L]
+        w_r, w_s, t_s = self.pair_weights(t)  # each [B, nb]
+        ids2, real2 = input_ids.repeat_interleave(2, dim=0), real.repeat_interleave(2, dim=0)
+        t2 = torch.stack([t, t_s], dim=1).flatten(0, 1)  # [2B, nb]: row 2b t, row 2b + 1 t_S
+        x_t = torch.where(masked, torch.full_like(ids2, self.mask_id), ids2)
+        logits = model(x_t, t2.mean(dim=1).to(device=device, dtype=torch.float32), key_padding_mask=real2, x0=ids2)
+        ce = _masked_ce_per_token(logits, ids2, masked)  # [2B, L]
+        w2 = 0.5 * torch.stack([w_r, w_s], dim=1).flatten(0, 1).to(device=device, dtype=torch.float32)  # [2B, nb]
+        weighted = w2 * ce.view(2 * B, nb, bl).sum(dim=2)  # [2B, nb]
+        n_real = real.sum().clamp(min=1)
+        loss = weighted.sum() / n_real
+        with torch.no_grad():
+            n_real_blk = real2.view(2 * B, nb, bl).sum(dim=2).cpu()
+            per_token = 2.0 * weighted.detach().cpu().double() / n_real_blk.clamp(min=1)
+            stats = _loss_stats(loss, masked[0::2], n_real, t2, per_token, n_real_blk > 0, self.loss_buckets)
         return loss, stats
 
     @torch.no_grad()

@@ -18,17 +18,21 @@ Masking policies (masking.py; seed 002) and what the training loss is for each (
 - uniform: the loss above, an unbiased estimate of the per-token NELBO (`elbo` weighting).
 - density_priority: same formula and weights w(t)/q(t); the expected number of masked tokens is
   the schedule's, but the mask is not drawn from q(x_t | x_0), so the loss is a *training
-  surrogate* (a density-reweighted NELBO), not an ELBO; it equals the NELBO estimate at strength 0.
-- complementary: each sequence gives a reasoning row (mask R at rate r, time t) and a syntax row
-  (mask S = complement, rate 1 - r). S's time is t_S = alpha^{-1}(1 - alpha(t)) (what time
+  surrogate* (a density-reweighted NELBO), not an ELBO; it equals the NELBO estimate at ratio w = 1
+  (`density_form: ratio`) or strength 0 (`logit_tilt`).
+- complementary: each sequence gives a logical (reasoning) row (mask R at rate r, time t) and a
+  syntactic row (mask S at rate 1 - r: its own priority mask, or R's complement; masking.py).
+  S's time is t_S = alpha^{-1}(1 - alpha(t)) (what time
   conditioning sees); t_S is a function of t ~ q, so its density is q(t) |dt/dt_S| and its
   importance weight is w(t_S) / q_S(t_S) = -alpha'(t) / (alpha(t) q(t)). The loss per sequence is
       0.5 * [ w(t)/q(t) * CE(R) + (-alpha'(t) / (alpha(t) q(t))) * CE(S) ]       (`elbo`)
       0.5 * [ w(t) * CE(R) + w(t_S) * CE(S) ]                                     (`reweighted`)
-  normalised by the real tokens of the original sequences. At strength 0 (R uniform) both halves
+  normalised by the real tokens of the original sequences (block diffusion: the same per block,
+  blockwise.py). With uniform masks (w = w_S = 1, or strength 0) both halves
   are unbiased NELBO estimates, so their mean is one too (complementary/antithetic masks, as in
   LLaDA's fine-tuning; the S half covers t_S in [alpha^{-1}(1 - alpha(eps)), alpha^{-1}(1 - alpha(1))],
-  which differs from [eps, 1] only by eps-sized ends); at strength > 0 it is a surrogate.
+  which differs from [eps, 1] only by eps-sized ends; with t clipped to [t_min, t_max] each half
+  covers its own clipped range); with density-biased masks it is a surrogate.
   The pair costs two forward rows per sequence: the same data tokens, twice the compute.
 Evaluation always uses uniform masking and the uniform-t NELBO (eval_nll), so runs stay comparable.
 The objective reads `batch["density"]` (the stream's per-token density) into token_info itself.
@@ -40,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import DiffusionConfig
-from pretrain.diffusion.masking import UniformMasking, build_masking
+from pretrain.diffusion.masking import UniformMasking, masking_from_config
 from pretrain.diffusion.rng import StepRNG, single
 from pretrain.diffusion.schedules import Schedule, build_schedule
 from pretrain.diffusion.time_samplers import TimeSampler, build_time_sampler
@@ -234,7 +238,7 @@ def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int):
     if variant == "jigsaw":
         return JigsawObjective(
             schedule=build_schedule(cfg.schedule),
-            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell),
+            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.t_min, cfg.t_max),
             mask_id=mask_id,
             weighting=cfg.weighting,
             eval_t_samples=cfg.eval_t_samples,
@@ -244,10 +248,10 @@ def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int):
         cls = BlockDiffusionObjective if variant == "block" else MaskedDiffusionObjective
         return cls(
             schedule=build_schedule(cfg.schedule),
-            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell),
+            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.t_min, cfg.t_max),
             mask_id=mask_id,
             weighting=cfg.weighting,
-            masking=build_masking(cfg.masking, cfg.density_strength),
+            masking=masking_from_config(cfg),
             eval_t_samples=cfg.eval_t_samples,
             loss_buckets=cfg.loss_buckets,
         )

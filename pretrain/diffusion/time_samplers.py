@@ -1,7 +1,14 @@
-"""Time samplers: the proposal density q(t) on [eps, 1] from which training draws t.
+"""Time samplers: the proposal density q(t) on [lo, hi] from which training draws t.
 
-Every sampler has `pdf(t)` (q on [eps, 1], integrating to 1, zero outside), `cdf(t)`, and
+Every sampler has `pdf(t)` (q on [lo, hi], integrating to 1, zero outside), `cdf(t)`, and
 `sample(n_local, rng) -> float64 [n_local]` on the CPU (see rng.py for why CPU).
+
+The support is [lo, hi] = [max(eps, t_min), t_max] (config `diffusion.t_min`/`t_max`, default 0 and 1,
+so [eps, 1]): every sampler is truncated to it and renormalised (its pdf divided by its mass there,
+its cdf rescaled, draws by inverting the truncated cdf), so `elbo`'s w(t)/q(t) stays an unbiased
+estimate, but of integral_lo^hi w(t) E[CE | t] dt: the NELBO over the clipped range only, not a
+bound on -log p(x) (seed 002 trains at noise ratio [0.3, 0.8]; BD3-LMs clips its masking rates
+too). Validation (objective.eval_nll) ignores the clip: it is always the [eps, 1] NELBO.
 
 How the draws enter the loss is the objective's `weighting` (objective.py):
 - `elbo`: each sequence is weighted by w(t) / q(t), an importance-sampling estimate of
@@ -14,7 +21,7 @@ How the draws enter the loss is the objective's `weighting` (objective.py):
   Under `uniform` this is MDLM's training loss exactly (MDLM weights by w(t) with t ~ U[eps, 1]).
 
 Samplers
-- `uniform`: t ~ U[eps, 1].
+- `uniform`: t ~ U[eps, 1] (U[lo, hi] when clipped).
 - `antithetic`: MDLM's stratified ("antithetic") draw over the GLOBAL batch of N = n_local * dp_size
   sequences: one shared u ~ U[0, 1) (from `rng.shared`, the same on every rank), s_i = (u + i) / N,
   t_i = eps + (1 - eps) s_i; data-parallel rank r takes positions [r n_local, (r+1) n_local) of the
@@ -32,7 +39,7 @@ Samplers
   masking rates leave partially visible. Its exact density could not be recovered: the stored copy
   of https://arxiv.org/html/2605.13026 holds only the abstract and the start of the introduction
   ("bell-shaped time sampling as a training strategy"; ~4x faster to the same LM1B validation NLL).
-  Two families are offered, truncated to [eps, 1] and renormalised:
+  Two families are offered, truncated to [eps, 1] (or [lo, hi]) and renormalised:
     logit_normal(mu, sigma): logit(t) ~ N(mu, sigma^2); default mu = 0, sigma = 1 (mode near 0.5;
       the SD3/rectified-flow "logit-normal time sampling" shape),
     beta(a, b): default a = b = 2 (q = 6 t (1 - t) before truncation).
@@ -55,10 +62,14 @@ from pretrain.diffusion.rng import StepRNG
 class TimeSampler:
     name = "base"
 
-    def __init__(self, eps: float):
+    def __init__(self, eps: float, t_min: float = 0.0, t_max: float = 1.0):
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {eps}")
+        if not (0.0 <= t_min < 1.0 and 0.0 < t_max <= 1.0 and max(eps, t_min) < t_max):
+            raise ValueError(f"time range t_min={t_min}, t_max={t_max} (eps={eps}): need "
+                             "0 <= t_min < t_max <= 1 and max(eps, t_min) < t_max (diffusion.t_min/t_max)")
         self.eps = eps
+        self.lo, self.hi = max(eps, t_min), t_max  # the support of q
 
     def pdf(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -70,7 +81,7 @@ class TimeSampler:
         raise NotImplementedError
 
     def _inside(self, t: torch.Tensor) -> torch.Tensor:
-        return (t >= self.eps) & (t <= 1.0)
+        return (t >= self.lo) & (t <= self.hi)
 
 
 class UniformSampler(TimeSampler):
@@ -78,15 +89,15 @@ class UniformSampler(TimeSampler):
 
     def pdf(self, t):
         t = torch.as_tensor(t, dtype=torch.float64)
-        return torch.where(self._inside(t), 1.0 / (1.0 - self.eps), 0.0).to(torch.float64)
+        return torch.where(self._inside(t), 1.0 / (self.hi - self.lo), 0.0).to(torch.float64)
 
     def cdf(self, t):
         t = torch.as_tensor(t, dtype=torch.float64)
-        return ((t - self.eps) / (1.0 - self.eps)).clamp(0.0, 1.0)
+        return ((t - self.lo) / (self.hi - self.lo)).clamp(0.0, 1.0)
 
     def sample(self, n_local, rng):
         u = rng.rand(n_local)
-        return self.eps + (1.0 - self.eps) * u
+        return self.lo + (self.hi - self.lo) * u
 
 
 class AntitheticSampler(UniformSampler):
@@ -100,20 +111,21 @@ class AntitheticSampler(UniformSampler):
         strata = torch.randperm(n_global, generator=rng.shared, dtype=torch.float64)
         i = strata[rng.global_rows(n_local)]
         s = torch.remainder((u + i) / n_global, 1.0)
-        return self.eps + (1.0 - self.eps) * s
+        return self.lo + (self.hi - self.lo) * s
 
 
 class LogitNormalBellSampler(TimeSampler):
-    """logit(t) ~ N(mu, sigma^2), truncated to [eps, 1]; drawn exactly by inverting the CDF
-    Phi((logit t - mu) / sigma) on [Phi(z(eps)), 1]."""
+    """logit(t) ~ N(mu, sigma^2), truncated to [lo, hi]; drawn exactly by inverting the CDF
+    Phi((logit t - mu) / sigma) on [Phi(z(lo)), Phi(z(hi))]."""
 
     name = "bell"
 
-    def __init__(self, eps: float, mu: float = 0.0, sigma: float = 1.0):
-        super().__init__(eps)
+    def __init__(self, eps: float, mu: float = 0.0, sigma: float = 1.0, t_min: float = 0.0, t_max: float = 1.0):
+        super().__init__(eps, t_min, t_max)
         self.mu, self.sigma = mu, sigma
-        self._lo = float(self._phi_z(torch.tensor(eps, dtype=torch.float64))) if eps > 0 else 0.0
-        self._mass = 1.0 - self._lo  # normaliser of the truncation
+        self._lo = float(self._phi_z(torch.tensor(self.lo, dtype=torch.float64))) if self.lo > 0 else 0.0
+        self._hi = float(self._phi_z(torch.tensor(self.hi, dtype=torch.float64))) if self.hi < 1 else 1.0
+        self._mass = self._hi - self._lo  # normaliser of the truncation
 
     def _phi_z(self, t):
         return torch.special.ndtr((torch.logit(t) - self.mu) / self.sigma)
@@ -126,14 +138,14 @@ class LogitNormalBellSampler(TimeSampler):
         return torch.where(self._inside(t) & (t < 1.0), dens, 0.0)
 
     def cdf(self, t):
-        t = torch.as_tensor(t, dtype=torch.float64).clamp(self.eps, 1.0)
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(self.lo, self.hi)
         return ((self._phi_z(t) - self._lo) / self._mass).clamp(0.0, 1.0)
 
     def sample(self, n_local, rng):
         u = rng.rand(n_local)
         p = self._lo + self._mass * u
         t = torch.sigmoid(self.mu + self.sigma * torch.special.ndtri(p))
-        return t.clamp(self.eps, 1.0)
+        return t.clamp(self.lo, self.hi)
 
 
 def _betainc(a: float, b: float, x: np.ndarray) -> np.ndarray:
@@ -178,21 +190,21 @@ def _betainc(a: float, b: float, x: np.ndarray) -> np.ndarray:
 
 
 class BetaBellSampler(TimeSampler):
-    """t ~ Beta(a, b) truncated to [eps, 1]. Drawn by inverse-CDF interpolation on a 16k-point
+    """t ~ Beta(a, b) truncated to [lo, hi]. Drawn by inverse-CDF interpolation on a 16k-point
     table of the exact CDF (cosine-spaced, dense at both ends); the table's interpolation error
     (~1e-8 in t) is far below what the importance weights or any test can resolve."""
 
     name = "bell"
     _TABLE = 16385
 
-    def __init__(self, eps: float, a: float = 2.0, b: float = 2.0):
-        super().__init__(eps)
+    def __init__(self, eps: float, a: float = 2.0, b: float = 2.0, t_min: float = 0.0, t_max: float = 1.0):
+        super().__init__(eps, t_min, t_max)
         self.a, self.b = a, b
         self._log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-        self._lo = float(_betainc(a, b, np.array([eps]))[0])
-        self._mass = 1.0 - self._lo
+        self._lo = float(_betainc(a, b, np.array([self.lo]))[0])
+        self._mass = float(_betainc(a, b, np.array([self.hi]))[0]) - self._lo
         s = np.linspace(0.0, 1.0, self._TABLE)
-        self._grid = eps + (1.0 - eps) * 0.5 * (1.0 - np.cos(np.pi * s))
+        self._grid = self.lo + (self.hi - self.lo) * 0.5 * (1.0 - np.cos(np.pi * s))
         self._cdf_grid = np.maximum.accumulate((_betainc(a, b, self._grid) - self._lo) / self._mass)
 
     def pdf(self, t):
@@ -202,27 +214,29 @@ class BetaBellSampler(TimeSampler):
         return torch.where(self._inside(t), torch.exp(log_q) / self._mass, 0.0)
 
     def cdf(self, t):
-        t = torch.as_tensor(t, dtype=torch.float64).clamp(self.eps, 1.0)
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(self.lo, self.hi)
         return torch.from_numpy(
             np.asarray((_betainc(self.a, self.b, t.numpy()) - self._lo) / self._mass)
         ).clamp(0.0, 1.0)
 
     def sample(self, n_local, rng):
         u = rng.rand(n_local).numpy()
-        return torch.from_numpy(np.interp(u, self._cdf_grid, self._grid)).clamp(self.eps, 1.0)
+        return torch.from_numpy(np.interp(u, self._cdf_grid, self._grid)).clamp(self.lo, self.hi)
 
 
-def build_time_sampler(name: str, eps: float, bell=None) -> TimeSampler:
-    """`bell` is a config.BellConfig (family, mu, sigma, a, b); used only when name == "bell"."""
+def build_time_sampler(name: str, eps: float, bell=None, t_min: float = 0.0, t_max: float = 1.0) -> TimeSampler:
+    """`bell` is a config.BellConfig (family, mu, sigma, a, b); used only when name == "bell".
+    t_min/t_max truncate the sampler to [max(eps, t_min), t_max] (module docstring)."""
     if name == "uniform":
-        return UniformSampler(eps)
+        return UniformSampler(eps, t_min, t_max)
     if name == "antithetic":
-        return AntitheticSampler(eps)
+        return AntitheticSampler(eps, t_min, t_max)
     if name == "bell":
         family = getattr(bell, "family", "logit_normal")
         if family == "logit_normal":
-            return LogitNormalBellSampler(eps, mu=getattr(bell, "mu", 0.0), sigma=getattr(bell, "sigma", 1.0))
+            return LogitNormalBellSampler(eps, mu=getattr(bell, "mu", 0.0), sigma=getattr(bell, "sigma", 1.0),
+                                          t_min=t_min, t_max=t_max)
         if family == "beta":
-            return BetaBellSampler(eps, a=getattr(bell, "a", 2.0), b=getattr(bell, "b", 2.0))
+            return BetaBellSampler(eps, a=getattr(bell, "a", 2.0), b=getattr(bell, "b", 2.0), t_min=t_min, t_max=t_max)
         raise ValueError(f"unknown bell family {family!r}; expected logit_normal or beta")
     raise ValueError(f"unknown time sampler {name!r}; expected uniform, antithetic or bell")

@@ -30,7 +30,8 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 V, L, MASK = 16, 16, 15
 CASES = [
     ("ar", False, "uniform"), ("mdm", False, "uniform"), ("mdm", True, "uniform"), ("mdm", False, "complementary"),
-    ("block", False, "uniform"), ("block", True, "uniform"), ("jigsaw", True, "uniform"), ("scatter", False, "uniform"),
+    ("block", False, "uniform"), ("block", True, "uniform"), ("block", True, "complementary"), ("jigsaw", True, "uniform"),
+    ("scatter", False, "uniform"),
 ]
 
 

@@ -102,3 +102,39 @@ def test_build_time_sampler_reads_bell_config():
     assert isinstance(build_time_sampler("antithetic", 0.01), AntitheticSampler)
     with pytest.raises(ValueError):
         build_time_sampler("gaussian", 0.01)
+
+
+# seed 002 trains at noise ratio [0.3, 0.8]: every sampler truncated to [max(eps, t_min), t_max]
+CLIPPED = {
+    "uniform": lambda: build_time_sampler("uniform", EPS, t_min=0.3, t_max=0.8),
+    "antithetic": lambda: build_time_sampler("antithetic", EPS, t_min=0.3, t_max=0.8),
+    "logit_normal": lambda: build_time_sampler("bell", EPS, BellConfig(mu=-0.7, sigma=1.6), t_min=0.3, t_max=0.8),
+    "beta": lambda: build_time_sampler("bell", EPS, BellConfig(family="beta", a=1.8, b=1.1), t_min=0.3, t_max=0.8),
+    "beta_top_only": lambda: build_time_sampler("bell", 0.05, BellConfig(family="beta"), t_max=0.6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLIPPED))
+def test_clipped_range_draws_inside_and_pdf_renormalised(name):
+    sampler = CLIPPED[name]()
+    lo, hi = sampler.lo, sampler.hi
+    assert (lo, hi) == ((0.05, 0.6) if name == "beta_top_only" else (0.3, 0.8))
+    t = lo + (hi - lo) * torch.linspace(0, 1, 200001, dtype=torch.float64)
+    q = sampler.pdf(t)
+    assert abs(torch.trapezoid(q, t).item() - 1.0) < 1e-6  # the truncated density is renormalised
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumulative_trapezoid(q, t)])
+    torch.testing.assert_close(sampler.cdf(t)[::1000], cum[::1000], atol=1e-6, rtol=0)
+    outside = torch.tensor([lo - 1e-3, hi + 1e-3], dtype=torch.float64)
+    assert (sampler.pdf(outside) == 0).all() and sampler.cdf(outside).tolist() == [0.0, 1.0]
+    draws = torch.cat([sampler.sample(64, step_rng(5, step)) for step in range(60)])
+    assert draws.min() >= lo and draws.max() <= hi
+    assert ks_statistic(draws, sampler.cdf) < 1.95 / math.sqrt(len(draws))
+    # elbo weights stay right on the clipped range: E_q[w(t)/q(t)] = integral_lo^hi w(t) dt (w = 1/t)
+    est = (1.0 / draws / sampler.pdf(draws)).mean().item()
+    assert abs(est - math.log(hi / lo)) < 0.05 * math.log(hi / lo)
+
+
+def test_clipped_range_is_validated():
+    for t_min, t_max in ((0.8, 0.3), (0.0, 0.0005), (-0.1, 1.0), (0.2, 1.2)):
+        with pytest.raises(ValueError, match="t_min"):
+            build_time_sampler("uniform", EPS, t_min=t_min, t_max=t_max)
