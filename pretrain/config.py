@@ -64,6 +64,10 @@ class DiffusionConfig:
     eps: float = 1e-3  # t is drawn from [eps, 1] (MDLM's sampling_eps)
     time_sampler: str = "uniform"  # uniform | antithetic | bell
     weighting: str = "elbo"  # elbo: importance-weighted, unbiased NELBO | reweighted: the sampler's surrogate
+    # subs: MDLM's SUBS parameterisation (the denoiser never predicts [MASK]: its logit is dropped
+    # from the cross-entropy; unmasked tokens are carried over) | plain: softmax over the full
+    # vocabulary, [MASK] included (this framework before SUBS). Masked-diffusion variants only.
+    parameterization: str = "subs"
     bell: BellConfig = field(default_factory=BellConfig)
     # which tokens get masked at a given t: uniform | density_priority | complementary (seed 002;
     # the last two read the shards' density column: set data.density.annotator; see masking.py)
@@ -154,6 +158,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.schedule": ("linear", "loglinear", "cosine"),
     "diffusion.time_sampler": ("uniform", "antithetic", "bell"),
     "diffusion.weighting": ("elbo", "reweighted"),
+    "diffusion.parameterization": ("subs", "plain"),
     "diffusion.bell.family": ("logit_normal", "beta"),
     "diffusion.masking": ("uniform", "density_priority", "complementary"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
