@@ -63,6 +63,9 @@ class DiffusionConfig:
     schedule: str = "loglinear"  # linear | loglinear | cosine: alpha_t, the unmasked probability
     eps: float = 1e-3  # t is drawn from [eps, 1] (MDLM's sampling_eps)
     time_sampler: str = "uniform"  # uniform | antithetic | bell
+    # draw t by the inverse CDF of uniforms stratified over the global batch (MDLM's "antithetic"
+    # sampling, for any density; `antithetic` = uniform + stratified); marginals unchanged
+    stratified: bool = False
     weighting: str = "elbo"  # elbo: importance-weighted, unbiased NELBO | reweighted: the sampler's surrogate
     # subs: MDLM's SUBS parameterisation (the denoiser never predicts [MASK]: its logit is dropped
     # from the cross-entropy; unmasked tokens are carried over) | plain: softmax over the full

@@ -282,7 +282,7 @@ def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int):
     if variant == "jigsaw":
         return JigsawObjective(
             schedule=build_schedule(cfg.schedule),
-            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell),
+            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified),
             mask_id=mask_id,
             weighting=cfg.weighting,
             eval_t_samples=cfg.eval_t_samples,
@@ -293,7 +293,7 @@ def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int):
         cls = BlockDiffusionObjective if variant == "block" else MaskedDiffusionObjective
         return cls(
             schedule=build_schedule(cfg.schedule),
-            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell),
+            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified),
             mask_id=mask_id,
             weighting=cfg.weighting,
             masking=build_masking(cfg.masking, cfg.density_strength),

@@ -1,7 +1,13 @@
 """Time samplers: the proposal density q(t) on [eps, 1] from which training draws t.
 
-Every sampler has `pdf(t)` (q on [eps, 1], integrating to 1, zero outside), `cdf(t)`, and
-`sample(n_local, rng) -> float64 [n_local]` on the CPU (see rng.py for why CPU).
+Every sampler has `pdf(t)` (q on [eps, 1], integrating to 1, zero outside), `cdf(t)`, its inverse
+`icdf(u)`, and `sample(n_local, rng) -> float64 [n_local]` on the CPU (see rng.py for why CPU):
+t = icdf(u) with u iid U[0, 1), or, with `stratified` (config `diffusion.stratified`), u the
+globally stratified uniforms described under `antithetic` below. Stratification changes only the
+joint law of a batch's draws: every t is still marginally q (the strata are assigned by a shared
+random permutation), so the `elbo` weights w(t)/q(t) stay exact, and any density - uniform or
+bell - is stratified the same way (inverse CDF of stratified uniforms). That is what lets the
+uniform and bell recipes differ in the density alone.
 
 How the draws enter the loss is the objective's `weighting` (objective.py):
 - `elbo`: each sequence is weighted by w(t) / q(t), an importance-sampling estimate of
@@ -15,7 +21,8 @@ How the draws enter the loss is the objective's `weighting` (objective.py):
 
 Samplers
 - `uniform`: t ~ U[eps, 1].
-- `antithetic`: MDLM's stratified ("antithetic") draw over the GLOBAL batch of N = n_local * dp_size
+- `antithetic`: `uniform` with `stratified` on (whatever `diffusion.stratified` says): MDLM's
+  stratified ("antithetic") draw over the GLOBAL batch of N = n_local * dp_size
   sequences: one shared u ~ U[0, 1) (from `rng.shared`, the same on every rank), s_i = (u + i) / N,
   t_i = eps + (1 - eps) s_i; data-parallel rank r takes positions [r n_local, (r+1) n_local) of the
   global list (the rank's own samples' positions, see rng.py). The global batch covers [eps, 1] evenly, so the estimator's variance does not grow
@@ -27,7 +34,8 @@ Samplers
   u is systematic sampling: same marginal.)
 - `bell` (seed 001, arXiv 2605.13026, Hong et al., "Understanding and Accelerating the Training of
   Masked Diffusion Language Models"): a bell-shaped q concentrated on intermediate t, away from
-  the nearly clean (t ~ 0) and nearly fully masked (t ~ 1) ends. The paper motivates it by
+  the nearly clean (t ~ 0) and nearly fully masked (t ~ 1) ends. With `stratified`, the inverse
+  CDF of the stratified uniforms: one draw per q-quantile stratum of the global batch. The paper motivates it by
   locality bias: a token's predictive information sits in nearby positions, which intermediate
   masking rates leave partially visible. Its exact density could not be recovered: the stored copy
   of https://arxiv.org/html/2605.13026 holds only the abstract and the start of the introduction
@@ -52,13 +60,25 @@ import torch
 from pretrain.diffusion.rng import StepRNG
 
 
+def stratified_uniforms(n_local: int, rng: StepRNG) -> torch.Tensor:
+    """float64 [n_local] in [0, 1): this rank's rows of s_i = (u + pi(i)) / N over the global batch
+    of N = n_local * dp_size * n_micro draws, u ~ U[0, 1) and the permutation pi shared by all ranks
+    (from `rng.shared`): one draw per stratum [k/N, (k+1)/N), each marginally U[0, 1)."""
+    n_global = n_local * rng.dp_size * rng.n_micro
+    u = torch.rand(1, generator=rng.shared, dtype=torch.float64)
+    strata = torch.randperm(n_global, generator=rng.shared, dtype=torch.float64)
+    i = strata[rng.global_rows(n_local)]
+    return torch.remainder((u + i) / n_global, 1.0)
+
+
 class TimeSampler:
     name = "base"
 
-    def __init__(self, eps: float):
+    def __init__(self, eps: float, stratified: bool = False):
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {eps}")
         self.eps = eps
+        self.stratified = stratified
 
     def pdf(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -66,8 +86,13 @@ class TimeSampler:
     def cdf(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def sample(self, n_local: int, rng: StepRNG) -> torch.Tensor:
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        """t in [eps, 1] with cdf(t) = u, float64, for u in [0, 1)."""
         raise NotImplementedError
+
+    def sample(self, n_local: int, rng: StepRNG) -> torch.Tensor:
+        u = stratified_uniforms(n_local, rng) if self.stratified else rng.rand(n_local)
+        return self.icdf(u)
 
     def _inside(self, t: torch.Tensor) -> torch.Tensor:
         return (t >= self.eps) & (t <= 1.0)
@@ -84,23 +109,18 @@ class UniformSampler(TimeSampler):
         t = torch.as_tensor(t, dtype=torch.float64)
         return ((t - self.eps) / (1.0 - self.eps)).clamp(0.0, 1.0)
 
-    def sample(self, n_local, rng):
-        u = rng.rand(n_local)
+    def icdf(self, u):
         return self.eps + (1.0 - self.eps) * u
 
 
 class AntitheticSampler(UniformSampler):
-    """Stratified over the global batch; marginally uniform, so pdf/cdf are the uniform ones."""
+    """`uniform`, always stratified over the global batch; marginally uniform, so pdf/cdf are the
+    uniform ones."""
 
     name = "antithetic"
 
-    def sample(self, n_local, rng):
-        n_global = n_local * rng.dp_size * rng.n_micro
-        u = torch.rand(1, generator=rng.shared, dtype=torch.float64)
-        strata = torch.randperm(n_global, generator=rng.shared, dtype=torch.float64)
-        i = strata[rng.global_rows(n_local)]
-        s = torch.remainder((u + i) / n_global, 1.0)
-        return self.eps + (1.0 - self.eps) * s
+    def __init__(self, eps: float, stratified: bool = True):
+        super().__init__(eps, stratified=True)
 
 
 class LogitNormalBellSampler(TimeSampler):
@@ -109,8 +129,8 @@ class LogitNormalBellSampler(TimeSampler):
 
     name = "bell"
 
-    def __init__(self, eps: float, mu: float = 0.0, sigma: float = 1.0):
-        super().__init__(eps)
+    def __init__(self, eps: float, mu: float = 0.0, sigma: float = 1.0, stratified: bool = False):
+        super().__init__(eps, stratified)
         self.mu, self.sigma = mu, sigma
         self._lo = float(self._phi_z(torch.tensor(eps, dtype=torch.float64))) if eps > 0 else 0.0
         self._mass = 1.0 - self._lo  # normaliser of the truncation
@@ -129,8 +149,7 @@ class LogitNormalBellSampler(TimeSampler):
         t = torch.as_tensor(t, dtype=torch.float64).clamp(self.eps, 1.0)
         return ((self._phi_z(t) - self._lo) / self._mass).clamp(0.0, 1.0)
 
-    def sample(self, n_local, rng):
-        u = rng.rand(n_local)
+    def icdf(self, u):
         p = self._lo + self._mass * u
         t = torch.sigmoid(self.mu + self.sigma * torch.special.ndtri(p))
         return t.clamp(self.eps, 1.0)
@@ -185,8 +204,8 @@ class BetaBellSampler(TimeSampler):
     name = "bell"
     _TABLE = 16385
 
-    def __init__(self, eps: float, a: float = 2.0, b: float = 2.0):
-        super().__init__(eps)
+    def __init__(self, eps: float, a: float = 2.0, b: float = 2.0, stratified: bool = False):
+        super().__init__(eps, stratified)
         self.a, self.b = a, b
         self._log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
         self._lo = float(_betainc(a, b, np.array([eps]))[0])
@@ -207,22 +226,23 @@ class BetaBellSampler(TimeSampler):
             np.asarray((_betainc(self.a, self.b, t.numpy()) - self._lo) / self._mass)
         ).clamp(0.0, 1.0)
 
-    def sample(self, n_local, rng):
-        u = rng.rand(n_local).numpy()
-        return torch.from_numpy(np.interp(u, self._cdf_grid, self._grid)).clamp(self.eps, 1.0)
+    def icdf(self, u):
+        return torch.from_numpy(np.interp(u.numpy(), self._cdf_grid, self._grid)).clamp(self.eps, 1.0)
 
 
-def build_time_sampler(name: str, eps: float, bell=None) -> TimeSampler:
-    """`bell` is a config.BellConfig (family, mu, sigma, a, b); used only when name == "bell"."""
+def build_time_sampler(name: str, eps: float, bell=None, stratified: bool = False) -> TimeSampler:
+    """`bell` is a config.BellConfig (family, mu, sigma, a, b); used only when name == "bell".
+    `stratified`: draw by the inverse CDF of globally stratified uniforms (`antithetic` always is)."""
     if name == "uniform":
-        return UniformSampler(eps)
+        return UniformSampler(eps, stratified)
     if name == "antithetic":
         return AntitheticSampler(eps)
     if name == "bell":
         family = getattr(bell, "family", "logit_normal")
         if family == "logit_normal":
-            return LogitNormalBellSampler(eps, mu=getattr(bell, "mu", 0.0), sigma=getattr(bell, "sigma", 1.0))
+            return LogitNormalBellSampler(eps, mu=getattr(bell, "mu", 0.0), sigma=getattr(bell, "sigma", 1.0),
+                                          stratified=stratified)
         if family == "beta":
-            return BetaBellSampler(eps, a=getattr(bell, "a", 2.0), b=getattr(bell, "b", 2.0))
+            return BetaBellSampler(eps, a=getattr(bell, "a", 2.0), b=getattr(bell, "b", 2.0), stratified=stratified)
         raise ValueError(f"unknown bell family {family!r}; expected logit_normal or beta")
     raise ValueError(f"unknown time sampler {name!r}; expected uniform, antithetic or bell")

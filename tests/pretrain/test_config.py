@@ -16,14 +16,30 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_shipped_recipes_load_and_lm1b_pair_differs_only_in_sampler():
+    """Seed 001's pair: MDLM's standard recipe (stratified t, EMA 0.9999, SUBS) and the same with
+    the bell density; the flattened configs differ in the time sampler alone (and the name)."""
     bell = load_config(CONFIGS / "lm1b_bell.yaml")
     uniform = load_config(CONFIGS / "lm1b_uniform.yaml")
     load_config(CONFIGS / "quickstart.yaml")
     a, b = flatten(bell), flatten(uniform)
+    assert a.keys() == b.keys()
     differing = {k for k in a if a[k] != b[k]}
     assert differing == {"name", "diffusion.time_sampler"}  # name comes from the file name
     assert (bell.diffusion.time_sampler, uniform.diffusion.time_sampler) == ("bell", "uniform")
+    for cfg in (bell, uniform):  # MDLM's baseline recipe, in both
+        assert cfg.diffusion.stratified and cfg.train.ema == 0.9999
+        assert cfg.diffusion.parameterization == "subs" and cfg.diffusion.schedule == "loglinear"
+        assert (cfg.train.lr, cfg.train.batch_size, cfg.train.warmup_steps) == (3e-4, 512, 2500)
     assert bell.data.source == "hf:lm1b" and bell.data.packing == "pad" and bell.data.seq_len == 128
+
+
+def test_repro_pair_differs_only_in_sampler_and_keeps_its_recorded_settings():
+    bell = load_config(CONFIGS / "repro" / "text_bell.yaml")
+    uniform = load_config(CONFIGS / "repro" / "text_uniform.yaml")
+    a, b = flatten(bell), flatten(uniform)
+    assert {k for k in a if a[k] != b[k]} == {"name", "diffusion.time_sampler"}
+    # the settings bench/RESULTS.md's runs were recorded with (text_bell.yaml says why)
+    assert (bell.diffusion.stratified, bell.diffusion.parameterization, bell.train.ema) == (False, "plain", 0.0)
 
 
 def test_inherit_chain_child_overrides_parent(tmp_path):
