@@ -15,6 +15,12 @@ How the draws enter the loss is the objective's `weighting` (objective.py):
   unbiased, but its variance is finite only if w^2/q is integrable: a density that vanishes at
   t = 1 faster than (1 - t) gives heavy-tailed weights there (logit-normal always does; Beta(a, b)
   needs a < 2 and b < 2).
+  The config validator refuses `elbo` with `bell` when the weights' variance, relative to uniform
+  t's, exceeds ELBO_VARIANCE_LIMIT (`elbo_variance_ratio`; for jigsaw the same over masked-block
+  counts). With eps = 1e-3 the logit-normal bell reaches w(t)/q(t) ~ 6e10 at t = eps and has an
+  infinite variance (t -> 1) for every mu, sigma and eps: refused. Safe range: Beta(a, b) with b < 2
+  (a < 2 too if eps = 0), e.g. Beta(2, 1.5) (ratio ~2 at eps 1e-3, loglinear). Otherwise use
+  `reweighted`.
 - `reweighted`: each sequence is weighted by w(t) alone, i.e. training minimises
   integral q(t) w(t) E[CE | t] dt: q reshapes the objective over t instead of being corrected for.
   Under `uniform` this is MDLM's training loss exactly (MDLM weights by w(t) with t ~ U[eps, 1]).
@@ -228,6 +234,42 @@ class BetaBellSampler(TimeSampler):
 
     def icdf(self, u):
         return torch.from_numpy(np.interp(u.numpy(), self._cdf_grid, self._grid)).clamp(self.eps, 1.0)
+
+
+# `elbo` with a sampler whose weight variance exceeds this many times uniform t's is refused by the
+# config validator: at 100x, matching uniform t's noise from the weights alone takes 100x the batch.
+ELBO_VARIANCE_LIMIT = 100.0
+
+
+def elbo_variance_ratio(schedule, sampler: TimeSampler, n: int = 200_000) -> float:
+    """R = E_q[(alpha'(t) / q(t))^2] / E_uniform[(alpha'(t) / q_u(t))^2] on [eps, 1].
+
+    Why this quantity: under `elbo` a sequence contributes w(t)/q(t) x (its masked tokens' CE), and
+    the expected masked fraction is 1 - alpha(t), so for a model whose per-token loss does not
+    depend on t the per-token estimate is c (-alpha'(t)) / q(t) (w (1 - alpha) = -alpha'). R is its
+    second moment relative to uniform t's: how much noise the importance weights add by themselves.
+    Infinite where q vanishes faster than alpha'^2 at an end of [eps, 1] (decided analytically,
+    since a grid cannot see a logarithmic divergence): the logit-normal bell always at t = 1
+    (alpha'(1) != 0 for every schedule here; q decays faster than any power of 1 - t), a Beta(a, b)
+    bell when b >= 2 (then alpha'^2 / q ~ (1 - t)^(1 - b)), and at t = 0 when eps = 0. Otherwise a
+    midpoint rule in s with t = eps + (1 - eps)(1 - cos(pi s))/2 (dense at both ends)."""
+    if type(sampler) in (UniformSampler, AntitheticSampler):
+        return 1.0
+    eps = sampler.eps
+    one = torch.ones(1, dtype=torch.float64)
+    d1 = float(schedule.dalpha(one).abs()[0])
+    d0 = float(schedule.dalpha(one * eps).abs()[0])
+    if isinstance(sampler, LogitNormalBellSampler) and (d1 > 0 or eps == 0):
+        return math.inf
+    if isinstance(sampler, BetaBellSampler) and ((d1 > 0 and sampler.b >= 2) or (eps == 0 and d0 > 0 and sampler.a >= 2)):
+        return math.inf
+    s = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    t = eps + (1.0 - eps) * 0.5 * (1.0 - torch.cos(math.pi * s))
+    dt = (1.0 - eps) * 0.5 * math.pi * torch.sin(math.pi * s) / n
+    g2 = schedule.dalpha(t) ** 2
+    num = (g2 / sampler.pdf(t) * dt).sum()
+    den = (1.0 - eps) * (g2 * dt).sum()
+    return float(num / den)
 
 
 def build_time_sampler(name: str, eps: float, bell=None, stratified: bool = False) -> TimeSampler:

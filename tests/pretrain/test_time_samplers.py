@@ -119,6 +119,25 @@ def test_stratified_bell_puts_one_draw_in_each_quantile_stratum_of_the_global_ba
                                AntitheticSampler(EPS).sample(16, step_rng(3, 11)), rtol=0, atol=0)
 
 
+def test_elbo_variance_ratio_matches_monte_carlo_and_flags_divergence():
+    """R = E_q[(alpha'/q)^2] / E_u[(alpha'/q_u)^2] against draws from q, where it is finite; infinite
+    for a logit-normal bell (t -> 1) and a Beta with b >= 2, whatever the grid would say."""
+    from pretrain.diffusion.schedules import build_schedule
+    from pretrain.diffusion.time_samplers import elbo_variance_ratio
+
+    schedule = build_schedule("cosine")
+    for q in (BetaBellSampler(0.02, a=1.5, b=1.3), BetaBellSampler(EPS, a=2.0, b=1.5)):
+        t = q.sample(200_000, step_rng(1, 0))
+        mc = (schedule.dalpha(t) ** 2 / q.pdf(t) ** 2).mean()
+        u = UniformSampler(q.eps).sample(200_000, step_rng(2, 0))
+        mc_u = (schedule.dalpha(u) ** 2 * (1 - q.eps) ** 2).mean()
+        r = elbo_variance_ratio(schedule, q)
+        assert 0.0 < r < 100 and abs(r - float(mc / mc_u)) < 0.05 * r, (r, float(mc / mc_u))
+    assert elbo_variance_ratio(schedule, UniformSampler(EPS, stratified=True)) == 1.0
+    assert math.isinf(elbo_variance_ratio(schedule, LogitNormalBellSampler(0.1)))
+    assert math.isinf(elbo_variance_ratio(schedule, BetaBellSampler(EPS, a=1.5, b=2.0)))
+
+
 def test_build_time_sampler_reads_bell_config():
     s = build_time_sampler("bell", 0.01, BellConfig(family="beta", a=3.0, b=1.5))
     assert isinstance(s, BetaBellSampler) and (s.a, s.b, s.eps) == (3.0, 1.5, 0.01)
