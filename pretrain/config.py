@@ -68,7 +68,14 @@ class DiffusionConfig:
     t_min: float = 0.0
     t_max: float = 1.0
     time_sampler: str = "uniform"  # uniform | antithetic | bell
+    # draw t by the inverse CDF of uniforms stratified over the global batch (MDLM's "antithetic"
+    # sampling, for any density; `antithetic` = uniform + stratified); marginals unchanged
+    stratified: bool = False
     weighting: str = "elbo"  # elbo: importance-weighted, unbiased NELBO | reweighted: the sampler's surrogate
+    # subs: MDLM's SUBS parameterisation (the denoiser never predicts [MASK]: its logit is dropped
+    # from the cross-entropy; unmasked tokens are carried over) | plain: softmax over the full
+    # vocabulary, [MASK] included (this framework before SUBS). Masked-diffusion variants only.
+    parameterization: str = "subs"
     bell: BellConfig = field(default_factory=BellConfig)
     # which tokens get masked at a given t: uniform | density_priority | complementary (seed 002;
     # the last two read the shards' density column: set data.density.annotator; see masking.py)
@@ -168,6 +175,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.schedule": ("linear", "loglinear", "cosine"),
     "diffusion.time_sampler": ("uniform", "antithetic", "bell"),
     "diffusion.weighting": ("elbo", "reweighted"),
+    "diffusion.parameterization": ("subs", "plain"),
     "diffusion.bell.family": ("logit_normal", "beta"),
     "diffusion.masking": ("uniform", "density_priority", "complementary"),
     "diffusion.density_form": ("ratio", "logit_tilt"),
@@ -245,6 +253,8 @@ def validate(cfg: Config) -> None:
     need(f.bell.a > 0, "diffusion.bell.a", "must be > 0")
     need(f.bell.b > 0, "diffusion.bell.b", "must be > 0")
     need(f.eval_t_samples >= 1, "diffusion.eval_t_samples", "must be >= 1")
+    if f.weighting == "elbo" and f.time_sampler == "bell" and m.variant != "ar" and not problems:
+        problems.extend(_elbo_weight_problems(cfg))
     need(f.loss_buckets >= 1, "diffusion.loss_buckets", "must be >= 1")
     need(f.density_strength >= 0, "diffusion.density_strength", "must be >= 0 (0 = uniform masking)")
     need(f.density_ratio > 0, "diffusion.density_ratio", "must be > 0 (1 = uniform masking; the paper's best is 2)")
@@ -308,6 +318,48 @@ def validate(cfg: Config) -> None:
          f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size or '?'} x {dp}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _elbo_weight_problems(cfg: Config) -> list[str]:
+    """`elbo` importance-weights each draw by w(t)/q(t); with a bell q that vanishes where w does not
+    (near eps or t = 1) the weights reach ~6e10 (logit-normal(0, 1), eps 1e-3) and their variance
+    is infinite or far above uniform t's (time_samplers.elbo_variance_ratio). Refused above
+    ELBO_VARIANCE_LIMIT x uniform's, naming what to change. Jigsaw's weights 1/(m P_q(m)) are
+    discrete: the same ratio is taken over the masked-block counts m."""
+    import math
+
+    from pretrain.diffusion.schedules import build_schedule
+    from pretrain.diffusion.time_samplers import ELBO_VARIANCE_LIMIT, build_time_sampler, elbo_variance_ratio
+
+    f, m = cfg.diffusion, cfg.model
+    schedule = build_schedule(f.schedule)
+    sampler = build_time_sampler("bell", f.eps, f.bell, t_min=f.t_min, t_max=f.t_max)
+    shape = (f"logit_normal(mu {f.bell.mu}, sigma {f.bell.sigma})" if f.bell.family == "logit_normal"
+             else f"beta(a {f.bell.a}, b {f.bell.b})")
+    if m.variant == "jigsaw":
+        from pretrain.diffusion.blockwise import JigsawObjective
+
+        n = cfg.data.seq_len // m.block_size if m.block_size else 1
+        p_q = JigsawObjective(schedule, sampler, 0).count_probabilities(n)
+        p_u = JigsawObjective(schedule, build_time_sampler("uniform", f.eps), 0).count_probabilities(n)
+        ratio = math.inf if bool((p_q <= 0).any()) else float((1.0 / p_q).sum() / (1.0 / p_u).sum())
+        where = f"1/(m P_q(m)) over the {n} masked-block counts"
+    else:
+        import torch
+
+        ratio = elbo_variance_ratio(schedule, sampler)
+        t = torch.tensor([max(f.eps, 1e-12)], dtype=torch.float64)
+        w_eps = float(schedule.weight(t)[0] / sampler.pdf(t)[0])
+        where = f"w(t)/q(t) = {w_eps:.3g} at t = eps (uniform t: {float(schedule.weight(t)[0]) * (1 - f.eps):.3g})"
+    if ratio <= ELBO_VARIANCE_LIMIT:
+        return []
+    size = "infinite" if math.isinf(ratio) else f"{ratio:.3g}x uniform t's"
+    return [f"`diffusion.weighting` = 'elbo' with diffusion.time_sampler = bell ({shape}, diffusion.eps {f.eps}, "
+            f"schedule {f.schedule}): the variance of the importance weights ({where}) is {size} "
+            f"(limit {ELBO_VARIANCE_LIMIT:g}x): the bell has almost no mass where the NELBO's weight does. "
+            "Use diffusion.weighting=reweighted (the bell reshapes training; validation stays the unbiased "
+            "uniform-t NELBO), or diffusion.bell.family=beta with diffusion.bell.b < 2 (a larger "
+            "diffusion.eps also helps), or diffusion.time_sampler=uniform or antithetic"]
 
 
 def _divisors(n: int) -> str:

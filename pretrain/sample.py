@@ -40,7 +40,10 @@ Samplers (`SamplerConfig.name`; `auto` picks the variant's own, in brackets):
 Token draws: `temperature` 0 = greedy (argmax); otherwise Gumbel-max over the tempered, top-k /
 top-p filtered distribution, in float64 by default (`float64`; DESIGN.md: fp32 categorical sampling
 lowers the effective temperature and flatters generative perplexity). The mask token and
-`forbid_ids` (e.g. PAD, BOS) are never drawn. Time-conditioned models get t = the masked fraction
+`forbid_ids` (e.g. PAD, BOS) are never drawn, and every ordering score (including jigsaw's entropy
+probe) is computed on the distribution without them: MDLM's SUBS "zero masking probabilities" (a
+SUBS-trained model's raw [MASK] logit is untrained and meaningless). Given and committed tokens are
+never changed (SUBS "carry-over unmasking"); see pretrain/diffusion/objective.py. Time-conditioned models get t = the masked fraction
 of the sequence (for log-linear alpha_t = 1 - t that is the expected t).
 
 `result.positions` counts the token positions run through the model (batch x length, summed over
@@ -344,8 +347,9 @@ def _jigsaw(ctx: _Ctx, x, masked, bl: int, order: str) -> None:
             choice = pending.float().argmax(1)  # first pending block
         elif order == "entropy":
             logits = forward(x).double()
+            logits[..., ctx.forbid] = -math.inf  # the distribution draws come from (SUBS: no [MASK])
             logp = logits.log_softmax(-1)
-            ent = -(logp.exp() * logp).sum(-1)  # [B, L]
+            ent = -(logp.exp() * logp.clamp_min(-1e300)).sum(-1)  # [B, L]; 0 * -inf -> 0
             ent_blk = torch.zeros(B, nb, dtype=ent.dtype, device=x.device).index_add_(
                 1, blk, ent * masked) / torch.zeros(B, nb, dtype=ent.dtype, device=x.device).index_add_(
                 1, blk, masked.to(ent.dtype)).clamp(min=1)

@@ -288,7 +288,9 @@ class ModelAnnotator(Annotator):
                         x_t = torch.where(m, torch.full_like(x, self.mask), x)
                         kw = {"x0": x} if self.variant == "block" else {}
                         logits = self.model(x_t, t, key_padding_mask=real, **kw)
-                        ce_k = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")
+                        logits = logits.float()
+                        logits[..., self.mask] = float("-inf")  # SUBS: [MASK] is never a prediction
+                        ce_k = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
                         ce = torch.where(m, ce_k, ce)
             ce = ce.cpu().numpy()
             for r, (s, n) in enumerate(chunk):

@@ -73,7 +73,13 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.diffusion.masking import UniformMasking
-from pretrain.diffusion.objective import MaskedDiffusionObjective, _masked_ce_per_sequence, token_info_of
+from pretrain.diffusion.objective import (
+    MaskedDiffusionObjective,
+    _masked_ce_per_sequence,
+    selected_logits,
+    subs_exclude,
+    token_info_of,
+)
 from pretrain.diffusion.rng import StepRNG, single
 from pretrain.diffusion.schedules import Schedule
 from pretrain.diffusion.time_samplers import TimeSampler
@@ -83,11 +89,12 @@ def _unwrap(model):
     return getattr(model, "module", model)  # DDP / DeepSpeed engines keep the model in .module
 
 
-def _masked_ce_per_token(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+def _masked_ce_per_token(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor,
+                         exclude: int | None = None) -> torch.Tensor:
     """float32 [B, L]: -log softmax(logits)[target] where `where`, 0 elsewhere (only the selected
-    rows are upcast to float32)."""
-    rows = where.nonzero(as_tuple=True)
-    ce = F.cross_entropy(logits[rows].float(), targets[rows], reduction="none")
+    rows are upcast to float32; `exclude`: SUBS, see objective.selected_logits)."""
+    sel, rows = selected_logits(logits, where, exclude)
+    ce = F.cross_entropy(sel, targets[rows], reduction="none")
     return torch.zeros(targets.shape, dtype=torch.float32, device=logits.device).index_put_(rows, ce)
 
 
@@ -129,7 +136,7 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         masked = self.masking.mask(input_ids, real, self.schedule.alpha(t_tok), rng, **token_info_of(batch))
         x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
         logits = model(x_t, t.mean(dim=1).to(device=device, dtype=torch.float32), key_padding_mask=real, x0=input_ids)
-        ce = _masked_ce_per_token(logits, input_ids, masked)  # [B, L]
+        ce = _masked_ce_per_token(logits, input_ids, masked, self.exclude)  # [B, L]
         w = self.sequence_weight(t).to(device=device, dtype=torch.float32)  # [B, nb]
         weighted = w * ce.view(B, nb, bl).sum(dim=2)  # [B, nb]
         n_real = real.sum().clamp(min=1)
@@ -159,7 +166,7 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         t2 = torch.stack([t, t_s], dim=1).flatten(0, 1)  # [2B, nb]: row 2b t, row 2b + 1 t_S
         x_t = torch.where(masked, torch.full_like(ids2, self.mask_id), ids2)
         logits = model(x_t, t2.mean(dim=1).to(device=device, dtype=torch.float32), key_padding_mask=real2, x0=ids2)
-        ce = _masked_ce_per_token(logits, ids2, masked)  # [2B, L]
+        ce = _masked_ce_per_token(logits, ids2, masked, self.exclude)  # [2B, L]
         w2 = 0.5 * torch.stack([w_r, w_s], dim=1).flatten(0, 1).to(device=device, dtype=torch.float32)  # [2B, nb]
         weighted = w2 * ce.view(2 * B, nb, bl).sum(dim=2)  # [2B, nb]
         n_real = real.sum().clamp(min=1)
@@ -188,7 +195,7 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
             x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
             logits = model(x_t, t.mean(dim=1).to(device=device, dtype=torch.float32), key_padding_mask=real,
                            x0=input_ids)
-            ce = _masked_ce_per_token(logits, input_ids, masked).cpu().double()
+            ce = _masked_ce_per_token(logits, input_ids, masked, self.exclude).cpu().double()
             total += (self.schedule.weight(t_tok) * (1.0 - self.eps) * ce).sum(dim=1)
         return float(total.sum() / K), int(real.sum())
 
@@ -205,11 +212,13 @@ class JigsawObjective:
         weighting: str = "elbo",
         eval_t_samples: int = 8,
         loss_buckets: int = 10,
+        parameterization: str = "subs",
     ):
         if weighting not in ("elbo", "reweighted"):
             raise ValueError(f"unknown weighting {weighting!r}; expected elbo or reweighted")
         self.schedule, self.sampler, self.mask_id = schedule, sampler, mask_id
         self.weighting = weighting
+        self.exclude = subs_exclude(parameterization, mask_id)
         self.eval_t_samples = eval_t_samples
         self.loss_buckets = loss_buckets
         self.eps = sampler.eps
@@ -261,7 +270,7 @@ class JigsawObjective:
         x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
         frac = masked_blocks.float().mean(dim=1)  # what time conditioning sees: m / n
         logits = model(x_t, frac, key_padding_mask=real, x0=input_ids, revealed_blocks=~masked_blocks)
-        return _masked_ce_per_sequence(logits, input_ids, masked), masked
+        return _masked_ce_per_sequence(logits, input_ids, masked, self.exclude), masked
 
     def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()

@@ -8,6 +8,15 @@ with weight_b = w(t_b) / q(t_b) (`elbo`: unbiased per-token NELBO on [eps, 1]) o
 (`reweighted`: the sampler reshapes the objective; see time_samplers.py). Cross-entropy is taken in
 float32 on the masked real tokens only, whatever the autocast dtype of the logits.
 
+Parameterisation (`diffusion.parameterization`, every masked-diffusion variant: mdm, scatter, block,
+jigsaw). `subs` (default) is MDLM's SUBS (sec. 3.2.3): p_theta(x_0 | x_t) puts zero mass on [MASK]
+("zero masking probabilities": the [MASK] logit is -inf before the softmax) and, where x_t is
+unmasked, is the point mass on x_t ("carry-over unmasking"). Carry-over makes the unmasked terms
+-log 1 = 0, which is why the loss sums over masked tokens only; the [MASK] logit is dropped from the
+selected rows (`selected_logits`), so each term is the cross-entropy over the V - 1 real tokens and
+never exceeds the `plain` one (softmax over all V, [MASK] included). `subs_log_probs` is the dense
+form. The samplers (pretrain/sample.py) apply the same two rules under either setting.
+
 Evaluation (`eval_nll`) is independent of the training sampler and weighting so that runs compare:
 the `elbo` estimate under uniform t with `eval_t_samples` stratified draws per sequence and uniform
 masking, from a caller-seeded generator (deterministic). The caller puts the model in eval mode.
@@ -49,6 +58,8 @@ from pretrain.diffusion.rng import StepRNG, single
 from pretrain.diffusion.schedules import Schedule, build_schedule
 from pretrain.diffusion.time_samplers import TimeSampler, build_time_sampler
 
+PARAMETERIZATIONS = ("subs", "plain")
+
 
 def token_info_of(batch: dict) -> dict:
     """The per-token side information for the masking policy: batch["token_info"] plus the
@@ -70,13 +81,48 @@ def inverse_alpha(schedule: Schedule, a: torch.Tensor, iters: int = 60) -> torch
     return 0.5 * (lo + hi)
 
 
-def _masked_ce_per_sequence(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Sum over positions with where=True of -log softmax(logits)[target], per sequence, float32.
-    Only the selected rows are upcast, so the [B, L, V] logits are never copied to float32 whole."""
-    B = targets.shape[0]
+def selected_logits(logits: torch.Tensor, where: torch.Tensor, exclude: int | None = None):
+    """(float32 [N, V] logits of the positions where `where` is True, their (row, col) indices).
+    Only the selected rows are upcast, so the [B, L, V] logits are never copied to float32 whole.
+    exclude: a token id whose logit is set to -inf (SUBS: the denoiser never predicts [MASK])."""
     rows = where.nonzero(as_tuple=True)
-    ce = F.cross_entropy(logits[rows].float(), targets[rows], reduction="none")
-    return torch.zeros(B, dtype=torch.float32, device=logits.device).index_add_(0, rows[0], ce)
+    sel = logits[rows].float()  # a fresh tensor (advanced indexing): safe to edit in place
+    if exclude is not None:
+        sel[:, exclude] = float("-inf")
+    return sel, rows
+
+
+def _masked_ce_per_sequence(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor,
+                            exclude: int | None = None) -> torch.Tensor:
+    """Sum over positions with where=True of -log softmax(logits)[target], per sequence, float32
+    (`exclude`: see selected_logits)."""
+    sel, rows = selected_logits(logits, where, exclude)
+    ce = F.cross_entropy(sel, targets[rows], reduction="none")
+    return torch.zeros(targets.shape[0], dtype=torch.float32, device=logits.device).index_add_(0, rows[0], ce)
+
+
+def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """MDLM's SUBS parameterisation (arXiv 2406.07524 sec. 3.2.3; `_subs_parameterization` in
+    kuleshov-group/mdlm `diffusion.py`), dense, float32 [..., V] log-probabilities of x_0:
+    - zero masking probabilities: log p([MASK]) = -inf, the rest renormalised;
+    - carry-over unmasking: where x_t is not [MASK], p is the point mass on x_t.
+    The objectives and samplers apply the same two rules without building this tensor: the loss
+    is taken on masked positions only (carry-over makes every other term -log 1 = 0) with the
+    [MASK] logit removed, and samplers never draw [MASK] and never change a committed token.
+    Reference and inspection helper (tests compare the losses against it)."""
+    logp = logits.float().clone()
+    logp[..., mask_id] = float("-inf")
+    logp = logp.log_softmax(dim=-1)
+    keep = x_t != mask_id
+    carried = torch.full_like(logp, float("-inf")).scatter_(-1, x_t.unsqueeze(-1), 0.0)
+    return torch.where(keep.unsqueeze(-1), carried, logp)
+
+
+def subs_exclude(parameterization: str, mask_id: int) -> int | None:
+    """The token id whose logit the cross-entropy drops: mask_id under `subs`, none under `plain`."""
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"unknown parameterization {parameterization!r}; expected {' or '.join(PARAMETERIZATIONS)}")
+    return mask_id if parameterization == "subs" else None
 
 
 class MaskedDiffusionObjective:
@@ -89,11 +135,13 @@ class MaskedDiffusionObjective:
         masking=None,
         eval_t_samples: int = 8,
         loss_buckets: int = 10,
+        parameterization: str = "subs",
     ):
         if weighting not in ("elbo", "reweighted"):
             raise ValueError(f"unknown weighting {weighting!r}; expected elbo or reweighted")
         self.schedule, self.sampler, self.mask_id = schedule, sampler, mask_id
         self.weighting = weighting
+        self.exclude = subs_exclude(parameterization, mask_id)
         self.masking = masking or UniformMasking()
         self.eval_t_samples = eval_t_samples
         self.loss_buckets = loss_buckets
@@ -115,7 +163,7 @@ class MaskedDiffusionObjective:
         masked = self.masking.mask(input_ids, real, self.schedule.alpha(t), rng, **token_info_of(batch))
         x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
         logits = model(x_t, t.to(device=device, dtype=torch.float32), key_padding_mask=real)
-        ce_seq = _masked_ce_per_sequence(logits, input_ids, masked)  # [B] float32
+        ce_seq = _masked_ce_per_sequence(logits, input_ids, masked, self.exclude)  # [B] float32
         weighted = self.sequence_weight(t).to(device=device, dtype=torch.float32) * ce_seq
         n_real_seq = real.sum(dim=1)
         n_real = n_real_seq.sum().clamp(min=1)
@@ -153,7 +201,7 @@ class MaskedDiffusionObjective:
         t2 = torch.stack([t, t_s], dim=1).flatten()  # row 2b: t, row 2b + 1: t_S
         x_t = torch.where(masked, torch.full_like(ids2, self.mask_id), ids2)
         logits = model(x_t, t2.to(device=device, dtype=torch.float32), key_padding_mask=real2)
-        ce = _masked_ce_per_sequence(logits, ids2, masked)  # [2B]
+        ce = _masked_ce_per_sequence(logits, ids2, masked, self.exclude)  # [2B]
         w2 = 0.5 * torch.stack([w_r, w_s], dim=1).flatten().to(device=device, dtype=torch.float32)
         weighted = w2 * ce
         n_real_seq = real.sum(dim=1)
@@ -191,7 +239,7 @@ class MaskedDiffusionObjective:
             masked = masking.mask(input_ids, real, self.schedule.alpha(t), rng)
             x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
             logits = model(x_t, t.to(device=device, dtype=torch.float32), key_padding_mask=real)
-            ce_seq = _masked_ce_per_sequence(logits, input_ids, masked).cpu().double()
+            ce_seq = _masked_ce_per_sequence(logits, input_ids, masked, self.exclude).cpu().double()
             total += self.schedule.weight(t) * (1.0 - self.eps) * ce_seq
         return float(total.sum() / K), int(real.sum())
 
@@ -238,21 +286,23 @@ def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int):
     if variant == "jigsaw":
         return JigsawObjective(
             schedule=build_schedule(cfg.schedule),
-            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.t_min, cfg.t_max),
+            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified, cfg.t_min, cfg.t_max),
             mask_id=mask_id,
             weighting=cfg.weighting,
             eval_t_samples=cfg.eval_t_samples,
             loss_buckets=cfg.loss_buckets,
+            parameterization=cfg.parameterization,
         )
     if variant in ("mdm", "scatter", "block"):
         cls = BlockDiffusionObjective if variant == "block" else MaskedDiffusionObjective
         return cls(
             schedule=build_schedule(cfg.schedule),
-            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.t_min, cfg.t_max),
+            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified, cfg.t_min, cfg.t_max),
             mask_id=mask_id,
             weighting=cfg.weighting,
             masking=masking_from_config(cfg),
             eval_t_samples=cfg.eval_t_samples,
             loss_buckets=cfg.loss_buckets,
+            parameterization=cfg.parameterization,
         )
     raise ValueError(f"no objective for model variant {variant!r}; expected ar, mdm, block, jigsaw or scatter")

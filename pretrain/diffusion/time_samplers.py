@@ -1,8 +1,5 @@
 """Time samplers: the proposal density q(t) on [lo, hi] from which training draws t.
 
-Every sampler has `pdf(t)` (q on [lo, hi], integrating to 1, zero outside), `cdf(t)`, and
-`sample(n_local, rng) -> float64 [n_local]` on the CPU (see rng.py for why CPU).
-
 The support is [lo, hi] = [max(eps, t_min), t_max] (config `diffusion.t_min`/`t_max`, default 0 and 1,
 so [eps, 1]): every sampler is truncated to it and renormalised (its pdf divided by its mass there,
 its cdf rescaled, draws by inverting the truncated cdf), so `elbo`'s w(t)/q(t) stays an unbiased
@@ -10,19 +7,35 @@ estimate, but of integral_lo^hi w(t) E[CE | t] dt: the NELBO over the clipped ra
 bound on -log p(x) (seed 002 trains at noise ratio [0.3, 0.8]; BD3-LMs clips its masking rates
 too). Validation (objective.eval_nll) ignores the clip: it is always the [eps, 1] NELBO.
 
+Every sampler has `pdf(t)` (q on [lo, hi], integrating to 1, zero outside), `cdf(t)`, its inverse
+`icdf(u)`, and `sample(n_local, rng) -> float64 [n_local]` on the CPU (see rng.py for why CPU):
+t = icdf(u) with u iid U[0, 1), or, with `stratified` (config `diffusion.stratified`), u the
+globally stratified uniforms described under `antithetic` below. Stratification changes only the
+joint law of a batch's draws: every t is still marginally q (the strata are assigned by a shared
+random permutation), so the `elbo` weights w(t)/q(t) stay exact, and any density - uniform or
+bell - is stratified the same way (inverse CDF of stratified uniforms). That is what lets the
+uniform and bell recipes differ in the density alone.
+
 How the draws enter the loss is the objective's `weighting` (objective.py):
 - `elbo`: each sequence is weighted by w(t) / q(t), an importance-sampling estimate of
   integral_eps^1 w(t) E[CE | t] dt, the NELBO on [eps, 1], whatever q is. The estimate stays
   unbiased, but its variance is finite only if w^2/q is integrable: a density that vanishes at
   t = 1 faster than (1 - t) gives heavy-tailed weights there (logit-normal always does; Beta(a, b)
   needs a < 2 and b < 2).
+  The config validator refuses `elbo` with `bell` when the weights' variance, relative to uniform
+  t's, exceeds ELBO_VARIANCE_LIMIT (`elbo_variance_ratio`; for jigsaw the same over masked-block
+  counts). With eps = 1e-3 the logit-normal bell reaches w(t)/q(t) ~ 6e10 at t = eps and has an
+  infinite variance (t -> 1) for every mu, sigma and eps: refused. Safe range: Beta(a, b) with b < 2
+  (a < 2 too if eps = 0), e.g. Beta(2, 1.5) (ratio ~2 at eps 1e-3, loglinear). Otherwise use
+  `reweighted`.
 - `reweighted`: each sequence is weighted by w(t) alone, i.e. training minimises
   integral q(t) w(t) E[CE | t] dt: q reshapes the objective over t instead of being corrected for.
   Under `uniform` this is MDLM's training loss exactly (MDLM weights by w(t) with t ~ U[eps, 1]).
 
 Samplers
 - `uniform`: t ~ U[eps, 1] (U[lo, hi] when clipped).
-- `antithetic`: MDLM's stratified ("antithetic") draw over the GLOBAL batch of N = n_local * dp_size
+- `antithetic`: `uniform` with `stratified` on (whatever `diffusion.stratified` says): MDLM's
+  stratified ("antithetic") draw over the GLOBAL batch of N = n_local * dp_size
   sequences: one shared u ~ U[0, 1) (from `rng.shared`, the same on every rank), s_i = (u + i) / N,
   t_i = eps + (1 - eps) s_i; data-parallel rank r takes positions [r n_local, (r+1) n_local) of the
   global list (the rank's own samples' positions, see rng.py). The global batch covers [eps, 1] evenly, so the estimator's variance does not grow
@@ -34,7 +47,8 @@ Samplers
   u is systematic sampling: same marginal.)
 - `bell` (seed 001, arXiv 2605.13026, Hong et al., "Understanding and Accelerating the Training of
   Masked Diffusion Language Models"): a bell-shaped q concentrated on intermediate t, away from
-  the nearly clean (t ~ 0) and nearly fully masked (t ~ 1) ends. The paper motivates it by
+  the nearly clean (t ~ 0) and nearly fully masked (t ~ 1) ends. With `stratified`, the inverse
+  CDF of the stratified uniforms: one draw per q-quantile stratum of the global batch. The paper motivates it by
   locality bias: a token's predictive information sits in nearby positions, which intermediate
   masking rates leave partially visible. Its exact density could not be recovered: the stored copy
   of https://arxiv.org/html/2605.13026 holds only the abstract and the start of the introduction
@@ -59,16 +73,28 @@ import torch
 from pretrain.diffusion.rng import StepRNG
 
 
+def stratified_uniforms(n_local: int, rng: StepRNG) -> torch.Tensor:
+    """float64 [n_local] in [0, 1): this rank's rows of s_i = (u + pi(i)) / N over the global batch
+    of N = n_local * dp_size * n_micro draws, u ~ U[0, 1) and the permutation pi shared by all ranks
+    (from `rng.shared`): one draw per stratum [k/N, (k+1)/N), each marginally U[0, 1)."""
+    n_global = n_local * rng.dp_size * rng.n_micro
+    u = torch.rand(1, generator=rng.shared, dtype=torch.float64)
+    strata = torch.randperm(n_global, generator=rng.shared, dtype=torch.float64)
+    i = strata[rng.global_rows(n_local)]
+    return torch.remainder((u + i) / n_global, 1.0)
+
+
 class TimeSampler:
     name = "base"
 
-    def __init__(self, eps: float, t_min: float = 0.0, t_max: float = 1.0):
+    def __init__(self, eps: float, stratified: bool = False, t_min: float = 0.0, t_max: float = 1.0):
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {eps}")
         if not (0.0 <= t_min < 1.0 and 0.0 < t_max <= 1.0 and max(eps, t_min) < t_max):
             raise ValueError(f"time range t_min={t_min}, t_max={t_max} (eps={eps}): need "
                              "0 <= t_min < t_max <= 1 and max(eps, t_min) < t_max (diffusion.t_min/t_max)")
         self.eps = eps
+        self.stratified = stratified
         self.lo, self.hi = max(eps, t_min), t_max  # the support of q
 
     def pdf(self, t: torch.Tensor) -> torch.Tensor:
@@ -77,8 +103,13 @@ class TimeSampler:
     def cdf(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def sample(self, n_local: int, rng: StepRNG) -> torch.Tensor:
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        """t in [lo, hi] with cdf(t) = u, float64, for u in [0, 1)."""
         raise NotImplementedError
+
+    def sample(self, n_local: int, rng: StepRNG) -> torch.Tensor:
+        u = stratified_uniforms(n_local, rng) if self.stratified else rng.rand(n_local)
+        return self.icdf(u)
 
     def _inside(self, t: torch.Tensor) -> torch.Tensor:
         return (t >= self.lo) & (t <= self.hi)
@@ -95,23 +126,18 @@ class UniformSampler(TimeSampler):
         t = torch.as_tensor(t, dtype=torch.float64)
         return ((t - self.lo) / (self.hi - self.lo)).clamp(0.0, 1.0)
 
-    def sample(self, n_local, rng):
-        u = rng.rand(n_local)
+    def icdf(self, u):
         return self.lo + (self.hi - self.lo) * u
 
 
 class AntitheticSampler(UniformSampler):
-    """Stratified over the global batch; marginally uniform, so pdf/cdf are the uniform ones."""
+    """`uniform`, always stratified over the global batch; marginally uniform, so pdf/cdf are the
+    uniform ones."""
 
     name = "antithetic"
 
-    def sample(self, n_local, rng):
-        n_global = n_local * rng.dp_size * rng.n_micro
-        u = torch.rand(1, generator=rng.shared, dtype=torch.float64)
-        strata = torch.randperm(n_global, generator=rng.shared, dtype=torch.float64)
-        i = strata[rng.global_rows(n_local)]
-        s = torch.remainder((u + i) / n_global, 1.0)
-        return self.lo + (self.hi - self.lo) * s
+    def __init__(self, eps: float, stratified: bool = True, t_min: float = 0.0, t_max: float = 1.0):
+        super().__init__(eps, stratified=True, t_min=t_min, t_max=t_max)
 
 
 class LogitNormalBellSampler(TimeSampler):
@@ -120,8 +146,9 @@ class LogitNormalBellSampler(TimeSampler):
 
     name = "bell"
 
-    def __init__(self, eps: float, mu: float = 0.0, sigma: float = 1.0, t_min: float = 0.0, t_max: float = 1.0):
-        super().__init__(eps, t_min, t_max)
+    def __init__(self, eps: float, mu: float = 0.0, sigma: float = 1.0, stratified: bool = False,
+                 t_min: float = 0.0, t_max: float = 1.0):
+        super().__init__(eps, stratified, t_min, t_max)
         self.mu, self.sigma = mu, sigma
         self._lo = float(self._phi_z(torch.tensor(self.lo, dtype=torch.float64))) if self.lo > 0 else 0.0
         self._hi = float(self._phi_z(torch.tensor(self.hi, dtype=torch.float64))) if self.hi < 1 else 1.0
@@ -141,8 +168,7 @@ class LogitNormalBellSampler(TimeSampler):
         t = torch.as_tensor(t, dtype=torch.float64).clamp(self.lo, self.hi)
         return ((self._phi_z(t) - self._lo) / self._mass).clamp(0.0, 1.0)
 
-    def sample(self, n_local, rng):
-        u = rng.rand(n_local)
+    def icdf(self, u):
         p = self._lo + self._mass * u
         t = torch.sigmoid(self.mu + self.sigma * torch.special.ndtri(p))
         return t.clamp(self.lo, self.hi)
@@ -197,8 +223,9 @@ class BetaBellSampler(TimeSampler):
     name = "bell"
     _TABLE = 16385
 
-    def __init__(self, eps: float, a: float = 2.0, b: float = 2.0, t_min: float = 0.0, t_max: float = 1.0):
-        super().__init__(eps, t_min, t_max)
+    def __init__(self, eps: float, a: float = 2.0, b: float = 2.0, stratified: bool = False,
+                 t_min: float = 0.0, t_max: float = 1.0):
+        super().__init__(eps, stratified, t_min, t_max)
         self.a, self.b = a, b
         self._log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
         self._lo = float(_betainc(a, b, np.array([self.lo]))[0])
@@ -219,24 +246,63 @@ class BetaBellSampler(TimeSampler):
             np.asarray((_betainc(self.a, self.b, t.numpy()) - self._lo) / self._mass)
         ).clamp(0.0, 1.0)
 
-    def sample(self, n_local, rng):
-        u = rng.rand(n_local).numpy()
-        return torch.from_numpy(np.interp(u, self._cdf_grid, self._grid)).clamp(self.lo, self.hi)
+    def icdf(self, u):
+        return torch.from_numpy(np.interp(u.numpy(), self._cdf_grid, self._grid)).clamp(self.lo, self.hi)
 
 
-def build_time_sampler(name: str, eps: float, bell=None, t_min: float = 0.0, t_max: float = 1.0) -> TimeSampler:
+# `elbo` with a sampler whose weight variance exceeds this many times uniform t's is refused by the
+# config validator: at 100x, matching uniform t's noise from the weights alone takes 100x the batch.
+ELBO_VARIANCE_LIMIT = 100.0
+
+
+def elbo_variance_ratio(schedule, sampler: TimeSampler, n: int = 200_000) -> float:
+    """R = E_q[(alpha'(t) / q(t))^2] / E_uniform[(alpha'(t) / q_u(t))^2] on the sampler's [lo, hi]
+    ([eps, 1] unless clipped).
+
+    Why this quantity: under `elbo` a sequence contributes w(t)/q(t) x (its masked tokens' CE), and
+    the expected masked fraction is 1 - alpha(t), so for a model whose per-token loss does not
+    depend on t the per-token estimate is c (-alpha'(t)) / q(t) (w (1 - alpha) = -alpha'). R is its
+    second moment relative to uniform t's: how much noise the importance weights add by themselves.
+    Infinite where q vanishes faster than alpha'^2 at an end of the support (decided analytically,
+    since a grid cannot see a logarithmic divergence): the logit-normal bell always when hi = 1
+    (alpha'(1) != 0 for every schedule here; q decays faster than any power of 1 - t), a Beta(a, b)
+    bell when b >= 2 (then alpha'^2 / q ~ (1 - t)^(1 - b)), and at t = 0 when lo = 0. Otherwise a
+    midpoint rule in s with t = lo + (hi - lo)(1 - cos(pi s))/2 (dense at both ends)."""
+    if type(sampler) in (UniformSampler, AntitheticSampler):
+        return 1.0
+    lo, hi = sampler.lo, sampler.hi
+    d1 = float(schedule.dalpha(torch.ones(1, dtype=torch.float64)).abs()[0]) if hi == 1.0 else 0.0
+    d0 = float(schedule.dalpha(torch.zeros(1, dtype=torch.float64)).abs()[0]) if lo == 0.0 else 0.0
+    if isinstance(sampler, LogitNormalBellSampler) and (d1 > 0 or d0 > 0):
+        return math.inf
+    if isinstance(sampler, BetaBellSampler) and ((d1 > 0 and sampler.b >= 2) or (d0 > 0 and sampler.a >= 2)):
+        return math.inf
+    s = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    t = lo + (hi - lo) * 0.5 * (1.0 - torch.cos(math.pi * s))
+    dt = (hi - lo) * 0.5 * math.pi * torch.sin(math.pi * s) / n
+    g2 = schedule.dalpha(t) ** 2
+    num = (g2 / sampler.pdf(t) * dt).sum()
+    den = (hi - lo) * (g2 * dt).sum()
+    return float(num / den)
+
+
+def build_time_sampler(name: str, eps: float, bell=None, stratified: bool = False, t_min: float = 0.0,
+                       t_max: float = 1.0) -> TimeSampler:
     """`bell` is a config.BellConfig (family, mu, sigma, a, b); used only when name == "bell".
+    `stratified`: draw by the inverse CDF of globally stratified uniforms (`antithetic` always is).
     t_min/t_max truncate the sampler to [max(eps, t_min), t_max] (module docstring)."""
+    clip = {"t_min": t_min, "t_max": t_max}
     if name == "uniform":
-        return UniformSampler(eps, t_min, t_max)
+        return UniformSampler(eps, stratified, **clip)
     if name == "antithetic":
-        return AntitheticSampler(eps, t_min, t_max)
+        return AntitheticSampler(eps, **clip)
     if name == "bell":
         family = getattr(bell, "family", "logit_normal")
         if family == "logit_normal":
             return LogitNormalBellSampler(eps, mu=getattr(bell, "mu", 0.0), sigma=getattr(bell, "sigma", 1.0),
-                                          t_min=t_min, t_max=t_max)
+                                          stratified=stratified, **clip)
         if family == "beta":
-            return BetaBellSampler(eps, a=getattr(bell, "a", 2.0), b=getattr(bell, "b", 2.0), t_min=t_min, t_max=t_max)
+            return BetaBellSampler(eps, a=getattr(bell, "a", 2.0), b=getattr(bell, "b", 2.0), stratified=stratified,
+                                   **clip)
         raise ValueError(f"unknown bell family {family!r}; expected logit_normal or beta")
     raise ValueError(f"unknown time sampler {name!r}; expected uniform, antithetic or bell")

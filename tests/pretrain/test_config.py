@@ -16,14 +16,30 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_shipped_recipes_load_and_lm1b_pair_differs_only_in_sampler():
+    """Seed 001's pair: MDLM's standard recipe (stratified t, EMA 0.9999, SUBS) and the same with
+    the bell density; the flattened configs differ in the time sampler alone (and the name)."""
     bell = load_config(CONFIGS / "lm1b_bell.yaml")
     uniform = load_config(CONFIGS / "lm1b_uniform.yaml")
     load_config(CONFIGS / "quickstart.yaml")
     a, b = flatten(bell), flatten(uniform)
+    assert a.keys() == b.keys()
     differing = {k for k in a if a[k] != b[k]}
     assert differing == {"name", "diffusion.time_sampler"}  # name comes from the file name
     assert (bell.diffusion.time_sampler, uniform.diffusion.time_sampler) == ("bell", "uniform")
+    for cfg in (bell, uniform):  # MDLM's baseline recipe, in both
+        assert cfg.diffusion.stratified and cfg.train.ema == 0.9999
+        assert cfg.diffusion.parameterization == "subs" and cfg.diffusion.schedule == "loglinear"
+        assert (cfg.train.lr, cfg.train.batch_size, cfg.train.warmup_steps) == (3e-4, 512, 2500)
     assert bell.data.source == "hf:lm1b" and bell.data.packing == "pad" and bell.data.seq_len == 128
+
+
+def test_repro_pair_differs_only_in_sampler_and_keeps_its_recorded_settings():
+    bell = load_config(CONFIGS / "repro" / "text_bell.yaml")
+    uniform = load_config(CONFIGS / "repro" / "text_uniform.yaml")
+    a, b = flatten(bell), flatten(uniform)
+    assert {k for k in a if a[k] != b[k]} == {"name", "diffusion.time_sampler"}
+    # the settings bench/RESULTS.md's runs were recorded with (text_bell.yaml says why)
+    assert (bell.diffusion.stratified, bell.diffusion.parameterization, bell.train.ema) == (False, "plain", 0.0)
 
 
 def test_inherit_chain_child_overrides_parent(tmp_path):
@@ -158,3 +174,37 @@ def test_saved_config_reloads_identically(tmp_path):
     cfg = load_config(CONFIGS / "lm1b_bell.yaml", ["train.lr=1e-4"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert flatten(load_config(tmp_path / "resolved.yaml")) == flatten(cfg)
+
+
+@pytest.mark.parametrize(("overrides", "refused"), [
+    ([], True),  # logit-normal(0, 1): w(t)/q(t) ~ 6e10 at eps, infinite variance at t -> 1
+    (["diffusion.eps=0.05"], True),  # a larger eps does not help the t -> 1 end of a logit-normal
+    (["diffusion.bell.family=beta"], True),  # Beta(2, 2): b >= 2, (1 - t)^(1 - b) not integrable
+    (["diffusion.bell.family=beta", "diffusion.bell.b=1.5"], False),
+    (["diffusion.bell.family=beta", "diffusion.bell.b=1.5", "diffusion.eps=0.05"], False),
+    (["diffusion.weighting=reweighted"], False),  # the bell as a training surrogate: plain w(t)
+    (["model.variant=jigsaw", "model.block_size=1", "data.seq_len=256"], True),  # P_q(m) ~ 0 for small m
+    (["model.variant=jigsaw", "model.block_size=64", "data.seq_len=256"], False),  # 4 blocks: bounded
+    (["model.variant=ar"], False),  # no diffusion weights at all
+])
+def test_elbo_with_a_bell_is_refused_when_its_weights_explode(overrides, refused):
+    sets = ["diffusion.time_sampler=bell", "diffusion.weighting=elbo", *overrides]
+    if not refused:
+        load_config(None, sets)
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(None, sets)
+    msg = str(err.value)
+    # names the key, the reason and the keys to change
+    for fragment in ("`diffusion.weighting` = 'elbo'", "variance", "diffusion.weighting=reweighted",
+                     "diffusion.bell.b < 2"):
+        assert fragment in msg, msg
+    if "model.variant=jigsaw" not in overrides and "diffusion.eps=0.05" not in overrides:
+        assert "infinite" in msg and "at t = eps" in msg
+
+
+def test_shipped_bell_recipes_pass_the_elbo_check():
+    for path in CONFIGS.rglob("*.yaml"):
+        cfg = load_config(path)
+        assert not (cfg.diffusion.time_sampler == "bell" and cfg.diffusion.weighting == "elbo"
+                    and cfg.diffusion.bell.family == "logit_normal"), path

@@ -85,7 +85,9 @@ def test_mdm_loss_equals_dense_reference():
         t = obj.sampler.sample(6, rng)
         masked = obj.masking.mask(batch["input_ids"], batch["loss_mask"], obj.schedule.alpha(t), rng)
         x_t = torch.where(masked, MASK, batch["input_ids"])
-        logp = model(x_t, t.float(), key_padding_mask=batch["loss_mask"]).log_softmax(-1)
+        logits = model(x_t, t.float(), key_padding_mask=batch["loss_mask"])
+        logits[..., MASK] = -math.inf  # SUBS (the default): [MASK] is never predicted
+        logp = logits.log_softmax(-1)
         total, n_real = 0.0, 0
         for b in range(6):
             w = obj.schedule.weight(t[b]).item()
@@ -102,15 +104,18 @@ def test_mdm_loss_equals_dense_reference():
         assert stats["t_bucket_count"].sum() == 6 and stats["t_bucket_loss_sum"].shape == (10,)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "loglinear", "cosine"])
-def test_uniform_predictor_nelbo_is_log_vocab(schedule):
-    obj = mdm(schedule=schedule, eval_t_samples=8)
+@pytest.mark.parametrize(("schedule", "parameterization"),
+                         [("linear", "subs"), ("loglinear", "subs"), ("cosine", "subs"), ("loglinear", "plain")])
+def test_uniform_predictor_nelbo_is_log_vocab(schedule, parameterization):
+    """SUBS removes [MASK] from the softmax: a uniform predictor pays log(V - 1) per masked token."""
+    obj = mdm(schedule=schedule, eval_t_samples=8, parameterization=parameterization)
+    n_vocab = V - 1 if parameterization == "subs" else V
     batch = repetitive_batch(64, pad_from=10)
     nll, n = obj.eval_nll(UniformPredictor(), batch, torch.Generator().manual_seed(0))
     s, eps = build_schedule(schedule), torch.tensor([1e-3, 1.0], dtype=torch.float64)
     drop = (s.alpha(eps)[0] - s.alpha(eps)[1]).item()  # integral of w (1 - alpha) on [eps, 1]
     assert n == int(batch["loss_mask"].sum())
-    assert abs(nll / n - math.log(V) * drop) < 0.03 * math.log(V)
+    assert abs(nll / n - math.log(n_vocab) * drop) < 0.03 * math.log(V)
     # deterministic given the generator's seed
     assert obj.eval_nll(UniformPredictor(), batch, torch.Generator().manual_seed(0)) == (nll, n)
 

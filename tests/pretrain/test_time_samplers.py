@@ -29,6 +29,10 @@ SAMPLERS = {
     "beta": lambda: BetaBellSampler(EPS),
     "beta_skewed": lambda: BetaBellSampler(0.05, a=1.8, b=1.1),
     "beta_u_shaped": lambda: BetaBellSampler(EPS, a=0.7, b=0.8),
+    # stratified (diffusion.stratified): same marginal density
+    "uniform_stratified": lambda: UniformSampler(EPS, stratified=True),
+    "logit_normal_stratified": lambda: LogitNormalBellSampler(EPS, stratified=True),
+    "beta_stratified": lambda: BetaBellSampler(EPS, stratified=True),
 }
 
 
@@ -92,6 +96,46 @@ def test_antithetic_two_ranks_equal_one_rank_global_draw():
     gaps = torch.sort(global_draw).values.diff()
     torch.testing.assert_close(gaps, torch.full_like(gaps, (1 - EPS) / 8))  # one draw per stratum
     assert not torch.equal(global_draw, sampler.sample(8, step_rng(3, 12)))  # new offset each step
+
+
+@pytest.mark.parametrize("family", ["logit_normal", "beta"])
+def test_stratified_bell_puts_one_draw_in_each_quantile_stratum_of_the_global_batch(family):
+    """The bell density stratified like MDLM's antithetic t: the global batch's q-quantiles
+    cdf(t_i) hold one draw per stratum [k/N, (k+1)/N), split over ranks exactly as one rank's."""
+    sampler = build_time_sampler("bell", EPS, BellConfig(family=family), stratified=True)
+    one = sampler.sample(16, step_rng(3, 11))
+    quantiles = torch.sort(sampler.cdf(one)).values
+    k = torch.arange(16, dtype=torch.float64)
+    tol = 1e-6 if family == "beta" else 1e-12  # beta's icdf interpolates a table (~1e-8 in t)
+    assert ((quantiles >= k / 16 - tol) & (quantiles < (k + 1) / 16 + tol)).all(), quantiles
+    ranks = [sampler.sample(8, step_rng(3, 11, dp_rank=r, dp_size=2)) for r in range(2)]
+    torch.testing.assert_close(torch.stack(ranks, dim=1).reshape(-1), one, rtol=0, atol=0)
+    # negative control: iid draws of the same size miss some strata (with this seed)
+    iid = build_time_sampler("bell", EPS, BellConfig(family=family)).sample(16, step_rng(3, 11))
+    strata = torch.floor(sampler.cdf(iid) * 16).long().clamp(max=15)
+    assert len(set(strata.tolist())) < 16
+    # uniform + stratified is MDLM's antithetic draw, bit for bit
+    torch.testing.assert_close(build_time_sampler("uniform", EPS, stratified=True).sample(16, step_rng(3, 11)),
+                               AntitheticSampler(EPS).sample(16, step_rng(3, 11)), rtol=0, atol=0)
+
+
+def test_elbo_variance_ratio_matches_monte_carlo_and_flags_divergence():
+    """R = E_q[(alpha'/q)^2] / E_u[(alpha'/q_u)^2] against draws from q, where it is finite; infinite
+    for a logit-normal bell (t -> 1) and a Beta with b >= 2, whatever the grid would say."""
+    from pretrain.diffusion.schedules import build_schedule
+    from pretrain.diffusion.time_samplers import elbo_variance_ratio
+
+    schedule = build_schedule("cosine")
+    for q in (BetaBellSampler(0.02, a=1.5, b=1.3), BetaBellSampler(EPS, a=2.0, b=1.5)):
+        t = q.sample(200_000, step_rng(1, 0))
+        mc = (schedule.dalpha(t) ** 2 / q.pdf(t) ** 2).mean()
+        u = UniformSampler(q.eps).sample(200_000, step_rng(2, 0))
+        mc_u = (schedule.dalpha(u) ** 2 * (1 - q.eps) ** 2).mean()
+        r = elbo_variance_ratio(schedule, q)
+        assert 0.0 < r < 100 and abs(r - float(mc / mc_u)) < 0.05 * r, (r, float(mc / mc_u))
+    assert elbo_variance_ratio(schedule, UniformSampler(EPS, stratified=True)) == 1.0
+    assert math.isinf(elbo_variance_ratio(schedule, LogitNormalBellSampler(0.1)))
+    assert math.isinf(elbo_variance_ratio(schedule, BetaBellSampler(EPS, a=1.5, b=2.0)))
 
 
 def test_build_time_sampler_reads_bell_config():

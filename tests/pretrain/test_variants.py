@@ -274,7 +274,8 @@ def test_uniform_predictor_bound_is_log_vocab(variant, block_size):
     if variant == "jigsaw":  # (n/m) x m whole blocks x log V per token: exact per draw up to padding
         batch["loss_mask"][:] = True
         nll, n = obj.eval_nll(Uniform(block_size), batch, torch.Generator().manual_seed(0))
-    assert abs(nll / n - math.log(V) * drop) < tol * math.log(V), (nll / n, math.log(V))
+    # SUBS (the default): [MASK] is not a prediction, so a uniform predictor pays log(V - 1)
+    assert abs(nll / n - math.log(V - 1) * drop) < tol * math.log(V), (nll / n, math.log(V - 1))
 
 
 def test_jigsaw_count_probabilities_match_the_sampler():
@@ -304,7 +305,9 @@ def test_jigsaw_with_one_block_is_the_exact_ar_likelihood():
         for i in range(L):
             x0 = batch["input_ids"][b:b + 1].clone()
             x0[0, i:] = 0  # nothing at or after i may matter
-            logp = model(torch.full((1, L), MASK), x0=x0, revealed_blocks=torch.tensor([[False]])).log_softmax(-1)
+            logits = model(torch.full((1, L), MASK), x0=x0, revealed_blocks=torch.tensor([[False]]))
+            logits[..., MASK] = -math.inf  # SUBS (the default): [MASK] is never predicted
+            logp = logits.log_softmax(-1)
             total -= logp[0, i, batch["input_ids"][b, i]].item()
     assert n == 2 * L and math.isclose(nll, total, rel_tol=1e-4)
 
