@@ -67,6 +67,7 @@ class DiffusionConfig:
     bell: BellConfig = field(default_factory=BellConfig)
     # which tokens get masked at a given t: uniform | density_priority | complementary (seed 002;
     # the last two read the shards' density column: set data.density.annotator; see masking.py)
+    # | reverse_order (seed 003, mdm: blocks of model.block_size masked last-first; reverse_order.py)
     masking: str = "uniform"
     # density policies: logit tilt per unit of density (0 = uniform; odds ratio e^s densest vs sparsest)
     density_strength: float = 3.0
@@ -155,7 +156,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.time_sampler": ("uniform", "antithetic", "bell"),
     "diffusion.weighting": ("elbo", "reweighted"),
     "diffusion.bell.family": ("logit_normal", "beta"),
-    "diffusion.masking": ("uniform", "density_priority", "complementary"),
+    "diffusion.masking": ("uniform", "density_priority", "complementary", "reverse_order"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16"),
@@ -231,7 +232,10 @@ def validate(cfg: Config) -> None:
     need(f.eval_t_samples >= 1, "diffusion.eval_t_samples", "must be >= 1")
     need(f.loss_buckets >= 1, "diffusion.loss_buckets", "must be >= 1")
     need(f.density_strength >= 0, "diffusion.density_strength", "must be >= 0 (0 = uniform masking)")
-    if f.masking != "uniform":
+    if f.masking == "reverse_order":  # seed 003 (pretrain/diffusion/reverse_order.py): no density needed
+        need(m.variant == "mdm", "diffusion.masking",
+             f"reverse_order works with model.variant mdm only (not {m.variant}); its blocks are model.block_size")
+    elif f.masking != "uniform":
         allowed_variants = ("mdm", "scatter") if f.masking == "complementary" else ("mdm", "scatter", "block")
         need(m.variant in allowed_variants, "diffusion.masking",
              f"works with model.variant in {', '.join(allowed_variants)} (not {m.variant})")
