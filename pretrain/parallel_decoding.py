@@ -10,7 +10,8 @@ fixed-count sampler of pretrain/sample.py: `confidence` order, greedy by default
 
 - the task's metrics (`task/solved`, `task/cell_acc` for Sudoku) and, for Sudoku, the constraint
   violations of the decoded grid (`sudoku/violations`: row + column + box duplicates, see
-  `data_pipeline.tasks.sudoku.unit_duplicates`, and `sudoku/givens_changed`);
+  `data_pipeline.tasks.sudoku.unit_duplicates`; `sudoku/non_digit`: cells that got no digit, which
+  count no duplicate; `sudoku/givens_changed`), means per puzzle;
 - the marginal-joint gap. For a step that commits tokens v_1..v_k (in the sampler's own order of
   preference) at positions s_1..s_k from state x:
       marginal = sum_j log p(x_{s_j} = v_j | x)                          (the one forward)
@@ -207,7 +208,7 @@ def _sudoku_counts(example, text: str) -> dict[str, float]:
     return {"sudoku/violations": float(dup["total"]), "sudoku/row_dups": float(dup["row"]),
             "sudoku/col_dups": float(dup["col"]), "sudoku/box_dups": float(dup["box"]),
             "sudoku/givens_changed": float(sum(cells[i] != v for i, v in enumerate(puzzle) if v)),
-            "sudoku/blank_cells": float(sum(v == 0 for v in cells))}
+            "sudoku/non_digit": float(sum(v == 0 for v in cells))}
 
 
 @torch.no_grad()
@@ -268,8 +269,8 @@ def parallel_decoding_metrics(model, cfg, info, ks: Sequence[int], block_sizes: 
     return rows
 
 
-COLUMNS = ("block_size", "k", "steps", "task/solved", "task/cell_acc", "sudoku/violations", "sudoku/givens_changed",
-           "gap/step", "gap/token", "nll/marginal", "nll/joint")
+COLUMNS = ("block_size", "k", "steps", "task/solved", "task/cell_acc", "sudoku/violations", "sudoku/non_digit",
+           "sudoku/givens_changed", "gap/step", "gap/token", "nll/marginal", "nll/joint")
 
 
 def format_rows(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:

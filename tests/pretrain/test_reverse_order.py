@@ -126,3 +126,15 @@ def test_config_wiring():
         load_config(None, ["model.variant=block", "model.block_size=8", "diffusion.masking=reverse_order"])
     with pytest.raises(ValueError, match="needs model.variant=mdm"):
         build_objective(DiffusionConfig(masking="reverse_order"), "scatter", MASK)
+
+
+def test_seed003_recipe_is_sudoku_mdm_with_reverse_order_masking():
+    from pathlib import Path
+
+    from pretrain.config import flatten
+
+    tasks = Path(__file__).resolve().parents[2] / "configs" / "tasks"
+    ours, mdm = (flatten(load_config(tasks / f)) for f in ("sudoku_seed003.yaml", "sudoku_mdm.yaml"))
+    diff = {k for k in ours if ours[k] != mdm[k]}
+    assert diff == {"name", "diffusion.masking"} and ours["diffusion.masking"] == "reverse_order"
+    assert ours["model.block_size"] == 8
