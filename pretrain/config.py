@@ -79,6 +79,7 @@ class DiffusionConfig:
     bell: BellConfig = field(default_factory=BellConfig)
     # which tokens get masked at a given t: uniform | density_priority | complementary (seed 002;
     # the last two read the shards' density column: set data.density.annotator; see masking.py)
+    # | reverse_order (seed 003, mdm: blocks of model.block_size masked last-first; reverse_order.py)
     masking: str = "uniform"
     # how density_priority/complementary tilt toward dense tokens (masking.py): ratio (dense tokens
     # density_ratio times as likely to be masked, the rate kept: the paper's form) | logit_tilt (ours)
@@ -177,7 +178,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.weighting": ("elbo", "reweighted"),
     "diffusion.parameterization": ("subs", "plain"),
     "diffusion.bell.family": ("logit_normal", "beta"),
-    "diffusion.masking": ("uniform", "density_priority", "complementary"),
+    "diffusion.masking": ("uniform", "density_priority", "complementary", "reverse_order"),
     "diffusion.density_form": ("ratio", "logit_tilt"),
     "diffusion.syntactic": ("priority", "complement"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
@@ -265,7 +266,10 @@ def validate(cfg: Config) -> None:
     need(0.0 < f.t_max <= 1.0, "diffusion.t_max", "must be in (0, 1]")
     need(max(f.eps, f.t_min) < f.t_max, "diffusion.t_max",
          f"must exceed max(diffusion.eps, diffusion.t_min) = {max(f.eps, f.t_min)} (t is drawn from between them)")
-    if f.masking != "uniform":
+    if f.masking == "reverse_order":  # seed 003 (pretrain/diffusion/reverse_order.py): no density needed
+        need(m.variant == "mdm", "diffusion.masking",
+             f"reverse_order works with model.variant mdm only (not {m.variant}); its blocks are model.block_size")
+    elif f.masking != "uniform":
         allowed_variants = ("mdm", "scatter", "block")
         need(m.variant in allowed_variants, "diffusion.masking",
              f"works with model.variant in {', '.join(allowed_variants)} (not {m.variant})")

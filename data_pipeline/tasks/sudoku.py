@@ -130,6 +130,21 @@ def is_valid_solution(grid: Grid) -> bool:
     return True
 
 
+def unit_duplicates(grid: Grid) -> dict[str, int]:
+    """Constraint violations of a (possibly wrong) filled grid: for each row, column and box, the
+    digits beyond the first of each value (a unit holding 5, 5, 5 counts 2); blanks (0) count
+    nothing. {"row": .., "col": .., "box": .., "total": ..}; a valid solution has total 0."""
+    grid = _check_shape(grid)
+    out = {}
+    for name, unit_of in (("row", _ROW), ("col", _COL), ("box", _BOX)):
+        counts = [[0] * 10 for _ in range(9)]
+        for i, v in enumerate(grid):
+            counts[unit_of[i]][v] += 1
+        out[name] = sum(max(c - 1, 0) for unit in counts for c in unit[1:])
+    out["total"] = out["row"] + out["col"] + out["box"]
+    return out
+
+
 def random_full_grid(rng: random.Random) -> Grid:
     """A random complete grid (see the module docstring for why not a shuffled base pattern)."""
     cells = [0] * 81

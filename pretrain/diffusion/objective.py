@@ -293,6 +293,10 @@ def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int):
             loss_buckets=cfg.loss_buckets,
             parameterization=cfg.parameterization,
         )
+    if cfg.masking == "reverse_order":  # seed 003's blockwise reverse-order training (reverse_order.py)
+        from pretrain.diffusion.reverse_order import build_reverse_order_objective
+
+        return build_reverse_order_objective(cfg, variant, mask_id)
     if variant in ("mdm", "scatter", "block"):
         cls = BlockDiffusionObjective if variant == "block" else MaskedDiffusionObjective
         return cls(
