@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             from data_pipeline.stream import make_val_loader
             from pretrain.diffusion import build_objective
 
-            objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=info.mask_id)
+            objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=info.mask_id,
+                                        jigsaw_streams=cfg.model.jigsaw_streams)
             loader = make_val_loader(cfg.data, info, batch_size=min(cfg.train.batch_size, 64))
             metrics.update(validation_nll(model, objective, loader, device, seed=cfg.seed, max_batches=args.eval_batches))
         shown = []

@@ -71,10 +71,17 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.diffusion.masking import UniformMasking
-from pretrain.diffusion.objective import MaskedDiffusionObjective, _masked_ce_per_sequence, token_info_of
+from pretrain.diffusion.objective import (
+    MaskedDiffusionObjective,
+    _masked_ce_per_sequence,
+    prompt_kwargs,
+    targets_of,
+    token_info_of,
+)
 from pretrain.diffusion.rng import StepRNG, single
 from pretrain.diffusion.schedules import Schedule
 from pretrain.diffusion.time_samplers import TimeSampler
+from pretrain.model.attention_masks import max_blocks, response_blocks, response_index
 
 
 def _unwrap(model):
@@ -118,6 +125,7 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
 
     def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
+        target = targets_of(batch)  # the prompt (if any) is never noised nor scored
         device, (B, L) = input_ids.device, input_ids.shape
         bl, nb = self._blocks(model, L)
         t = self.sampler.sample(B * nb, rng).view(B, nb)  # float64, CPU; stratified over batch x blocks
@@ -125,16 +133,16 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         if getattr(self.masking, "expands", 1) != 1:
             raise ValueError(f"masking {self.masking.name!r} is not available for block diffusion yet "
                              "(use uniform or density_priority, or model.variant=mdm)")
-        masked = self.masking.mask(input_ids, real, self.schedule.alpha(t_tok), rng, **token_info_of(batch))
+        masked = self.masking.mask(input_ids, target, self.schedule.alpha(t_tok), rng, **token_info_of(batch))
         x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
         logits = model(x_t, t.mean(dim=1).to(device=device, dtype=torch.float32), key_padding_mask=real, x0=input_ids)
         ce = _masked_ce_per_token(logits, input_ids, masked)  # [B, L]
         w = self.sequence_weight(t).to(device=device, dtype=torch.float32)  # [B, nb]
         weighted = w * ce.view(B, nb, bl).sum(dim=2)  # [B, nb]
-        n_real = real.sum().clamp(min=1)
+        n_real = target.sum().clamp(min=1)
         loss = weighted.sum() / n_real
         with torch.no_grad():
-            n_real_blk = real.view(B, nb, bl).sum(dim=2).cpu()
+            n_real_blk = target.view(B, nb, bl).sum(dim=2).cpu()
             per_token = weighted.detach().cpu().double() / n_real_blk.clamp(min=1)
             stats = _loss_stats(loss, masked, n_real, t, per_token, n_real_blk > 0, self.loss_buckets)
         return loss, stats
@@ -142,8 +150,10 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
     @torch.no_grad()
     def eval_nll(self, model, batch: dict, generator: torch.Generator) -> tuple[float, int]:
         """(sum of per-sequence block NELBOs in nats, real tokens). Per-block t stratified:
-        t_bjk = eps + (1 - eps)(u_bj + k)/K, weighted by w(t)(1 - eps) = w(t)/q_uniform(t)."""
+        t_bjk = eps + (1 - eps)(u_bj + k)/K, weighted by w(t)(1 - eps) = w(t)/q_uniform(t).
+        With a prompt: the response tokens only (the prompt stays clean)."""
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
+        target = targets_of(batch)
         device, (B, L), K = input_ids.device, input_ids.shape, self.eval_t_samples
         bl, nb = self._blocks(model, L)
         rng = single(generator)
@@ -153,18 +163,19 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         for k in range(K):
             t = self.eps + (1.0 - self.eps) * (u + k) / K
             t_tok = t.repeat_interleave(bl, dim=1)
-            masked = masking.mask(input_ids, real, self.schedule.alpha(t_tok), rng)
+            masked = masking.mask(input_ids, target, self.schedule.alpha(t_tok), rng)
             x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
             logits = model(x_t, t.mean(dim=1).to(device=device, dtype=torch.float32), key_padding_mask=real,
                            x0=input_ids)
             ce = _masked_ce_per_token(logits, input_ids, masked).cpu().double()
             total += (self.schedule.weight(t_tok) * (1.0 - self.eps) * ce).sum(dim=1)
-        return float(total.sum() / K), int(real.sum())
+        return float(total.sum() / K), int(target.sum())
 
 
 class JigsawObjective:
-    """Seed 000's Jigsaw: whole blocks masked, left to right inside a block, masked blocks mutually
-    invisible; a block-level any-order-AR ELBO (module docstring)."""
+    """Seed 000's Jigsaw: whole response blocks masked, masked blocks mutually invisible; a
+    block-level any-order-AR bound (module docstring). streams 1: the authors' single stream;
+    streams 2: our teacher-forced two-stream pass."""
 
     def __init__(
         self,
@@ -174,20 +185,27 @@ class JigsawObjective:
         weighting: str = "elbo",
         eval_t_samples: int = 8,
         loss_buckets: int = 10,
+        streams: int = 1,
     ):
         if weighting not in ("elbo", "reweighted"):
             raise ValueError(f"unknown weighting {weighting!r}; expected elbo or reweighted")
+        if streams not in (1, 2):
+            raise ValueError(f"jigsaw streams must be 1 or 2 (model.jigsaw_streams), got {streams!r}")
         self.schedule, self.sampler, self.mask_id = schedule, sampler, mask_id
         self.weighting = weighting
         self.eval_t_samples = eval_t_samples
         self.loss_buckets = loss_buckets
+        self.streams = streams
         self.eps = sampler.eps
         self._count_probs: dict[int, torch.Tensor] = {}
 
-    def masked_block_count(self, t: torch.Tensor, n: int) -> torch.Tensor:
-        """m = ceil(n (1 - alpha(t))) clamped to [1, n]: how many of n blocks are masked at t."""
+    def masked_block_count(self, t: torch.Tensor, n) -> torch.Tensor:
+        """m = ceil(n (1 - alpha(t))) clamped to [1, n]: how many of n blocks are masked at t
+        (n: an int, or Long[B] when the rows have different numbers of response blocks)."""
         rate = 1.0 - self.schedule.alpha(t)
-        return torch.ceil(n * rate - 1e-9).long().clamp(1, n)
+        n = torch.as_tensor(n, dtype=torch.long)
+        m = torch.ceil(n * rate - 1e-9).long()
+        return torch.minimum(torch.maximum(m, torch.ones_like(m)), n.expand_as(m))
 
     def count_probabilities(self, n: int) -> torch.Tensor:
         """float64 [n]: P_q(m = k), k = 1..n, under the time sampler. m = k exactly when
@@ -207,41 +225,64 @@ class JigsawObjective:
         self._count_probs[n] = (cdf[1:] - cdf[:-1]).clamp(min=0.0)
         return self._count_probs[n]
 
-    def sequence_weight(self, m: torch.Tensor, n: int) -> torch.Tensor:
-        """float64 [B]: 1 / (m P_q(m)) for `elbo`, n / m for `reweighted`."""
+    def sequence_weight(self, m: torch.Tensor, n) -> torch.Tensor:
+        """float64 [B]: 1 / (m P_q(m)) for `elbo`, n / m for `reweighted` (n: int or Long[B])."""
+        n = torch.as_tensor(n, dtype=torch.long).expand_as(m)
         if self.weighting == "elbo":
-            return 1.0 / (m.double() * self.count_probabilities(n)[m - 1])
-        return n / m.double()
+            p = torch.empty(m.shape, dtype=torch.float64)
+            for k in n.unique().tolist():
+                rows = n == k
+                p[rows] = self.count_probabilities(int(k))[m[rows] - 1]
+            return 1.0 / (m.double() * p)
+        return n.double() / m.double()
 
     @staticmethod
-    def choose_blocks(m: torch.Tensor, n: int, rng: StepRNG) -> torch.Tensor:
-        """Bool[B, n]: a uniformly random set of m_b masked blocks per sequence (CPU draws)."""
-        scores = rng.rand(m.shape[0], n)
+    def choose_blocks(m: torch.Tensor, n, rng: StepRNG, columns: int | None = None) -> torch.Tensor:
+        """Bool[B, columns]: a uniformly random set of m_b of the first n_b blocks per sequence (CPU
+        draws; columns defaults to n). Blocks at or past n_b (rows with fewer response blocks) are
+        never chosen."""
+        n = torch.as_tensor(n, dtype=torch.long).expand_as(m)
+        columns = int(n.max()) if columns is None else columns
+        scores = rng.rand(m.shape[0], columns)
+        scores = scores.masked_fill(torch.arange(columns)[None, :] >= n[:, None], 2.0)  # ranked last
         rank = scores.argsort(dim=1).argsort(dim=1)
         return rank < m[:, None]
 
-    def _nll_per_sequence(self, model, batch: dict, masked_blocks: torch.Tensor, n: int):
-        """(per-sequence sum of -log p over the masked blocks' real tokens [B] float32, token mask)."""
+    def _nll_per_sequence(self, model, batch: dict, masked_blocks: torch.Tensor, n_blocks: torch.Tensor):
+        """(per-sequence sum of -log p over the masked blocks' response tokens [B] float32, token mask)."""
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
         device, L = input_ids.device, input_ids.shape[1]
-        bl = L // n
+        prompt = batch.get("prompt_mask")
         masked_blocks = masked_blocks.to(device)
-        masked = masked_blocks.repeat_interleave(bl, dim=1) & real
+        blk, _ = response_index(prompt, L, self._bl, device)
+        blk = blk.expand(input_ids.shape[0], -1)
+        masked = (blk >= 0) & masked_blocks.gather(1, blk.clamp(min=0)) & targets_of(batch)
         x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
-        frac = masked_blocks.float().mean(dim=1)  # what time conditioning sees: m / n
-        logits = model(x_t, frac, key_padding_mask=real, x0=input_ids, revealed_blocks=~masked_blocks)
+        # what time conditioning sees: m / n, the masked fraction of the response blocks
+        frac = (masked_blocks.float().sum(dim=1) / n_blocks.to(device).float()).float()
+        two = {"x0": input_ids} if self.streams == 2 else {}
+        logits = model(x_t, frac, key_padding_mask=real, revealed_blocks=~masked_blocks, **two,
+                       **prompt_kwargs(batch))
         return _masked_ce_per_sequence(logits, input_ids, masked), masked
 
+    def _geometry(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+        """(response blocks per row Long[B] CPU, columns of the block tensors); sets self._bl."""
+        input_ids = batch["input_ids"]
+        B, L = input_ids.shape
+        self._bl = _unwrap(model).block_len(L)
+        return response_blocks(batch.get("prompt_mask"), B, L, self._bl), max_blocks(L, self._bl)
+
     def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
-        input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
-        device, (B, L) = input_ids.device, input_ids.shape
-        n = L // _unwrap(model).block_len(L)
+        input_ids = batch["input_ids"]
+        target = targets_of(batch)
+        device, B = input_ids.device, input_ids.shape[0]
+        n, columns = self._geometry(model, batch)
         t = self.sampler.sample(B, rng)  # float64, CPU
         m = self.masked_block_count(t, n)
-        masked_blocks = self.choose_blocks(m, n, rng)
+        masked_blocks = self.choose_blocks(m, n, rng, columns)
         ce_seq, masked = self._nll_per_sequence(model, batch, masked_blocks, n)
         weighted = self.sequence_weight(m, n).to(device=device, dtype=torch.float32) * ce_seq
-        n_real_seq = real.sum(dim=1)
+        n_real_seq = target.sum(dim=1)
         n_real = n_real_seq.sum().clamp(min=1)
         loss = weighted.sum() / n_real
         with torch.no_grad():
@@ -252,17 +293,16 @@ class JigsawObjective:
 
     @torch.no_grad()
     def eval_nll(self, model, batch: dict, generator: torch.Generator) -> tuple[float, int]:
-        """(sum of per-sequence bounds in nats, real tokens): m_k = floor(n (u + k) / K) + 1,
+        """(sum of per-sequence bounds in nats, response tokens): m_k = floor(n (u + k) / K) + 1,
         k < K (stratified uniform on {1..n}), weight n / m; independent of the training sampler."""
-        input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
-        (B, L), K = input_ids.shape, self.eval_t_samples
-        n = L // _unwrap(model).block_len(L)
+        input_ids, K = batch["input_ids"], self.eval_t_samples
+        B = input_ids.shape[0]
+        n, columns = self._geometry(model, batch)
         u = torch.rand(B, generator=generator, dtype=torch.float64)
         total = torch.zeros(B, dtype=torch.float64)
         for k in range(K):
-            m = (torch.floor(n * (u + k) / K).long() + 1).clamp(1, n)
-            masked_blocks = self.choose_blocks(m, n, single(generator))
+            m = torch.minimum((torch.floor(n * (u + k) / K).long() + 1).clamp(min=1), n)
+            masked_blocks = self.choose_blocks(m, n, single(generator), columns)
             ce_seq, _ = self._nll_per_sequence(model, batch, masked_blocks, n)
-            total += (n / m.double()) * ce_seq.cpu().double()
-        return float(total.sum() / K), int(real.sum())
-
+            total += (n.double() / m.double()) * ce_seq.cpu().double()
+        return float(total.sum() / K), int(targets_of(batch).sum())
