@@ -136,11 +136,13 @@ def task_metrics(model, cfg, info, sampler_cfg, num_samples: int = 256, batch_si
     """Decode the answers of the first `num_samples` validation examples and score them: the task's
     metrics (mean over examples) prefixed `task/`, plus task/nfe (forwards per batch). With
     return_samples > 0 also returns [(prompt, generated, reference)] of the first ones."""
+    from data_pipeline.stream import trains_on_response
     from data_pipeline.tasks import get_task
     from pretrain.diffusion.schedules import build_schedule
     from pretrain.sample import generate
 
     task = get_task(cfg.data.source.removeprefix("task:"))
+    on_response = trains_on_response(cfg.data)
     tok = info.tokenizer
     n = min(num_samples, cfg.data.task.num_val)
     examples = list(task.examples("val", n, cfg.data.task.seed, cfg.data.task))
@@ -150,8 +152,12 @@ def task_metrics(model, cfg, info, sampler_cfg, num_samples: int = 256, batch_si
         prompts = [tok.encode(e.prompt) for e in chunk]
         lens = [len(tok.encode(e.answer)) for e in chunk]
         x, gen, real = _prompt_batch(prompts, lens, info, cfg.data.seq_len)
+        # a model trained on responses sees `[BOS] prompt` as its clean prompt, as in training
+        prompt = (torch.arange(x.shape[1])[None, :] <= torch.tensor([len(p) for p in prompts])[:, None]
+                  if on_response else None)
         out = generate(model, x.to(device), gen.to(device), real.to(device), mask_id=info.mask_id, cfg=sampler_cfg,
-                       forbid_ids=(info.pad_id, info.bos_id, info.eos_id), schedule=build_schedule(cfg.diffusion.schedule))
+                       forbid_ids=(info.pad_id, info.bos_id, info.eos_id), schedule=build_schedule(cfg.diffusion.schedule),
+                       prompt_mask=prompt)
         nfe.append(out.nfe)
         tokens = out.tokens.cpu()
         for i, e in enumerate(chunk):

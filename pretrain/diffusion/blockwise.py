@@ -135,7 +135,8 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
                              "(use uniform or density_priority, or model.variant=mdm)")
         masked = self.masking.mask(input_ids, target, self.schedule.alpha(t_tok), rng, **token_info_of(batch))
         x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
-        logits = model(x_t, t.mean(dim=1).to(device=device, dtype=torch.float32), key_padding_mask=real, x0=input_ids)
+        logits = model(x_t, t.mean(dim=1).to(device=device, dtype=torch.float32), key_padding_mask=real, x0=input_ids,
+                       **prompt_kwargs(batch))
         ce = _masked_ce_per_token(logits, input_ids, masked)  # [B, L]
         w = self.sequence_weight(t).to(device=device, dtype=torch.float32)  # [B, nb]
         weighted = w * ce.view(B, nb, bl).sum(dim=2)  # [B, nb]
@@ -166,7 +167,7 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
             masked = masking.mask(input_ids, target, self.schedule.alpha(t_tok), rng)
             x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
             logits = model(x_t, t.mean(dim=1).to(device=device, dtype=torch.float32), key_padding_mask=real,
-                           x0=input_ids)
+                           x0=input_ids, **prompt_kwargs(batch))
             ce = _masked_ce_per_token(logits, input_ids, masked).cpu().double()
             total += (self.schedule.weight(t_tok) * (1.0 - self.eps) * ce).sum(dim=1)
         return float(total.sum() / K), int(target.sum())
