@@ -440,6 +440,9 @@ def prompt_separator_id(data_cfg: DataConfig, info: DatasetInfo) -> int | None:
     """The token id that ends a prompt when training on responses (None: train on every token)."""
     if not trains_on_response(data_cfg):
         return None
+    if data_cfg.packing != "pad":
+        raise ValueError(f"data.train_on=response needs data.packing=pad (one document per row), not "
+                         f"{data_cfg.packing!r}; set data.train_on=all to train on every token")
     text = getattr(data_cfg, "prompt_separator", "")
     if not text:
         if not data_cfg.source.startswith("task:"):
