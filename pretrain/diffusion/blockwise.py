@@ -2,7 +2,10 @@
 
 All three split the sequence into contiguous blocks of B = model.block_len(L) tokens (config
 `model.block_size`, 0 = one block); the objective reads B from the model, so the trainer's
-`build_objective(cfg.diffusion, variant, mask_id)` call is the same for every variant.
+`build_objective(cfg.diffusion, variant, mask_id)` call is the same for every variant (plus
+`jigsaw_streams`). With a prompt (task data, `prompt_mask`; objective.py) every objective leaves
+the prompt clean and scores the response only; `block` keeps absolute blocks (the prompt's tokens
+in a block are simply never noised), jigsaw and scatter count blocks from the response start.
 
 block (BD3-LM, Arriola et al., arXiv 2503.09573)
     Blocks are generated left to right; inside a block, masked diffusion conditioned on the clean
@@ -33,36 +36,62 @@ Scatter.) `BADARPromptRespond` ("Block-level Autoregressive Diffusion"), its doc
     per sequence, mask m = ceil(n_blocks * t) (clamped to [1, n_blocks]) blocks chosen uniformly at
     random, whole blocks at once. Inference picks the lowest-entropy block (a probing forward),
     generates it left to right and commits it.
-    What is ours:
+    Their mask (`_create_bad_ar_attention_bias`): key j is visible to query i iff j is in the prompt,
+    or j is in an unmasked (visible) block, or i and j are in the same masked block and j <= i.
+    Prompt and blocks: with task data (`prompt_mask`) the prompt is never masked nor scored and the
+    response is cut into blocks from the response start (as theirs: blocks of the response);
+    n = ceil((L - s) / B) response blocks per row (rows may differ). Without a prompt, n = L / B.
+
+    Single stream (default, `model.jigsaw_streams: 1`, the authors' form): a masked block holds
+    only mask tokens (no clean copy); the mask above is applied as is (attention_masks.jigsaw_mask).
+    Position i of a masked block b is then predicted from the prompt, the visible blocks and the
+    block's earlier positions, which hold mask tokens only: the block's tokens are predicted
+    *independently* given the context, q(x_b | x_C) = prod_{i in b} p(x_i | x_C, i). (In the
+    authors' regression task a masked block still shows its clean x inputs, so their causal
+    in-block mask carries information; over tokens it carries only positions.)
+    What the objective is, precisely: the generative model is a block-level any-order model (a
+    uniformly random order of the response blocks; each block drawn at once from the product of
+    its marginals given the prompt and the blocks before it). For it, by Jensen over orders and
+    the any-order identity (Uria et al. 2014; Hoogeboom et al. ARDM 2022),
+        -log p(x_resp | prompt) <= E_{m ~ U{1..n}} E_{|S| = m} [ (n / m) sum_{b in S} -log q(x_b | x_{not S}) ],
+    with -log q(x_b | .) = sum_{i in b} -log p(x_i | x_{not S}, i), the per-token CE we compute. So
+    the n/m-weighted loss is a valid upper bound on -log p for that product-of-marginals block
+    model. It is not a bound for a left-to-right model inside the block (that model is the
+    two-stream option), and not for the entropy-ordered sampler (an adaptive order is another
+    generative process); at its optimum it still exceeds the data's NLL by the within-block total
+    correlation, which no product of marginals can capture. Decoding (pretrain/sample.py) draws a
+    block's tokens from one forward, matching this model.
+
+    Two streams (`model.jigsaw_streams: 2`, ours): left to right inside a masked block is
+    teacher-forced with a clean copy (the two-stream [x_t | x_0] pass, as for `block`): x_t token
+    i (masked block b) sees the visible blocks and prompt, itself (a mask token: its position) and
+    x_0 tokens j < i of block b, so q(x_b | x_C) = prod_{i in b} p(x_i | x_{b,<i}, x_C) and the
+    same identity makes the loss an exact bound for the block-level any-order model whose blocks
+    are generated left to right. Decoding: B + 1 forwards per block (one per position).
+
+    What else is ours (both forms):
     - Corruption: m = ceil(n * (1 - alpha(t))) clamped to [1, n], t from the time sampler (so
-      `linear` reproduces theirs), then a uniformly random set of m blocks.
-    - Left-to-right inside a masked block is teacher-forced with a clean copy (the two-stream
-      [x_t | x_0] pass, as for `block`): in their regression task a masked block still holds its
-      clean x inputs, but in a token sequence a masked block holds only mask tokens, so a causal
-      mask over a single stream would give the model nothing to condition on inside the block.
-      x_t token i (masked block b) sees the revealed blocks, itself (a mask token: its position)
-      and x_0 tokens j < i of block b.
-    - The objective is an exact likelihood bound. Jigsaw's generative model is a block-level
-      any-order autoregressive model (blocks in a random order, each block left to right given
-      the committed ones), whose ELBO (Uria et al. 2014; Hoogeboom et al. ARDM 2022) is
-          -log p(x) <= E_{m ~ U{1..n}} E_{|S| = m} [ (n / m) sum_{b in S} -log p(x_b | x_{not S}) ],
-      with -log p(x_b | .) = sum_{i in b} -log p(x_i | x_{b,<i}, x_{not S}), the per-token CE above.
-      `elbo` importance-weights the drawn m: 1 / (m P_q(m)), where P_q(m) is the exact probability
-      that the sampler's t maps to m (computed from q's CDF); `reweighted` uses n / m, the weight of
-      the uniform-m bound, so q reshapes which masking levels are emphasised. The losses'
-      normalisation (per real token) is the one `mdm` uses.
+      `linear` reproduces theirs), then a uniformly random set of m response blocks.
+    - `elbo` importance-weights the drawn m: 1 / (m P_q(m)), where P_q(m) is the exact probability
+      that the sampler's t maps to m (computed from q's CDF, per distinct n); `reweighted` uses
+      n / m, the weight of the uniform-m bound, so q reshapes which masking levels are emphasised.
+      The losses' normalisation (per response token) is the one `mdm` uses.
     - Evaluation: m stratified uniformly over {1..n} (K draws per sequence, fixed generator),
-      weight n / m: unbiased for the bound above, whatever the training sampler and whatever order
-      a sampler later uses. With one block (block_size 0) m = 1 and it is the exact AR NLL.
+      weight n / m: unbiased for the bound above, whatever the training sampler. With one block
+      (block_size 0) m = 1: two streams give the exact AR NLL, one stream the product of the
+      per-position marginals given the prompt.
     - Time conditioning sees m / n (the masked fraction), in training and evaluation alike.
 
 scatter (seed 000, `BOPARPromptRespond`, "BOP-AR (ScatDiff): Block-Offset Parallel Autoregressive",
 named the paper's Scatter) needs no objective of its own: their training is the MDM one (uniform
-random masking at rate t, loss on masked tokens weighted as MDLM) with the offset-causal mask
-("Query i can see Key j if (j % block) <= (i % block)"). A denoiser that looks at part of x_t is
-still a function of x_t, so the MDLM NELBO stays a valid bound: `MaskedDiffusionObjective` is used
-as is, and its eval NLL is the NELBO of the random-order reverse process with that denoiser
-(their layer-by-layer offset sampler is a different generative process; it is not evaluated here).
+random masking of the response at rate t, loss on masked tokens weighted as MDLM) with their mask
+("Query i can see Key j if j is in the Prompt region, OR (j % block) <= (i % block)"; offsets from
+the response start here, see attention_masks.py). A denoiser that looks at part of x_t is still a
+function of x_t, so the MDLM NELBO stays a valid bound: `MaskedDiffusionObjective` is used as is,
+and its eval NLL is the NELBO of the random-order reverse process with that denoiser. That process
+is not what Scatter decodes with: a position revealed before its lower offsets would ignore tokens
+already committed at higher offsets, so sampling is offset by offset only (pretrain/sample.py), a
+different generative process whose likelihood is not evaluated here.
 """
 
 from __future__ import annotations
