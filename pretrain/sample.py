@@ -68,7 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.model.attention_masks import check_prompt_prefix, max_blocks, response_index
+from pretrain.model.attention_masks import check_prompt_prefix, max_blocks, response_blocks, response_index
 from pretrain.model.kv_cache import KVCache, cache_support
 
 SAMPLERS = ("auto", "ar", "ancestral", "confidence", "entropy", "margin", "random", "block", "jigsaw", "scatter")
@@ -235,6 +235,8 @@ class _Ctx:
         if not self.time_cond:
             return None
         real = self.kpm[:, :upto]
+        if self.prompt is not None:  # trained on responses: t is the response's masked fraction
+            real = real & ~self.prompt[:, :upto]
         return (masked[:, :upto] & real).sum(1).float() / real.sum(1).clamp(min=1).float()
 
     def logits(self, x: torch.Tensor, masked: torch.Tensor, upto: int | None = None,
@@ -365,9 +367,11 @@ def _jigsaw(ctx: _Ctx, x, masked, bl: int, order: str, streams: int) -> None:
     if bool((masked & (blk < 0)).any()):
         raise ValueError("jigsaw: a position to generate lies inside the prompt (prompt_mask)")
 
+    n_resp = response_blocks(ctx.prompt, B, L, bl).to(x.device)  # what training divides by
+
     def forward(xx, revealed):
         ctx.nfe += 1
-        frac = (~revealed).float().mean(1) if ctx.time_cond else None
+        frac = pending.sum(1).float() / n_resp.float() if ctx.time_cond else None  # m / n, as in training
         if streams == 1:  # a masked block holds only mask tokens, as in training: given tokens of a
             # pending block (an infill) are hidden until the block is committed
             ctx.positions += xx.numel()
