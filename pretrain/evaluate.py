@@ -3,6 +3,8 @@
 Masked-diffusion objectives report the unbiased uniform-t NELBO whatever sampler trained them, so
 runs with different time samplers stay comparable; AR reports exact next-token NLL. The same seed
 gives the same t draws and masks on every pass, so successive evaluations differ only by the model.
+Runs trained on responses (data.train_on; task recipes) report the bound on -log p(response | prompt)
+per response token, and their samplers get the `[BOS] prompt` prefix as the model's prompt_mask.
 """
 
 from __future__ import annotations
