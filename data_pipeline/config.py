@@ -115,6 +115,13 @@ class DataConfig:
     # when several builds share a node without per-job cpusets (they would all pin to the same CPUs).
     build_pin_workers: bool = True
     seq_len: int = 168
+    # Which tokens are trained on. response: a row is `[BOS] prompt answer [EOS]` and the prompt (up to
+    # and including the first `prompt_separator` token) stays clean and visible and is never scored,
+    # as in seed 000's code, LLaDA's SFT and seed 002; batches carry `prompt_mask`. all: every real
+    # token (language modelling). auto: response for task:NAME sources, all otherwise.
+    train_on: str = "auto"
+    # the token (its text, one token of the tokenizer) that ends a prompt; "" = the task's separator
+    prompt_separator: str = ""
     packing: str = "pad"  # pad: one document per sequence (MDLM LM1B) | wrap: concatenate and cut (BD3-LM)
     num_workers: int = 0  # dataloader worker processes per rank
     shuffle_buffer: int = 1024  # sequences per seeded shuffle window (bounds memory, mixes across shards)

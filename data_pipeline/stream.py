@@ -153,6 +153,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.dp_rank, self.dp_size = batch_size, dp_rank, dp_size
         self.start = int(start)
         self.ring: _SlotRing | None = None  # set on the copy DataLoader workers run (see _loader)
+        self.prompt_separator_id: int | None = None  # set by make_*_loader for data.train_on = response
         dens = [s.has_density for s in self.sources]
         self.has_density = all(dens)
         if any(dens) and not all(dens):
@@ -314,20 +315,40 @@ class _SlotRing:
             self.free[w].release()
 
 
+def prompt_mask_of(input_ids: torch.Tensor, separator_id: int) -> torch.Tensor:
+    """Bool[B, L]: the prompt of each `[BOS] prompt answer [EOS] PAD...` row, i.e. every position up to
+    and including the first `separator_id` (BOS included). A row without the separator (a corrupt
+    shard's padding row) is all prompt: nothing in it is trained on."""
+    is_sep = input_ids == separator_id
+    first = torch.where(is_sep.any(dim=1), is_sep.to(torch.uint8).argmax(dim=1),
+                        torch.full_like(input_ids[:, 0], input_ids.shape[1] - 1))
+    return torch.arange(input_ids.shape[1])[None, :] <= first[:, None]
+
+
+def with_prompt_mask(batches: Iterator[Batch], separator_id: int | None) -> Iterator[Batch]:
+    """Add `prompt_mask` to every batch (data.train_on = response); derived in the training process
+    from the separator token, so the shards, the workers' shared-memory slots and the resume state
+    are the same whatever is trained on."""
+    if separator_id is None:
+        return batches
+    return ({**b, "prompt_mask": prompt_mask_of(b["input_ids"], separator_id)} for b in batches)
+
+
 def _loader(dataset: ShardStream, num_workers: int, prefetch_factor: int) -> Iterator[Batch]:
-    """Batches in the rank's order. Workers compute chunks (several batches each: torch's per-item
+    """Batches in the rank's order (with `prompt_mask` when dataset.prompt_separator_id is set). Workers compute chunks (several batches each: torch's per-item
     cost is ~0.1-0.3 ms) into shared-memory slots (_SlotRing) and send slot numbers; the training
     process widens each chunk once and splits it into batches. `prefetch_factor` counts chunks."""
     if num_workers == 0:
-        return iter(dataset)
+        return with_prompt_mask(iter(dataset), dataset.prompt_separator_id)
     wire = copy.copy(dataset)
     wire.ring = _SlotRing(num_workers, prefetch_factor + 1, dataset.chunk_batches() * dataset.batch_size,
                           dataset.seq_len, dataset.id_dtype, dataset.has_density)
     loader = DataLoader(wire, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_factor,
                         collate_fn=_as_is, persistent_workers=False)
     ring = wire.ring
-    return (batch for w, slot, sizes, all_true in loader
-            for batch in _split(ring.take(w, slot, sum(sizes), all_true), sizes))
+    return with_prompt_mask((batch for w, slot, sizes, all_true in loader
+                             for batch in _split(ring.take(w, slot, sum(sizes), all_true), sizes)),
+                            dataset.prompt_separator_id)
 
 
 def _as_is(batch):
@@ -409,6 +430,32 @@ class ValLoader:
         return _loader(self.dataset, self.num_workers, self.prefetch_factor)
 
 
+def trains_on_response(data_cfg: DataConfig) -> bool:
+    """data.train_on resolved: `auto` is response for task:NAME sources, all otherwise."""
+    train_on = getattr(data_cfg, "train_on", "all")
+    return train_on == "response" or (train_on == "auto" and data_cfg.source.startswith("task:"))
+
+
+def prompt_separator_id(data_cfg: DataConfig, info: DatasetInfo) -> int | None:
+    """The token id that ends a prompt when training on responses (None: train on every token)."""
+    if not trains_on_response(data_cfg):
+        return None
+    if data_cfg.packing != "pad":
+        raise ValueError(f"data.train_on=response needs data.packing=pad (one document per row), not "
+                         f"{data_cfg.packing!r}; set data.train_on=all to train on every token")
+    text = getattr(data_cfg, "prompt_separator", "")
+    if not text:
+        if not data_cfg.source.startswith("task:"):
+            raise ValueError("data.train_on=response: set data.prompt_separator (the token ending each prompt)")
+        from data_pipeline.tasks import get_task
+
+        text = get_task(data_cfg.source.removeprefix("task:")).separator
+    ids = info.tokenizer.encode(text)
+    if len(ids) != 1:
+        raise ValueError(f"data.prompt_separator {text!r} encodes to {len(ids)} tokens {ids}; it must be one token")
+    return int(ids[0])
+
+
 def _tokenizer_fingerprint(info: DatasetInfo) -> str | None:
     return getattr(getattr(info, "tokenizer", None), "fingerprint", None)
 
@@ -441,6 +488,7 @@ def make_train_loader(data_cfg: DataConfig, info: DatasetInfo, batch_size: int, 
                      tokenizer_fingerprint=_tokenizer_fingerprint(info),
                      skip_corrupt_shards=getattr(data_cfg, "skip_corrupt_shards", False),
                      wrap_doc_shuffle=getattr(data_cfg, "wrap_doc_shuffle", False))
+    ds.prompt_separator_id = prompt_separator_id(data_cfg, info)
     return TrainLoader(ds, num_workers=data_cfg.num_workers, prefetch_factor=getattr(data_cfg, "prefetch_factor", 4))
 
 
@@ -455,4 +503,5 @@ def make_val_loader(data_cfg: DataConfig, info: DatasetInfo, batch_size: int, dp
                      batch_size=batch_size, seed=0, shuffle=False, infinite=False, dp_rank=dp_rank,
                      dp_size=dp_size, shuffle_buffer=1, tokenizer_fingerprint=_tokenizer_fingerprint(info),
                      skip_corrupt_shards=getattr(data_cfg, "skip_corrupt_shards", False))
+    ds.prompt_separator_id = prompt_separator_id(data_cfg, info)
     return ValLoader(ds, num_workers=num_workers)

@@ -86,12 +86,13 @@ class PipeBlock(nn.Module):
         pad, revealed, present = rest[-3:]
         L = pad.shape[1]
         cos, sin = self.rope_cos[:L], self.rope_sin[:L]
+        revealed = revealed.bool() if present[_HAS_REVEALED] else None
+        prompt = pad == 2  # stage_inputs codes padding 0, real 1, real prompt token 2
         if x.shape[1] == L:
-            mask, is_causal = attention_mask(self.variant, L, self.block_size, x.device, pad.bool())
+            mask, is_causal = attention_mask(self.variant, L, self.block_size, x.device, pad > 0, prompt, revealed)
         else:  # two-stream: positions 0..L-1 twice
             mask, is_causal = two_stream_mask(
-                self.variant, L, self.block_size, x.device, pad.bool(),
-                revealed.bool() if present[_HAS_REVEALED] else None,
+                self.variant, L, self.block_size, x.device, pad > 0, revealed, prompt,
             ), False
             cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)
         return (self.block(x, c, cos, sin, mask, is_causal), *rest)
@@ -226,17 +227,20 @@ def replay(like: nn.Module, loss_fn: Callable, logits: torch.Tensor, *args, **kw
 
 def stage_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
     """The first stage's input tuple for a model call `model(input_ids, t, key_padding_mask=, x0=,
-    revealed_blocks=)`: every slot filled (absent ones by placeholders) and flagged in `present`."""
+    revealed_blocks=, prompt_mask=)`: every slot filled (absent ones by placeholders) and flagged in `present`."""
     names = ("input_ids", "t", "key_padding_mask", "x0", "revealed_blocks")
     call = dict(zip(names, args, strict=False)) | kwargs
     ids = call["input_ids"]
     B, L = ids.shape
     t, pad = call.get("t"), call.get("key_padding_mask")
+    pad = (pad if pad is not None else torch.ones_like(ids, dtype=torch.bool)).long()
+    if call.get("prompt_mask") is not None:  # travels inside the padding tensor: 2 = a real prompt token
+        pad = pad + (call["prompt_mask"].bool() & (pad > 0)).long()
     x0, revealed = call.get("x0"), call.get("revealed_blocks")
     present = torch.tensor([t is not None, x0 is not None, revealed is not None], dtype=torch.long)
     return (
         ids,
-        (pad if pad is not None else torch.ones_like(ids, dtype=torch.bool)).long(),
+        pad,
         t.float() if t is not None else torch.zeros(B),
         x0 if x0 is not None else torch.zeros(B, 1, dtype=torch.long),
         revealed.long() if revealed is not None else torch.zeros(B, 1, dtype=torch.long),

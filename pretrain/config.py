@@ -43,6 +43,9 @@ class ModelConfig:
     time_conditioning: bool = False  # adaLN on t as in MDLM's DiT (log-linear MDLM does not need it)
     cond_dim: int = 128  # width of the time embedding when time_conditioning is on
     block_size: int = 0  # tokens per block for blockwise variants; 0 = the whole sequence
+    # jigsaw: 1 = the authors' single-stream BAD-AR (a masked block holds only mask tokens, causal
+    # among themselves); 2 = ours, a teacher-forced two-stream [x_t | x_0] pass (blockwise.py)
+    jigsaw_streams: int = 1
     tie_embeddings: bool = False  # MDLM unties input and output embeddings
     vocab_size: int = 0  # 0 = taken from the tokenizer; otherwise must match it
 
@@ -170,6 +173,7 @@ class Config:
 # and validation agree.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.packing": ("pad", "wrap"),
+    "data.train_on": ("auto", "all", "response"),
     "model.variant": ("ar", "mdm", "block", "jigsaw", "scatter"),
     "model.mlp": ("swiglu", "gelu"),
     "model.norm": ("rmsnorm", "layernorm"),
@@ -227,6 +231,11 @@ def validate(cfg: Config) -> None:
     d, m, f, t, p, lc = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.parallel, cfg.launch
     need(bool(d.source.strip()), "data.source", "must name a source (task:NAME, hf:NAME or a local path)")
     need(d.seq_len >= 2, "data.seq_len", "must be >= 2")
+    if d.train_on == "response" or (d.train_on == "auto" and d.source.startswith("task:")):
+        need(d.packing == "pad", "data.train_on",
+             "response training needs data.packing=pad (one `[BOS] prompt answer [EOS]` document per row)")
+        need(d.source.startswith("task:") or bool(d.prompt_separator), "data.prompt_separator",
+             "data.train_on=response on a non-task source needs the token that ends a prompt")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     need(d.vocab_size >= 16, "data.vocab_size", "must be >= 16")
     need(d.shard_size_mb > 0, "data.shard_size_mb", "must be > 0")
@@ -245,6 +254,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
     need(m.block_size >= 0, "model.block_size", "must be >= 0 (0 = the whole sequence)")
+    need(m.jigsaw_streams in (1, 2), "model.jigsaw_streams",
+         "must be 1 (the authors' single-stream Jigsaw) or 2 (ours: teacher-forced two-stream)")
     if m.block_size > 0:
         need(d.seq_len % m.block_size == 0, "model.block_size",
              f"must divide data.seq_len = {d.seq_len} (allowed: {_divisors(d.seq_len)})")

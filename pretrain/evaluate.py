@@ -3,6 +3,8 @@
 Masked-diffusion objectives report the unbiased uniform-t NELBO whatever sampler trained them, so
 runs with different time samplers stay comparable; AR reports exact next-token NLL. The same seed
 gives the same t draws and masks on every pass, so successive evaluations differ only by the model.
+Runs trained on responses (data.train_on; task recipes) report the bound on -log p(response | prompt)
+per response token, and their samplers get the `[BOS] prompt` prefix as the model's prompt_mask.
 """
 
 from __future__ import annotations
@@ -136,11 +138,13 @@ def task_metrics(model, cfg, info, sampler_cfg, num_samples: int = 256, batch_si
     """Decode the answers of the first `num_samples` validation examples and score them: the task's
     metrics (mean over examples) prefixed `task/`, plus task/nfe (forwards per batch). With
     return_samples > 0 also returns [(prompt, generated, reference)] of the first ones."""
+    from data_pipeline.stream import trains_on_response
     from data_pipeline.tasks import get_task
     from pretrain.diffusion.schedules import build_schedule
     from pretrain.sample import generate
 
     task = get_task(cfg.data.source.removeprefix("task:"))
+    on_response = trains_on_response(cfg.data)
     tok = info.tokenizer
     n = min(num_samples, cfg.data.task.num_val)
     examples = list(task.examples("val", n, cfg.data.task.seed, cfg.data.task))
@@ -150,8 +154,12 @@ def task_metrics(model, cfg, info, sampler_cfg, num_samples: int = 256, batch_si
         prompts = [tok.encode(e.prompt) for e in chunk]
         lens = [len(tok.encode(e.answer)) for e in chunk]
         x, gen, real = _prompt_batch(prompts, lens, info, cfg.data.seq_len)
+        # a model trained on responses sees `[BOS] prompt` as its clean prompt, as in training
+        prompt = (torch.arange(x.shape[1])[None, :] <= torch.tensor([len(p) for p in prompts])[:, None]
+                  if on_response else None)
         out = generate(model, x.to(device), gen.to(device), real.to(device), mask_id=info.mask_id, cfg=sampler_cfg,
-                       forbid_ids=(info.pad_id, info.bos_id, info.eos_id), schedule=build_schedule(cfg.diffusion.schedule))
+                       forbid_ids=(info.pad_id, info.bos_id, info.eos_id), schedule=build_schedule(cfg.diffusion.schedule),
+                       prompt_mask=prompt)
         nfe.append(out.nfe)
         tokens = out.tokens.cpu()
         for i, e in enumerate(chunk):
@@ -335,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             from data_pipeline.stream import make_val_loader
             from pretrain.diffusion import build_objective
 
-            objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=info.mask_id)
+            objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=info.mask_id,
+                                        jigsaw_streams=cfg.model.jigsaw_streams)
             loader = make_val_loader(cfg.data, info, batch_size=min(cfg.train.batch_size, 64))
             metrics.update(validation_nll(model, objective, loader, device, seed=cfg.seed, max_batches=args.eval_batches))
         shown = []

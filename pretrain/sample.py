@@ -12,7 +12,7 @@ predict tokens.
 Samplers (`SamplerConfig.name`; `auto` picks the variant's own, in brackets):
 - `ar` [ar]: left to right, one forward per generated position on the prefix (causal model); with
   `kv_cache` each forward runs on the tokens committed since the previous one only.
-- masked diffusion [mdm; also valid for scatter, whose objective is MDLM's]:
+- masked diffusion [mdm]:
   `ancestral` (MDLM's reverse process: on the step t -> s each masked token is revealed with
   probability (alpha_s - alpha_t) / (1 - alpha_t), with the run's noise schedule), and the
   ordered, fixed-count samplers of LLaDA (a fixed number of tokens per step, split evenly over
@@ -28,14 +28,27 @@ Samplers (`SamplerConfig.name`; `auto` picks the variant's own, in brackets):
   computed once (one `prefill` forward per committed block, or per run of given blocks) and each
   denoising forward runs on the current block alone (pretrain/model/kv_cache.py says why this is
   exact for `block` and `ar` only, and not for time-conditioned models).
-- `jigsaw` [jigsaw]: as documented in pretrain/diffusion/blockwise.py: repeatedly pick a block
-  (`jigsaw_order`: `entropy` = the lowest mean predictive entropy in a probing forward, the
-  authors' choice; `ltr` = left to right), generate it left to right with the two-stream pass
-  (committed blocks are clean context, the block's own earlier tokens the teacher-forced x_0
-  prefix), commit it. B + 1 forwards per block (B with `ltr`).
+- `jigsaw` [jigsaw]: as documented in pretrain/diffusion/blockwise.py: repeatedly pick a pending
+  response block (`jigsaw_order`: `entropy` = the lowest mean predictive entropy, the authors'
+  choice; `ltr` = left to right) and commit it. Single stream (model.jigsaw_streams 1, the
+  authors'): one forward per block, in which every pending block holds only mask tokens (given
+  tokens of a pending block are hidden until it is committed, as in training) and sees the
+  prompt and the committed blocks only; the chosen block's tokens are drawn from that forward
+  (the block model is a product of per-position marginals given the context). Two-stream (ours):
+  the chosen block is generated left to right with the two-stream pass (its earlier tokens the
+  teacher-forced x_0 prefix): B + 1 forwards per block (B with `ltr`).
 - `scatter` [scatter]: as documented in pretrain/model/attention_masks.py: offsets 0, 1, ..., B-1
-  in turn, all blocks at once (one forward per offset: left to right inside every block, parallel
-  across blocks).
+  in turn (counted from the response start when a prompt_mask is given), all blocks at once (one
+  forward per offset: left to right inside every block, parallel across blocks). The only sampler
+  for Scatter: its denoiser at offset o never sees tokens at offsets > o, so an order that reveals
+  a position before the lower offsets are decoded (ancestral, random, confidence, ...) draws it
+  ignoring tokens already committed at higher offsets: the decoded joint is then not the one the
+  model factorises (e.g. data {AB, BA} with B = 2: revealing offset 1 first gives AA/BB half the
+  time), and memorised sequences were not reproduced (issue 17). Refused with that reason.
+
+Prompts: `prompt_mask` Bool[B, L] (the `[BOS] prompt` prefix of each row) is passed to the model for
+models trained on responses (data.train_on), so Scatter and Jigsaw see the prompt and count their
+blocks from the response start as in training.
 
 Token draws: `temperature` 0 = greedy (argmax); otherwise Gumbel-max over the tempered, top-k /
 top-p filtered distribution, in float64 by default (`float64`; DESIGN.md: fp32 categorical sampling
@@ -58,6 +71,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.model.attention_masks import check_prompt_prefix, max_blocks, response_blocks, response_index
 from pretrain.model.kv_cache import KVCache, cache_support
 
 SAMPLERS = ("auto", "ar", "ancestral", "confidence", "entropy", "margin", "random", "block", "jigsaw", "scatter")
@@ -67,9 +81,16 @@ DEFAULT_SAMPLER = {"ar": "ar", "mdm": "confidence", "block": "block", "jigsaw": 
 COMPATIBLE = {
     "ar": ("ar",),
     "mdm": MDM_SAMPLERS,
-    "scatter": ("scatter", *MDM_SAMPLERS),
+    "scatter": ("scatter",),
     "block": ("block",),
     "jigsaw": ("jigsaw",),
+}
+# why a sampler does not fit a variant, where there is more to say than "another model's decoding"
+WHY_NOT = {
+    "scatter": ("Scatter's denoiser at offset o sees only offsets <= o, so a sampler that may reveal a "
+                "position before its lower offsets ignores tokens already committed at higher offsets "
+                "and does not sample the model's factorisation; Scatter decodes offset by offset "
+                "(sampler scatter)"),
 }
 
 
@@ -108,7 +129,9 @@ def resolve_sampler(variant: str, name: str) -> str:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
     if name not in COMPATIBLE[variant]:
-        raise ValueError(f"sampler {name!r} does not fit a {variant!r} model; use one of {', '.join(COMPATIBLE[variant])}")
+        why = f" ({WHY_NOT[variant]})" if variant in WHY_NOT else ""
+        raise ValueError(f"sampler {name!r} does not fit a {variant!r} model{why}; use one of "
+                         f"{', '.join(COMPATIBLE[variant])}")
     return name
 
 
@@ -200,8 +223,10 @@ def _select_top(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor)
 class _Ctx:
     """What every sampler needs: the model call, draws, and the forward counter."""
 
-    def __init__(self, model, key_padding_mask, mask_id, cfg, forbid, schedule, generator):
+    def __init__(self, model, key_padding_mask, mask_id, cfg, forbid, schedule, generator, prompt_mask=None):
         self.model, self.kpm, self.mask_id, self.cfg = model, key_padding_mask, mask_id, cfg
+        self.prompt = prompt_mask
+        self.prompt_kw = {} if prompt_mask is None else {"prompt_mask": prompt_mask}
         self.forbid = sorted({int(mask_id), *(int(i) for i in forbid)})
         self.schedule, self.gen = schedule, generator
         self.nfe = 0
@@ -213,6 +238,8 @@ class _Ctx:
         if not self.time_cond:
             return None
         real = self.kpm[:, :upto]
+        if self.prompt is not None:  # trained on responses: t is the response's masked fraction
+            real = real & ~self.prompt[:, :upto]
         return (masked[:, :upto] & real).sum(1).float() / real.sum(1).clamp(min=1).float()
 
     def logits(self, x: torch.Tensor, masked: torch.Tensor, upto: int | None = None,
@@ -223,7 +250,8 @@ class _Ctx:
         self.nfe += 1
         if self.cache is None:
             self.positions += x.shape[0] * upto
-            return self.model(x[:, :upto], self.t_of(masked, upto), key_padding_mask=self.kpm[:, :upto]), 0
+            kw = {} if self.prompt is None else {"prompt_mask": self.prompt[:, :upto]}
+            return self.model(x[:, :upto], self.t_of(masked, upto), key_padding_mask=self.kpm[:, :upto], **kw), 0
         lo = self.cache.length
         self.positions += x.shape[0] * (upto - lo)
         return self.model(x[:, lo:upto], None, key_padding_mask=self.kpm[:, lo:upto], kv_cache=self.cache,
@@ -310,9 +338,9 @@ def _blocks(ctx: _Ctx, x, masked, bl: int, inner: str, truncate: bool) -> None:
 
 
 def _scatter(ctx: _Ctx, x, masked, bl: int) -> None:
-    off = torch.arange(x.shape[1], device=x.device) % bl
+    _, off = response_index(ctx.prompt, x.shape[1], bl, x.device)  # [B or 1, L], from the response start
     for o in range(bl):
-        cur = masked & (off == o)[None, :]
+        cur = masked & (off == o)
         if not cur.any():
             continue
         logits, _ = ctx.logits(x, masked)
@@ -322,51 +350,79 @@ def _scatter(ctx: _Ctx, x, masked, bl: int) -> None:
         masked[rows] = False
 
 
-def _jigsaw(ctx: _Ctx, x, masked, bl: int, order: str) -> None:
-    """Block-level any order, left to right inside a block; x is the x_0 stream (committed and
-    generated tokens), x_t shows the revealed blocks and mask tokens elsewhere."""
+def _jigsaw(ctx: _Ctx, x, masked, bl: int, order: str, streams: int) -> None:
+    """Block-level any order over the response blocks (counted from the response start). A block is
+    pending while it holds a position to generate; pending blocks are the masked blocks of the
+    model's mask, the others (and the prompt) its visible context. Single stream: x is the model's
+    input (mask tokens at the positions still to generate); two-stream: x is the x_0 stream and
+    x_t shows the revealed blocks and mask tokens elsewhere."""
     B, L = x.shape
-    nb = L // bl
-    blk = torch.arange(L, device=x.device) // bl
+    if order not in ("entropy", "ltr"):
+        raise ValueError(f"unknown jigsaw_order {order!r}; expected entropy or ltr")
+    blk, _ = response_index(ctx.prompt, L, bl, x.device)
+    blk = blk.expand(B, -1)
+    nb = max_blocks(L, bl)
+    col = blk.clamp(min=0)
     ar_B = torch.arange(B, device=x.device)
     pending = torch.zeros(B, nb, dtype=torch.bool, device=x.device)
-    r, c = masked.nonzero(as_tuple=True)
-    pending[r, blk[c]] = True
-    revealed = ~pending
+    r, c = (masked & (blk >= 0)).nonzero(as_tuple=True)
+    pending[r, col[r, c]] = True
+    if bool((masked & (blk < 0)).any()):
+        raise ValueError("jigsaw: a position to generate lies inside the prompt (prompt_mask)")
 
-    def forward(xx):
-        x_t = torch.where(revealed[:, blk], xx, torch.full_like(xx, ctx.mask_id))
+    n_resp = response_blocks(ctx.prompt, B, L, bl).to(x.device)  # what training divides by
+
+    def forward(xx, revealed):
         ctx.nfe += 1
+        frac = pending.sum(1).float() / n_resp.float() if ctx.time_cond else None  # m / n, as in training
+        if streams == 1:  # a masked block holds only mask tokens, as in training: given tokens of a
+            # pending block (an infill) are hidden until the block is committed
+            ctx.positions += xx.numel()
+            hidden = (blk >= 0) & ~revealed.gather(1, col)
+            x_in = torch.where(hidden, torch.full_like(xx, ctx.mask_id), xx)
+            return ctx.model(x_in, frac, key_padding_mask=ctx.kpm, revealed_blocks=revealed, **ctx.prompt_kw)
+        in_revealed = (blk < 0) | revealed.gather(1, col)
+        x_t = torch.where(in_revealed, xx, torch.full_like(xx, ctx.mask_id))
         ctx.positions += 2 * xx.numel()  # the two-stream pass runs on [x_t | x_0]
-        frac = (~revealed).float().mean(1) if ctx.time_cond else None
-        return ctx.model(x_t, frac, key_padding_mask=ctx.kpm, x0=xx, revealed_blocks=revealed)
+        return ctx.model(x_t, frac, key_padding_mask=ctx.kpm, x0=xx, revealed_blocks=revealed, **ctx.prompt_kw)
+
+    def block_entropy(logits):
+        logits = logits.double()
+        logits[..., ctx.forbid] = -math.inf  # the distribution draws come from (SUBS: no [MASK])
+        logp = logits.log_softmax(-1)
+        ent = -(logp.exp() * logp.clamp_min(-1e300)).sum(-1)  # [B, L]; 0 * -inf -> 0
+        tok = masked & (blk >= 0)
+        num = torch.zeros(B, nb, dtype=ent.dtype, device=x.device).scatter_add_(1, col, ent * tok)
+        den = torch.zeros(B, nb, dtype=ent.dtype, device=x.device).scatter_add_(1, col, tok.to(ent.dtype))
+        return (num / den.clamp(min=1)).masked_fill(~pending, math.inf)
 
     while pending.any():
         todo_rows = pending.any(1)
+        probe = None
         if order == "ltr":
             choice = pending.float().argmax(1)  # first pending block
-        elif order == "entropy":
-            logits = forward(x).double()
-            logits[..., ctx.forbid] = -math.inf  # the distribution draws come from (SUBS: no [MASK])
-            logp = logits.log_softmax(-1)
-            ent = -(logp.exp() * logp.clamp_min(-1e300)).sum(-1)  # [B, L]; 0 * -inf -> 0
-            ent_blk = torch.zeros(B, nb, dtype=ent.dtype, device=x.device).index_add_(
-                1, blk, ent * masked) / torch.zeros(B, nb, dtype=ent.dtype, device=x.device).index_add_(
-                1, blk, masked.to(ent.dtype)).clamp(min=1)
-            choice = ent_blk.masked_fill(~pending, math.inf).argmin(1)
         else:
-            raise ValueError(f"unknown jigsaw_order {order!r}; expected entropy or ltr")
-        for i in range(bl):
-            p = choice * bl + i
-            need = masked[ar_B, p] & todo_rows
-            if not need.any():
-                continue
-            logits = forward(x)
-            tokens, _ = ctx.draw(logits[ar_B[need], p[need]])
-            x[ar_B[need], p[need]] = tokens
-            masked[ar_B[need], p[need]] = False
+            probe = forward(x, ~pending)
+            choice = block_entropy(probe).argmin(1)
+        if streams == 1:  # the chosen block's tokens from one forward (the probe, when there was one)
+            logits = probe if probe is not None else forward(x, ~pending)
+            sel = masked & (blk == choice[:, None]) & todo_rows[:, None]
+            rows = sel.nonzero(as_tuple=True)
+            tokens, _ = ctx.draw(logits[rows])
+            x[rows] = tokens
+            masked[rows] = False
+        else:
+            start = torch.where(blk == choice[:, None], torch.arange(L, device=x.device), L).min(1).values
+            for i in range(bl):
+                p = (start + i).clamp(max=L - 1)
+                need = masked[ar_B, p] & todo_rows & (start + i < L) & (blk[ar_B, p] == choice)
+                if not need.any():
+                    continue
+                logits = forward(x, ~pending)
+                tokens, _ = ctx.draw(logits[ar_B[need], p[need]])
+                x[ar_B[need], p[need]] = tokens
+                masked[ar_B[need], p[need]] = False
         pending[ar_B[todo_rows], choice[todo_rows]] = False
-        revealed = ~pending
 
 
 @torch.no_grad()
@@ -380,8 +436,10 @@ def generate(
     cfg: SamplerConfig | None = None,
     forbid_ids: Sequence[int] = (),
     schedule=None,
+    prompt_mask: torch.Tensor | None = None,
 ) -> SampleResult:
-    """Fill `gen_mask` positions of x (see the module docstring); x is not modified."""
+    """Fill `gen_mask` positions of x (see the module docstring); x is not modified. prompt_mask
+    Bool[B, L]: the prompt prefix of each row, for models trained on responses (data.train_on)."""
     cfg = cfg or SamplerConfig()
     inner_model = _unwrap(model)
     variant = inner_model.cfg.variant
@@ -396,7 +454,12 @@ def generate(
     x[masked] = mask_id
     kpm = torch.ones_like(masked) if key_padding_mask is None else key_padding_mask.to(device).bool()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    ctx = _Ctx(model, kpm, mask_id, cfg, forbid_ids, schedule, gen)
+    if prompt_mask is not None:
+        prompt_mask = prompt_mask.to(device).bool()
+        if bool((prompt_mask & masked).any()):
+            raise ValueError("prompt_mask and gen_mask overlap: the prompt is given, never generated")
+        check_prompt_prefix(prompt_mask)
+    ctx = _Ctx(model, kpm, mask_id, cfg, forbid_ids, schedule, gen, prompt_mask)
     was_training = inner_model.training
     inner_model.eval()
     try:
@@ -413,7 +476,7 @@ def generate(
                 raise ValueError(f"inner sampler {cfg.inner!r}: expected one of {', '.join(MDM_SAMPLERS)}")
             _blocks(ctx, x, masked, model_bl, cfg.inner, truncate=True)
         elif name == "jigsaw":
-            _jigsaw(ctx, x, masked, model_bl, cfg.jigsaw_order)
+            _jigsaw(ctx, x, masked, model_bl, cfg.jigsaw_order, getattr(mcfg, "jigsaw_streams", 1))
         elif name == "scatter":
             _scatter(ctx, x, masked, model_bl)
         elif cfg.block_size > 0:

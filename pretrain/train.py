@@ -132,7 +132,8 @@ class Trainer:
             from parallel.pipeline import pipeline_module
 
             model = pipeline_module(model, topology)
-        self.objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=self.data.mask_id)
+        self.objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=self.data.mask_id,
+                                         jigsaw_streams=cfg.model.jigsaw_streams)
         t = cfg.train
         optimizer = torch.optim.AdamW(
             param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda",

@@ -23,6 +23,14 @@ masking, from a caller-seeded generator (deterministic). The caller puts the mod
 
 Per-token NELBO counts every real token of a sequence; AR counts the L - 1 predicted tokens.
 
+Prompts (task data, data.train_on = response): a batch may carry `prompt_mask` Bool[B, L] (True =
+prompt token, BOS and separator included; data_pipeline.stream derives it). Every objective then
+keeps the prompt clean (never replaced by [MASK], whatever the masking policy: the policies only see
+the response's real tokens, `targets_of`) and visible (it is a real key for the model, which also
+gets `prompt_mask`), scores only response tokens, and normalises by the number of response tokens;
+AR scores only response targets. The bounds become bounds on -log p(response | prompt), per response
+token. Without `prompt_mask` (language data) nothing changes.
+
 Masking policies (masking.py; seed 002) and what the training loss is for each (r = 1 - alpha(t)):
 - uniform: the loss above, an unbiased estimate of the per-token NELBO (`elbo` weighting).
 - density_priority: same formula and weights w(t)/q(t); the expected number of masked tokens is
@@ -68,6 +76,23 @@ def token_info_of(batch: dict) -> dict:
     if "density" in batch and "density" not in info:
         info["density"] = batch["density"]
     return info
+
+
+def targets_of(batch: dict) -> torch.Tensor:
+    """Bool[B, L]: the tokens an objective may noise and score: real tokens outside the prompt."""
+    real = batch["loss_mask"].bool()
+    prompt = batch.get("prompt_mask")
+    return real if prompt is None else real & ~prompt.to(real.device).bool()
+
+
+def prompt_kwargs(batch: dict, repeat: int = 1) -> dict:
+    """{"prompt_mask": ...} for the model call when the batch has a prompt (rows repeated `repeat`
+    times each, for complementary pairs), else {} (language data: the call is unchanged)."""
+    prompt = batch.get("prompt_mask")
+    if prompt is None:
+        return {}
+    prompt = prompt.bool()
+    return {"prompt_mask": prompt.repeat_interleave(repeat, dim=0) if repeat > 1 else prompt}
 
 
 def inverse_alpha(schedule: Schedule, a: torch.Tensor, iters: int = 60) -> torch.Tensor:
@@ -153,19 +178,21 @@ class MaskedDiffusionObjective:
         return w / self.sampler.pdf(t) if self.weighting == "elbo" else w
 
     def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
-        """batch: input_ids Long[B, L], loss_mask Bool[B, L] (True = real token), and optionally
-        token_info {name: [B, L] tensor} passed through to the masking policy."""
+        """batch: input_ids Long[B, L], loss_mask Bool[B, L] (True = real token), optionally
+        prompt_mask Bool[B, L] (module docstring) and token_info {name: [B, L] tensor} passed through
+        to the masking policy."""
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
+        target = targets_of(batch)
         device, B = input_ids.device, input_ids.shape[0]
         t = self.sampler.sample(B, rng)  # float64, CPU
         if getattr(self.masking, "expands", 1) == 2:
-            return self._complementary_loss(model, input_ids, real, t, rng, token_info_of(batch))
-        masked = self.masking.mask(input_ids, real, self.schedule.alpha(t), rng, **token_info_of(batch))
+            return self._complementary_loss(model, batch, input_ids, real, target, t, rng, token_info_of(batch))
+        masked = self.masking.mask(input_ids, target, self.schedule.alpha(t), rng, **token_info_of(batch))
         x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
-        logits = model(x_t, t.to(device=device, dtype=torch.float32), key_padding_mask=real)
+        logits = model(x_t, t.to(device=device, dtype=torch.float32), key_padding_mask=real, **prompt_kwargs(batch))
         ce_seq = _masked_ce_per_sequence(logits, input_ids, masked, self.exclude)  # [B] float32
         weighted = self.sequence_weight(t).to(device=device, dtype=torch.float32) * ce_seq
-        n_real_seq = real.sum(dim=1)
+        n_real_seq = target.sum(dim=1)
         n_real = n_real_seq.sum().clamp(min=1)
         loss = weighted.sum() / n_real
         with torch.no_grad():
@@ -192,19 +219,20 @@ class MaskedDiffusionObjective:
             return self.schedule.weight(t) / q, -self.schedule.dalpha(t) / (alpha.clamp(min=1e-12) * q), t_s
         return self.schedule.weight(t), self.schedule.weight(t_s.clamp(min=1e-6)), t_s
 
-    def _complementary_loss(self, model, input_ids, real, t, rng: StepRNG, info: dict):
+    def _complementary_loss(self, model, batch, input_ids, real, target, t, rng: StepRNG, info: dict):
         device = input_ids.device
-        masked = self.masking.mask(input_ids, real, self.schedule.alpha(t), rng, **info)  # [2B, L]
+        masked = self.masking.mask(input_ids, target, self.schedule.alpha(t), rng, **info)  # [2B, L]
         w_r, w_s, t_s = self.pair_weights(t)
         ids2 = input_ids.repeat_interleave(2, dim=0)
         real2 = real.repeat_interleave(2, dim=0)
         t2 = torch.stack([t, t_s], dim=1).flatten()  # row 2b: t, row 2b + 1: t_S
         x_t = torch.where(masked, torch.full_like(ids2, self.mask_id), ids2)
-        logits = model(x_t, t2.to(device=device, dtype=torch.float32), key_padding_mask=real2)
+        logits = model(x_t, t2.to(device=device, dtype=torch.float32), key_padding_mask=real2,
+                       **prompt_kwargs(batch, repeat=2))
         ce = _masked_ce_per_sequence(logits, ids2, masked, self.exclude)  # [2B]
         w2 = 0.5 * torch.stack([w_r, w_s], dim=1).flatten().to(device=device, dtype=torch.float32)
         weighted = w2 * ce
-        n_real_seq = real.sum(dim=1)
+        n_real_seq = target.sum(dim=1)
         n_real = n_real_seq.sum().clamp(min=1)
         loss = weighted.sum() / n_real
         with torch.no_grad():
@@ -227,8 +255,9 @@ class MaskedDiffusionObjective:
 
         Uniform t, stratified per sequence: t_bk = eps + (1 - eps)(u_b + k)/K, k < K, weighted by
         w(t)(1 - eps) = w(t)/q_uniform(t); averaged over the K draws. Unbiased for the NELBO on
-        [eps, 1] whatever the training sampler was."""
+        [eps, 1] whatever the training sampler was. With a prompt: the response tokens only."""
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
+        target = targets_of(batch)
         device, B, K = input_ids.device, input_ids.shape[0], self.eval_t_samples
         rng = single(generator)
         masking = UniformMasking()
@@ -236,16 +265,18 @@ class MaskedDiffusionObjective:
         total = torch.zeros(B, dtype=torch.float64)
         for k in range(K):
             t = self.eps + (1.0 - self.eps) * (u + k) / K
-            masked = masking.mask(input_ids, real, self.schedule.alpha(t), rng)
+            masked = masking.mask(input_ids, target, self.schedule.alpha(t), rng)
             x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
-            logits = model(x_t, t.to(device=device, dtype=torch.float32), key_padding_mask=real)
+            logits = model(x_t, t.to(device=device, dtype=torch.float32), key_padding_mask=real,
+                           **prompt_kwargs(batch))
             ce_seq = _masked_ce_per_sequence(logits, input_ids, masked, self.exclude).cpu().double()
             total += self.schedule.weight(t) * (1.0 - self.eps) * ce_seq
-        return float(total.sum() / K), int(real.sum())
+        return float(total.sum() / K), int(target.sum())
 
 
 class AutoregressiveObjective:
-    """Next-token cross-entropy on real targets: logits at position i predict token i + 1."""
+    """Next-token cross-entropy on real targets: logits at position i predict token i + 1. With a
+    prompt, only response targets are scored (the first is predicted from the separator)."""
 
     def __init__(self, loss_buckets: int = 10):
         self.loss_buckets = loss_buckets
@@ -253,7 +284,7 @@ class AutoregressiveObjective:
     def _nll(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
         logits = model(input_ids, None, key_padding_mask=real)
-        targets, target_real = input_ids[:, 1:], real[:, 1:]
+        targets, target_real = input_ids[:, 1:], targets_of(batch)[:, 1:]
         nll = _masked_ce_per_sequence(logits[:, :-1], targets, target_real).sum()
         return nll, target_real.sum()
 
@@ -275,10 +306,11 @@ class AutoregressiveObjective:
         return float(nll), int(n)
 
 
-def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int):
+def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int, jigsaw_streams: int = 1):
     """The objective of a model variant: AutoregressiveObjective (`ar`), MaskedDiffusionObjective
     (`mdm`, and `scatter`, whose difference is only its attention mask), BlockDiffusionObjective
-    (`block`), JigsawObjective (`jigsaw`); see blockwise.py. Block sizes are read from the model."""
+    (`block`), JigsawObjective (`jigsaw`, single- or two-stream: model.jigsaw_streams); see
+    blockwise.py. Block sizes are read from the model."""
     from pretrain.diffusion.blockwise import BlockDiffusionObjective, JigsawObjective
 
     if variant == "ar":
@@ -292,6 +324,7 @@ def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int):
             eval_t_samples=cfg.eval_t_samples,
             loss_buckets=cfg.loss_buckets,
             parameterization=cfg.parameterization,
+            streams=jigsaw_streams,
         )
     if cfg.masking == "reverse_order":  # seed 003's blockwise reverse-order training (reverse_order.py)
         from pretrain.diffusion.reverse_order import build_reverse_order_objective

@@ -25,10 +25,12 @@ a key >= P. Per variant (masks in attention_masks.py):
     scatter  offset-causal (off(j) <= off(i)): position 1 (offset 1) sees position B (offset 0, a
              later block), and decoding goes offset by offset across all blocks at once: no
              left-to-right prefix is ever closed.                                   -> not cacheable
-    jigsaw   decoding uses the two-stream pass where every x_t query sees every *revealed* block,
-             revealed in any order (entropy): revealing a block changes the hidden states of the
-             blocks revealed before it, and the teacher-forced x_0 prefix is re-read with the new
-             context.                                                               -> not cacheable
+    jigsaw   every query sees every *committed* block, and blocks are committed in any order
+             (entropy): committing a block changes the hidden states of the blocks committed
+             before it (single stream, the default), and with two streams the teacher-forced x_0
+             prefix is also re-read with the new context.                           -> not cacheable
+    Both scatter and jigsaw also let the prompt see later positions' keys (scatter: the authors'
+    rule holds for prompt queries too), so not even the prompt is a closed prefix.
 Time conditioning (adaLN on t) also rules the cache out: the sampler feeds t = the masked fraction,
 which changes at every step and modulates every layer, so a prefix's K/V go stale.
 

@@ -9,7 +9,7 @@ Reads top to bottom like the model description:
 - Attention is `F.scaled_dot_product_attention`: flash attention on GPUs whenever the variant
   needs no dense mask (mdm and unpadded ar); the mask family lives in `attention_masks.py`.
 - Two-stream pass for the blockwise variants trained in one vectorised pass (`block`: BD3-LM,
-  `jigsaw`): `forward(x_t, ..., x0=x_0)` runs the backbone over [x_t | x_0] (2L positions) with the
+  `jigsaw` with `model.jigsaw_streams: 2`, ours; the default Jigsaw is the authors' single stream): `forward(x_t, ..., x0=x_0)` runs the backbone over [x_t | x_0] (2L positions) with the
   variant's two-stream mask, rotary positions 0..L-1 for both copies (a clean token and its noised
   copy sit at the same position), and returns the logits of the x_t half only (the head is not
   applied to the x_0 half: nothing is predicted there).
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.model.attention_masks import TWO_STREAM_VARIANTS, attention_mask, block_len, two_stream_mask
+from pretrain.model.attention_masks import attention_mask, block_len, is_two_stream, two_stream_mask
 from pretrain.model.kv_cache import KVCache, LayerKV, cache_support, cached_attention_mask
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +231,11 @@ class DiffusionTransformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def two_stream(self) -> bool:
+        """Whether training runs the two-stream [x_t | x_0] pass: block, and jigsaw_streams 2."""
+        return is_two_stream(self.cfg.variant, self.cfg.jigsaw_streams)
+
     def block_len(self, seq_len: int) -> int:
         """Tokens per block for a sequence of seq_len tokens (cfg.block_size 0 = the whole sequence)."""
         return block_len(seq_len, self.cfg.block_size)
@@ -244,20 +249,24 @@ class DiffusionTransformer(nn.Module):
         revealed_blocks: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         extend_cache: bool = False,
+        prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, L] long; t [B] diffusion time (used only with time conditioning);
         key_padding_mask Bool[B, L], True = real token. Returns logits [B, L, V] in the compute dtype.
 
-        x0 [B, L] (variants block and jigsaw): the clean sequence; runs the two-stream training pass
-        over [input_ids | x0] and returns the logits of the input_ids half. revealed_blocks
-        Bool[B, n_blocks] (jigsaw): which blocks are committed, clean context in this pass.
+        x0 [B, L] (variants block, and jigsaw with model.jigsaw_streams 2): the clean sequence; runs
+        the two-stream training pass over [input_ids | x0] and returns the logits of the input_ids
+        half. revealed_blocks Bool[B, n_blocks] (jigsaw): which response blocks are committed, clean
+        context in this pass (single stream: the others are masked blocks, see attention_masks.py).
+        prompt_mask Bool[B, L] (task data): the prompt, a prefix of each row; scatter and jigsaw see
+        it from every position and count their blocks from the response start (attention_masks.py).
 
         kv_cache (decoding, variants ar and block; see kv_cache.py): input_ids [B, n] are the
         positions right after the cached clean prefix; they attend to [prefix | themselves] and only
         their logits are computed. extend_cache: they are committed and join the cached prefix."""
         if kv_cache is not None:
-            if x0 is not None or revealed_blocks is not None:
-                raise ValueError("a KV-cached pass is single-stream: x0 / revealed_blocks do not apply")
+            if x0 is not None or revealed_blocks is not None or prompt_mask is not None:
+                raise ValueError("a KV-cached pass (ar, block) takes neither x0, revealed_blocks nor prompt_mask")
             return self.head(self.norm_f(self._cached_backbone(input_ids, key_padding_mask, kv_cache, extend_cache)))
         B, L = input_ids.shape
         if L > self.max_seq_len:
@@ -265,13 +274,17 @@ class DiffusionTransformer(nn.Module):
         cos, sin = self.rope_cos[:L], self.rope_sin[:L]
         if x0 is None:
             mask, is_causal = attention_mask(
-                self.cfg.variant, L, self.cfg.block_size, input_ids.device, key_padding_mask
+                self.cfg.variant, L, self.cfg.block_size, input_ids.device, key_padding_mask, prompt_mask,
+                revealed_blocks,
             )
         else:
-            if self.cfg.variant not in TWO_STREAM_VARIANTS:
-                raise ValueError(f"x0 (the two-stream pass) is for variants block and jigsaw, not {self.cfg.variant!r}")
+            if not self.two_stream:
+                raise ValueError("x0 (the two-stream pass) is for variant block and for jigsaw with "
+                                 f"model.jigsaw_streams=2, not {self.cfg.variant!r} "
+                                 f"(jigsaw_streams={self.cfg.jigsaw_streams})")
             mask, is_causal = two_stream_mask(
-                self.cfg.variant, L, self.cfg.block_size, input_ids.device, key_padding_mask, revealed_blocks
+                self.cfg.variant, L, self.cfg.block_size, input_ids.device, key_padding_mask, revealed_blocks,
+                prompt_mask,
             ), False
             input_ids = torch.cat([input_ids, x0], dim=1)  # [x_t | x_0]
             cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)  # positions 0..L-1, twice
@@ -333,7 +346,7 @@ class DiffusionTransformer(nn.Module):
         QK^T and AV products (PaLM/nanoGPT convention), counted over the full L x L matrix for every
         variant, causal included, so MFU numbers compare across variants. The one formula for MFU.
 
-        Two-stream variants (block, jigsaw) run every layer on 2 positions per data token (x_t and
+        Two-stream variants (block, jigsaw with jigsaw_streams 2) run every layer on 2 positions per data token (x_t and
         x_0) over 2L keys, and the head on one: 6 * (2 (N - head) + head) + 12 n_layers d (2L) * 2.
         """
         n = self.num_parameters(exclude_embeddings=True)
@@ -342,7 +355,7 @@ class DiffusionTransformer(nn.Module):
         # time conditioning runs once per sequence, not per token: not part of N
         per_sequence = [self.time_emb, self.final_adaLN, *(b.adaLN for b in self.blocks)]
         n -= sum(p.numel() for m in per_sequence if m is not None for p in m.parameters())
-        if self.cfg.variant in TWO_STREAM_VARIANTS:
+        if self.two_stream:
             head = self.head.weight.numel()
             return 6.0 * (2 * (n - head) + head) + 12.0 * self.cfg.n_layers * self.cfg.d_model * (2 * seq_len) * 2
         return 6.0 * n + 12.0 * self.cfg.n_layers * self.cfg.d_model * seq_len

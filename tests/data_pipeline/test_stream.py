@@ -111,7 +111,7 @@ def test_ranks_and_workers_partition_one_epoch_in_the_global_order(split, packin
 
 def test_train_loader_crosses_epochs_each_sample_once_per_epoch(split):
     path, _ = split
-    cfg = DataConfig(seq_len=L, packing="pad", shuffle_buffer=8, num_workers=2)
+    cfg = DataConfig(train_on="all", seq_len=L, packing="pad", shuffle_buffer=8, num_workers=2)
     n, dp, B = N_DOCS, 2, 4
     steps = (2 * n) // (B * dp) + 1
     per_rank = [_rows(_take(make_train_loader(cfg, _info(path), B, dp_rank=r, dp_size=dp, seed=5), steps))
@@ -121,7 +121,7 @@ def test_train_loader_crosses_epochs_each_sample_once_per_epoch(split):
         merged[r::dp] = per_rank[r]
     epoch0, epoch1 = merged[:n], merged[n:2 * n]
     assert len(set(epoch0)) == n and set(epoch0) == set(epoch1) and epoch0 != epoch1
-    single = make_train_loader(DataConfig(seq_len=L, packing="pad", shuffle_buffer=8), _info(path), B * dp, seed=5)
+    single = make_train_loader(DataConfig(train_on="all", seq_len=L, packing="pad", shuffle_buffer=8), _info(path), B * dp, seed=5)
     assert _rows(_take(single, steps)) == merged  # dp=2 x 2 workers reads what one rank reads
 
 
@@ -154,7 +154,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("packing", ["pad", "wrap"])
 def test_exact_resume_in_process_with_workers(split, packing, tmp_path):
     path, _ = split
-    cfg = DataConfig(seq_len=L, packing=packing, shuffle_buffer=8, num_workers=2)
+    cfg = DataConfig(train_on="all", seq_len=L, packing=packing, shuffle_buffer=8, num_workers=2)
     ref = make_train_loader(cfg, _info(path), batch_size=5, dp_rank=1, dp_size=2, seed=9)
     _take(ref, 7)
     state = ref.state_dict()
@@ -166,14 +166,14 @@ def test_exact_resume_in_process_with_workers(split, packing, tmp_path):
     _take(resumed, 3)  # a loader that had moved on is rewound by the state
     resumed.load_state_dict(state)
     _assert_same(_take(resumed, 30), expected)
-    for bad in (dict(seed=10), dict(cfg=DataConfig(seq_len=L, packing=packing, shuffle_buffer=9))):
+    for bad in (dict(seed=10), dict(cfg=DataConfig(train_on="all", seq_len=L, packing=packing, shuffle_buffer=9))):
         other = make_train_loader(bad.get("cfg", cfg), _info(path), 5, dp_rank=1, dp_size=2, seed=bad.get("seed", 9))
         with pytest.raises(ValueError, match="cannot resume"):
             other.load_state_dict(state)
     with pytest.raises(ValueError, match="version"):
         resumed.load_state_dict({**state, "version": 1})
     if packing == "wrap":  # rows cut after a per-epoch document shuffle are another order
-        shuffled = make_train_loader(DataConfig(seq_len=L, packing=packing, shuffle_buffer=8, wrap_doc_shuffle=True),
+        shuffled = make_train_loader(DataConfig(train_on="all", seq_len=L, packing=packing, shuffle_buffer=8, wrap_doc_shuffle=True),
                                      _info(path), 5, dp_rank=1, dp_size=2, seed=9)
         with pytest.raises(ValueError, match="wrap_doc_shuffle: saved False, now True"):
             shuffled.load_state_dict(state)
@@ -193,7 +193,7 @@ CHILD = textwrap.dedent("""
     path, state_file, out, packing = sys.argv[1:5]
     info = SimpleNamespace(train_dir=path, pad_id=0, bos_id=1, eos_id=2, tokenizer=SimpleNamespace(fingerprint="fp"))
     state = torch.load(state_file, weights_only=True)
-    cfg = DataConfig(seq_len=16, packing=packing, shuffle_buffer=8, num_workers=2)
+    cfg = DataConfig(train_on="all", seq_len=16, packing=packing, shuffle_buffer=8, num_workers=2)
     exact = make_train_loader(cfg, info, batch_size=4, dp_rank=1, dp_size=2, seed=11)
     exact.load_state_dict(state)
     ids = np.stack([next(exact)["input_ids"].numpy() for _ in range(100)])
@@ -201,7 +201,7 @@ CHILD = textwrap.dedent("""
     n = json.loads(sys.argv[5])
     elastic = []
     for r in range(3):
-        loader = make_train_loader(DataConfig(seq_len=16, packing=packing, shuffle_buffer=8), info, batch_size=3,
+        loader = make_train_loader(DataConfig(train_on="all", seq_len=16, packing=packing, shuffle_buffer=8), info, batch_size=3,
                                    dp_rank=r, dp_size=3, seed=11)
         loader.load_state_dict(state)
         mine = -(-(n - state["consumed"] - r) // 3)  # rank r's samples g = consumed + 3j + r < n
@@ -218,7 +218,7 @@ CHILD = textwrap.dedent("""
 def test_resume_in_a_fresh_process_exact_and_elastic_2_to_3_ranks(split, packing, tmp_path):
     path, _ = split
     stop = int(np.random.default_rng().integers(1, 8))  # a random step; reported on failure
-    cfg = DataConfig(seq_len=L, packing=packing, shuffle_buffer=8)
+    cfg = DataConfig(train_on="all", seq_len=L, packing=packing, shuffle_buffer=8)
     ranks = [make_train_loader(cfg, _info(path), batch_size=4, dp_rank=r, dp_size=2, seed=11) for r in range(2)]
     seen = [_rows(_take(loader, stop)) for loader in ranks]
     states = [loader.state_dict() for loader in ranks]
@@ -242,7 +242,7 @@ def test_resume_in_a_fresh_process_exact_and_elastic_2_to_3_ranks(split, packing
 def test_mixture_weights_partition_and_tokenizer_check(tmp_path):
     main = _write(tmp_path / "a" / "train", 80, first=10)
     extra = _write(tmp_path / "b" / "train", 40, first=1000, density=False)
-    cfg = DataConfig(seq_len=L, packing="pad", shuffle_buffer=8, main_weight=3.0,
+    cfg = DataConfig(train_on="all", seq_len=L, packing="pad", shuffle_buffer=8, main_weight=3.0,
                      mixture=[MixtureSource(shard_dir=str(tmp_path / "b"), weight=1.0)])
     loader = make_train_loader(cfg, _info(tmp_path / "a" / "train"), batch_size=MIX_BLOCK // 4)
     batches = _take(loader, 4)
@@ -259,14 +259,14 @@ def test_mixture_weights_partition_and_tokenizer_check(tmp_path):
     cfg_w = DataConfig(**{**cfg.__dict__, "num_workers": 1})
     _assert_same(_take(make_train_loader(cfg_w, _info(tmp_path / "a" / "train"), batch_size=MIX_BLOCK // 4), 4), batches)
     _write(tmp_path / "c" / "train", 5, fingerprint="other")
-    bad = DataConfig(seq_len=L, mixture=[MixtureSource(shard_dir=str(tmp_path / "c"))])
+    bad = DataConfig(train_on="all", seq_len=L, mixture=[MixtureSource(shard_dir=str(tmp_path / "c"))])
     with pytest.raises(ShardFormatError, match="tokenizer"):
         make_train_loader(bad, _info(tmp_path / "a" / "train"), batch_size=4)
 
 
 def test_val_loader_is_finite_unshuffled_reiterable_and_split_by_rank(split):
     path, docs = split
-    cfg = DataConfig(seq_len=L, packing="pad")
+    cfg = DataConfig(train_on="all", seq_len=L, packing="pad")
     loader = make_val_loader(cfg, _info(path), batch_size=7)
     first, second = ([b["input_ids"] for b in loader] for _ in range(2))
     assert [b.shape[0] for b in first] == [7] * (N_DOCS // 7) + [N_DOCS % 7]  # last partial batch kept
@@ -310,10 +310,10 @@ def test_tokenizer_mismatch_is_refused(split):
     info = _info(path)
     info.tokenizer = SimpleNamespace(fingerprint="another")
     with pytest.raises(ShardFormatError, match="tokenizer"):
-        make_train_loader(DataConfig(seq_len=L), info, batch_size=4)
+        make_train_loader(DataConfig(train_on="all", seq_len=L), info, batch_size=4)
     with pytest.raises(ShardFormatError, match="tokenizer"):
-        make_val_loader(DataConfig(seq_len=L), info, batch_size=4)
-    assert isinstance(make_train_loader(DataConfig(seq_len=L), _info(path), batch_size=4), TrainLoader)
+        make_val_loader(DataConfig(train_on="all", seq_len=L), info, batch_size=4)
+    assert isinstance(make_train_loader(DataConfig(train_on="all", seq_len=L), _info(path), batch_size=4), TrainLoader)
 
 
 # -- the fast path (chunked batches, row copies, decoded-shard cache) equals the definition ----------
@@ -394,10 +394,10 @@ def test_chunked_batches_equal_batch_by_batch(split, packing, infinite):
 def test_workers_send_chunks_that_split_into_the_same_batches(split):
     path, _ = split
     for packing in ("pad", "wrap"):
-        cfg = DataConfig(seq_len=L, packing=packing, shuffle_buffer=64)
+        cfg = DataConfig(train_on="all", seq_len=L, packing=packing, shuffle_buffer=64)
         plain = _take(make_train_loader(cfg, _info(path), batch_size=3, seed=2), 80)
         for workers in (1, 2):
-            cfg_w = DataConfig(seq_len=L, packing=packing, shuffle_buffer=64, num_workers=workers, prefetch_factor=1)
+            cfg_w = DataConfig(train_on="all", seq_len=L, packing=packing, shuffle_buffer=64, num_workers=workers, prefetch_factor=1)
             loader = make_train_loader(cfg_w, _info(path), batch_size=3, seed=2)
             assert loader.dataset.chunk_batches() > 1
             _assert_same(_take(loader, 80), plain)

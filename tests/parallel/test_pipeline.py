@@ -30,8 +30,9 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 V, L, MASK = 16, 16, 15
 CASES = [
     ("ar", False, "uniform"), ("mdm", False, "uniform"), ("mdm", True, "uniform"), ("mdm", False, "complementary"),
-    ("block", False, "uniform"), ("block", True, "uniform"), ("block", True, "complementary"), ("jigsaw", True, "uniform"),
-    ("scatter", False, "uniform"),
+    ("block", False, "uniform"), ("block", True, "uniform"), ("block", True, "complementary"), ("jigsaw", True, "uniform"), ("scatter", False, "uniform"),
+    # task data: the prompt travels through the stages (inside the padding tensor)
+    ("scatter", False, "prompt"), ("jigsaw", False, "prompt"), ("jigsaw", True, "prompt"), ("mdm", False, "prompt"),
 ]
 
 
@@ -40,17 +41,21 @@ def model_and_objective(variant: str, time_conditioning: bool, masking: str):
     cfg = dataclasses.replace(ModelConfig(), variant=variant, n_layers=3, d_model=32, n_heads=4, block_size=4,
                               time_conditioning=time_conditioning, cond_dim=16)
     model = build_model(cfg, V, L)
+    masking = "uniform" if masking == "prompt" else masking
     objective = build_objective(DiffusionConfig(masking=masking), variant, mask_id=MASK)
     return model, objective
 
 
-def batch() -> dict[str, torch.Tensor]:
+def batch(prompt: bool = False) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, MASK, (3, L), generator=g)
     real = torch.ones(3, L, dtype=torch.bool)
     real[1, 11:] = False  # padding: the masks must carry it through every stage
     density = torch.rand(3, L, generator=g)  # for the complementary (density-priority) masking
-    return {"input_ids": ids, "loss_mask": real, "density": density}
+    out = {"input_ids": ids, "loss_mask": real, "density": density}
+    if prompt:
+        out["prompt_mask"] = torch.arange(L)[None, :] < torch.tensor([[3], [6], [5]])
+    return out
 
 
 def run_stages(layers, inputs):
@@ -64,7 +69,7 @@ def run_stages(layers, inputs):
 def test_stages_in_sequence_compute_the_plain_models_logits(variant, time_conditioning, masking):
     model, objective = model_and_objective(variant, time_conditioning, masking)
     model.eval()
-    args, kwargs = capture_forward(model, objective.training_loss, batch(), step_rng(0, 3))
+    args, kwargs = capture_forward(model, objective.training_loss, batch(masking == "prompt"), step_rng(0, 3))
     with torch.no_grad():
         expected = model(*args, **kwargs)
         got = run_stages(stage_layers(model), stage_inputs(args, kwargs))
@@ -75,7 +80,7 @@ def test_stages_in_sequence_compute_the_plain_models_logits(variant, time_condit
 @pytest.mark.parametrize("variant,time_conditioning,masking", CASES)
 def test_capture_then_replay_reproduces_the_objectives_loss_and_gradients(variant, time_conditioning, masking):
     model, objective = model_and_objective(variant, time_conditioning, masking)
-    b = batch()
+    b = batch(masking == "prompt")
     loss, stats = objective.training_loss(model, b, step_rng(0, 5, micro=1, n_micro=2))
     loss.backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -25,9 +25,9 @@ MASK, L, V, BL = 3, 16, 12, 4
 SEQ = torch.tensor([1, 4, 7, 5, 9, 11, 6, 4, 8, 10, 5, 7, 11, 9, 6, 2])  # [BOS] 14 symbols [EOS]
 
 
-def tiny(variant: str, seed: int = 0):
+def tiny(variant: str, seed: int = 0, **kw):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(variant=variant, n_layers=2, d_model=32, n_heads=2, block_size=BL), V, L)
+    return build_model(ModelConfig(variant=variant, n_layers=2, d_model=32, n_heads=2, block_size=BL, **kw), V, L)
 
 
 _MEMORISED: dict[str, torch.nn.Module] = {}
@@ -42,6 +42,8 @@ def memorised(variant: str) -> torch.nn.Module:
         # position): it needs more steps than AR to memorise the sequence
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         batch = {"input_ids": SEQ.repeat(16, 1), "loss_mask": torch.ones(16, L, dtype=torch.bool)}
+        if variant == "jigsaw":
+            batch["prompt_mask"] = bos_prompt(16)
         for step in range(1500):
             loss, _ = objective.training_loss(model, batch, step_rng(0, step))
             opt.zero_grad()
@@ -49,6 +51,15 @@ def memorised(variant: str) -> torch.nn.Module:
             opt.step()
         _MEMORISED[variant] = model.eval()
     return _MEMORISED[variant]
+
+
+def bos_prompt(n: int) -> torch.Tensor:
+    """[BOS] as the prompt. Single-stream Jigsaw needs an anchor: its masked blocks hold only mask
+    tokens and RoPE gives relative positions only, so with nothing clean in sight every fully masked
+    block looks alike; a clean prompt (here just [BOS]) tells them apart, as the tasks' prompts do."""
+    prompt = torch.zeros(n, L, dtype=torch.bool)
+    prompt[:, 0] = True
+    return prompt
 
 
 CASES = [(v, s) for v, names in COMPATIBLE.items() for s in names]
@@ -65,8 +76,20 @@ def test_every_sampler_reproduces_a_memorised_sequence(variant, sampler):
     gen[2, 3:9] = True  # an infill (AR: the tail after it is given, not looked at)
     for cfg in (SamplerConfig(name=sampler), SamplerConfig(name=sampler, steps=4, block_size=0),
                 SamplerConfig(name=sampler, temperature=0.5, seed=3)):
-        out = generate(model, x, gen, mask_id=MASK, cfg=cfg, forbid_ids=(0, 1))
+        prompt = bos_prompt(3) if variant == "jigsaw" else None
+        out = generate(model, x, gen, mask_id=MASK, cfg=cfg, forbid_ids=(0, 1), prompt_mask=prompt)
         assert torch.equal(out.tokens, x), (variant, sampler, cfg, out.tokens)
+
+
+def test_scatter_refuses_samplers_that_ignore_its_offset_order():
+    """Scatter's denoiser at offset o never sees offsets > o: any-order samplers are refused, with
+    the reason (issue 17: the memorised model was not reproduced by ancestral/random decoding)."""
+    x, gen = SEQ.repeat(1, 1), torch.zeros(1, L, dtype=torch.bool)
+    gen[0, 1:15] = True
+    for name in ("ancestral", "random", "confidence", "entropy", "margin"):
+        with pytest.raises(ValueError, match="offset by offset"):
+            generate(tiny("scatter"), x, gen, mask_id=MASK, cfg=SamplerConfig(name=name))
+    assert generate(tiny("scatter"), x, gen, mask_id=MASK, cfg=SamplerConfig()).nfe == BL  # auto = scatter
 
 
 def test_prompt_never_changes_and_draws_are_deterministic():
@@ -96,8 +119,12 @@ def test_number_of_denoising_steps_is_honoured():
     assert generate(tiny("block"), x, gen, mask_id=MASK, cfg=SamplerConfig(name="block", steps=2)).nfe == 8
     assert generate(tiny("scatter"), x, gen, mask_id=MASK, cfg=SamplerConfig(name="scatter")).nfe == BL
     assert generate(tiny("ar"), x, gen, mask_id=MASK, cfg=SamplerConfig(name="ar")).nfe == 11
-    # jigsaw, left to right: one forward per generated position of each block (4 blocks)
-    assert generate(tiny("jigsaw"), x, gen, mask_id=MASK, cfg=SamplerConfig(name="jigsaw", jigsaw_order="ltr")).nfe == 11
+    # jigsaw, single stream (the authors'): one forward per block holding generated positions (4)
+    assert generate(tiny("jigsaw"), x, gen, mask_id=MASK, cfg=SamplerConfig(name="jigsaw", jigsaw_order="ltr")).nfe == 4
+    assert generate(tiny("jigsaw"), x, gen, mask_id=MASK, cfg=SamplerConfig(name="jigsaw")).nfe == 4
+    # two-stream (ours), left to right: one forward per generated position of each block
+    two = tiny("jigsaw", jigsaw_streams=2)
+    assert generate(two, x, gen, mask_id=MASK, cfg=SamplerConfig(name="jigsaw", jigsaw_order="ltr")).nfe == 11
     steps, counts = transfer_counts(torch.tensor([11, 7, 0]), 3, 0)
     assert steps == 3 and counts.tolist() == [[4, 4, 3], [3, 2, 2], [0, 0, 0]]
 

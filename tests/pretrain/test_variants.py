@@ -210,8 +210,8 @@ def test_two_stream_pass_equals_the_single_stream_block_causal_pass():
     torch.testing.assert_close(model(x_t, x0=x0)[:, L // 2:], single[:, L // 2:], atol=1e-5, rtol=1e-5)
 
 
-def test_jigsaw_logits_are_left_to_right_inside_a_block_and_blocks_independent():
-    model = tiny("jigsaw", block_size=4).eval()
+def test_two_stream_jigsaw_logits_are_left_to_right_inside_a_block_and_blocks_independent():
+    model = tiny("jigsaw", block_size=4, jigsaw_streams=2).eval()
     g = torch.Generator().manual_seed(1)
     x0 = torch.randint(0, MASK, (1, L), generator=g)
     revealed = torch.tensor([[True, False, False, True]])
@@ -292,11 +292,11 @@ def test_jigsaw_count_probabilities_match_the_sampler():
     torch.testing.assert_close(uniform.sequence_weight(m, 4), 4 / m.double())  # the uniform-m ELBO weight
 
 
-def test_jigsaw_with_one_block_is_the_exact_ar_likelihood():
-    model = tiny("jigsaw", seed=4).eval()
+def test_two_stream_jigsaw_with_one_block_is_the_exact_ar_likelihood():
+    model = tiny("jigsaw", seed=4, jigsaw_streams=2).eval()
     batch = {"input_ids": torch.randint(0, MASK, (2, L), generator=torch.Generator().manual_seed(5)),
              "loss_mask": torch.ones(2, L, dtype=torch.bool)}
-    obj = build_objective(DiffusionConfig(), "jigsaw", MASK)
+    obj = build_objective(DiffusionConfig(), "jigsaw", MASK, jigsaw_streams=2)
     assert isinstance(obj, JigsawObjective)
     nll, n = obj.eval_nll(model, batch, torch.Generator().manual_seed(0))
     # by hand: token i from a mask token at i and the clean prefix, one position at a time
@@ -310,6 +310,26 @@ def test_jigsaw_with_one_block_is_the_exact_ar_likelihood():
             logp = logits.log_softmax(-1)
             total -= logp[0, i, batch["input_ids"][b, i]].item()
     assert n == 2 * L and math.isclose(nll, total, rel_tol=1e-4)
+
+
+def test_single_stream_jigsaw_with_one_block_is_the_product_of_marginals_given_the_prompt():
+    """One response block: m = 1, weight 1, every response token predicted from the clean prompt and
+    the block's mask tokens alone: exactly -sum_i log p(x_i | prompt), the block model's NLL."""
+    model = tiny("jigsaw", seed=4).eval()
+    ids = torch.randint(0, MASK, (2, L), generator=torch.Generator().manual_seed(5))
+    prompt = torch.zeros(2, L, dtype=torch.bool)
+    prompt[0, :5], prompt[1, :3] = True, True
+    batch = {"input_ids": ids, "loss_mask": torch.ones(2, L, dtype=torch.bool), "prompt_mask": prompt}
+    obj = build_objective(DiffusionConfig(), "jigsaw", MASK)
+    nll, n = obj.eval_nll(model, batch, torch.Generator().manual_seed(0))
+    total = 0.0
+    for b in range(2):
+        x_t = torch.where(prompt[b:b + 1], ids[b:b + 1], MASK)
+        logits = model(x_t, prompt_mask=prompt[b:b + 1])  # nothing committed: all masked
+        logits[..., MASK] = -math.inf  # SUBS (the default): [MASK] is never predicted
+        logp = logits.log_softmax(-1)
+        total -= sum(logp[0, i, ids[b, i]].item() for i in range(L) if not prompt[b, i])
+    assert n == 2 * L - 8 and math.isclose(nll, total, rel_tol=1e-4)
 
 
 def test_scatter_uses_the_mdm_nelbo_with_its_own_mask():
@@ -380,6 +400,8 @@ def test_bad_two_stream_calls_are_refused():
     with pytest.raises(ValueError, match="two-stream"):
         tiny("mdm")(torch.zeros(1, L, dtype=torch.long), x0=torch.zeros(1, L, dtype=torch.long))
     with pytest.raises(ValueError, match="revealed_blocks"):
+        tiny("jigsaw", 4, jigsaw_streams=2)(torch.zeros(1, L, dtype=torch.long), x0=torch.zeros(1, L, dtype=torch.long))
+    with pytest.raises(ValueError, match="jigsaw_streams=2"):  # the single-stream Jigsaw has no x0 pass
         tiny("jigsaw", 4)(torch.zeros(1, L, dtype=torch.long), x0=torch.zeros(1, L, dtype=torch.long))
 
 
