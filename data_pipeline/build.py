@@ -15,8 +15,12 @@ deterministically, so racing writers write the same bytes):
 3. merge: `merge.merge_split` writes each split's `index.json` once every shard exists.
 Documents are stored without BOS/EOS: the streaming loader adds them.
 
+A shard found on disk is kept only if it matches what an earlier run recorded of it (size and sha256 in
+the part records / index.json), or, with no record (a killed run's), if every zstd frame decodes with
+its content checksum; a damaged one is rebuilt. `--repair` does that for a complete build.
+
 CLI: python -m data_pipeline.build --config FILE [--set data.key=value ...] [--workers N]
-     [--part i/K | --merge | --slurm K [--wait] [--dry-run]]
+     [--part i/K | --merge | --repair | --slurm K [--wait] [--dry-run]]
 """
 
 from __future__ import annotations
@@ -236,6 +240,31 @@ def merge(shard_dir: Path) -> None:
         merge_split(shard_dir / split, tokenizer.fingerprint, tokenizer.vocab_size)
 
 
+def find_damage(shard_dir: Path) -> list[str]:
+    """One line per missing or corrupt shard of every split that has an index (what --repair rebuilds)."""
+    problems = []
+    for split in SPLITS:
+        if (shard_dir / split / INDEX_FILE).is_file():
+            problems += [f"{split}/{file}: {why}" for file, why in ShardReader(shard_dir / split).problems()]
+    return problems
+
+
+def repair(cfg: DataConfig, workers: int | None = None, progress: bool = True) -> tuple[list[str], BuildReport | None]:
+    """Rebuild exactly the missing or damaged shards of a build (complete or not) and rewrite its indexes.
+
+    Every shard on disk is checked against the size and sha256 its part record and index.json give it
+    (units._SplitBuild._keep); the ones that fail, and the missing ones, are rebuilt from the source,
+    byte-identical to a clean build. Returns (the problems found, the build's report; None when the
+    build was complete and intact)."""
+    shard_dir = resolve_shard_dir(cfg)
+    if not (shard_dir / BUILD_FILE).is_file():
+        raise IncompleteBuildError(f"{shard_dir}: no {BUILD_FILE}: nothing to repair there (build it first)")
+    problems = find_damage(shard_dir)
+    if not problems and is_complete(shard_dir):
+        return [], None
+    return problems, build(cfg, workers=workers, progress=progress)
+
+
 def ensure_shards(cfg: DataConfig, progress: bool = True, workers: int | None = None) -> DatasetInfo:
     """Reuse the complete build at the config's shard dir, or build (or finish) it there first."""
     shard_dir = resolve_shard_dir(cfg)
@@ -292,6 +321,8 @@ def _report_lines(report: BuildReport) -> list[str]:
         rate = r.tokens_written / r.seconds if r.seconds else 0.0
         line = (f"  {r.split:5s} {len(r.written)} shards written ({r.tokens_written:,} tokens, {rate:,.0f} tok/s), "
                 f"{len(r.reused)} kept from an earlier run; split has {r.n_units} shards, {r.source_docs:,} documents")
+        if r.damaged:
+            line += f"; rebuilt {len(r.damaged)} damaged shards: {', '.join(r.damaged)}"
         if r.stats.undecodable:
             line += f"; skipped {r.stats.undecodable} non-UTF-8 documents (first: {r.stats.examples[0]})"
         lines.append(line)
@@ -316,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="run config YAML (the same file the trainer takes); "
                                          "omitted: the built-in DataConfig defaults (task:sudoku)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
-                        help="override a data setting, e.g. --set data.source=/path/train.txt (repeatable)")
+    # one syntax with pretrain.launch: several KEY=VALUE after one --set (the repeated form works too)
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="data.KEY=VALUE",
+                        help="override data settings, e.g. --set data.source=/path/train.txt data.vocab_size=8192 "
+                             "(several after one --set, or --set repeated)")
     parser.add_argument("--workers", type=int, default=None,
                         help="tokenizing processes (default: data.build_workers, 0 there = all cores); "
                              "the output is identical for any number")
@@ -325,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--part", type=parse_part, metavar="i/K",
                       help="build only part i of K (shards u with u %% K == i), e.g. one Slurm array task; "
                            "then run --merge once all K parts are done")
+    mode.add_argument("--repair", action="store_true",
+                      help="check every shard of the build against its recorded size and sha256 and rebuild "
+                           "exactly the missing or damaged ones (byte-identical to a clean build), then the indexes")
     mode.add_argument("--merge", action="store_true",
                       help="write the index of a build whose parts are all done (names the missing ones otherwise)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -354,6 +390,16 @@ def main(argv: list[str] | None = None) -> int:
             merge(shard_dir)
             info = _open_build(shard_dir, cfg, reused=False)
             print(summary(info))
+            return 0
+        if args.repair:
+            problems, rep = repair(cfg, workers=args.workers, progress=not args.no_progress)
+            if rep is None:
+                print(f"nothing to repair: every shard of {shard_dir} matches its index")
+                return 0
+            print("\n".join(f"bad: {p}" for p in problems))
+            print(f"repaired {shard_dir} in {rep.seconds:.1f} s")
+            print("\n".join(_report_lines(rep)))
+            print(summary(_open_build(shard_dir, cfg, reused=False)))
             return 0
         if is_complete(shard_dir):
             print(summary(_open_build(shard_dir, cfg, reused=True)))

@@ -41,9 +41,10 @@ from data_pipeline.encode import (
 )
 from data_pipeline.fsutil import atomic_write_bytes
 from data_pipeline.shards import (
+    INDEX_FILE,
     CorruptShardError,
     ShardFormatError,
-    read_entry,
+    check_shard,
     shard_columns,
     shard_name,
     token_dtype,
@@ -98,6 +99,7 @@ class PartResult:
     source_docs: int = 0
     written: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # found on disk, failed their check, rewritten (with why)
     tokens_written: int = 0
     seconds: float = 0.0
     stats: SourceStats = field(default_factory=SourceStats)
@@ -115,6 +117,8 @@ class _SplitBuild:
         self.result = PartResult(split, stats=stats)
         self.bar = bar
         self.entries: dict[int, dict] = {}
+        self.records = recorded_entries(out_dir)  # what earlier runs recorded of each shard: kept ones must match
+        self.checked: dict | None = None  # the entry of the existing shard of the current unit, checked
         self.n = 0  # documents of the split seen
         self.unit, self.mine, self.existing, self.unit_docs = -1, False, False, 0
         self.texts: list[str] = []
@@ -132,7 +136,7 @@ class _SplitBuild:
                 self.end_unit(submit)
                 self.unit, self.texts, self.chars, self.unit_docs = u, [], 0, 0
                 self.mine = u % self.n_parts == self.part
-                self.existing = self.mine and (self.out_dir / shard_name(u)).is_file()
+                self.existing = self.mine and self._keep(u)
             take = min(len(texts) - i, (u + 1) * self.D - self.n)
             batch = texts[i:i + take] if take < len(texts) else texts
             i += take
@@ -151,10 +155,25 @@ class _SplitBuild:
         if self.unit < 0 or not self.mine:
             return
         if self.existing:
-            self.entries[self.unit] = _check_existing(self.out_dir / shard_name(self.unit), self.unit_docs)
+            self.entries[self.unit] = _check_source_docs(self.out_dir / shard_name(self.unit), self.checked,
+                                                         self.unit_docs)
             self.result.reused.append(shard_name(self.unit))
         else:
             submit(self, self.unit, self.texts, True, self.unit_docs)
+
+    def _keep(self, unit: int) -> bool:
+        """Whether shard `unit` exists from an earlier run and passes its check (then it is kept);
+        a damaged one is reported and rebuilt."""
+        path = self.out_dir / shard_name(unit)
+        if not path.is_file():
+            return False
+        try:
+            self.checked = check_shard(path, self.records.get(unit))
+        except CorruptShardError as e:
+            log.warning("%s; rebuilding it", e)
+            self.result.damaged.append(f"{path.name} ({str(e).split(' is corrupt: ')[-1].split('. Rebuild')[0]})")
+            return False
+        return True
 
     def finish(self, submit) -> None:
         self.end_unit(submit)
@@ -267,12 +286,23 @@ def write_unit(path: Path, chunks: list[tuple], dtype: np.dtype, density_dtype: 
     return write_shard(path, columns, stats={"source_docs": source_docs, "long_docs": sum(c[2] for c in chunks)})
 
 
-def _check_existing(path: Path, source_docs: int) -> dict:
-    """The entry of a shard a previous run finished; it must cover the same source documents."""
-    try:
-        entry = read_entry(path)
-    except CorruptShardError as e:  # a torn file cannot be here (atomic writes), but a copied one can
-        raise ShardFormatError(f"{e}; delete it and rerun the build to rewrite it") from None
+def recorded_entries(split_dir: Path) -> dict[int, dict]:
+    """Shard number -> its entry (size, sha256) as recorded by an earlier run: the split's part records
+    and its index.json. A shard kept from an earlier run must match it (a flipped byte is not
+    re-checksummed into a new record)."""
+    out: dict[int, dict] = {}
+    for path in [*sorted(split_dir.glob("part-*-of-*.json")), split_dir / INDEX_FILE]:
+        try:
+            entries = json.loads(path.read_text())["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # absent or unreadable: the merge names an unreadable part record
+        for entry in entries:
+            out.setdefault(int(entry["file"].removeprefix("shard-").split(".")[0]), entry)
+    return out
+
+
+def _check_source_docs(path: Path, entry: dict, source_docs: int) -> dict:
+    """The entry of a kept shard; it must cover the same source documents."""
     if entry.get("source_docs") != source_docs:
         raise ShardFormatError(
             f"{path} was built from {entry.get('source_docs')} source documents, but that range of the source "

@@ -1,0 +1,108 @@
+"""No damaged or stale shard is ever accepted (issue 19): rebuilds check kept shards, verify covers
+every split and the tokenizer, a changed source is noticed, and the trainer checks before step 1."""
+
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.build import build, main
+from data_pipeline.config import DataConfig
+from data_pipeline.inspect import main as inspect_main
+from data_pipeline.shards import CorruptShardError, ShardReader
+
+
+def _cfg(source, sp_model, out, **kw) -> DataConfig:
+    kw = {"val_fraction": 0.05, "shard_size_mb": 0.02, **kw}
+    return DataConfig(source=str(source), tokenizer=f"sentencepiece:{sp_model}", vocab_size=1000,
+                      shard_dir=str(out), **kw)
+
+
+def _args(source, sp_model, out) -> list[str]:
+    return ["--no-progress", "--workers", "1", "--set", f"data.source={source}",
+            f"data.tokenizer=sentencepiece:{sp_model}", "data.vocab_size=1000", "data.val_fraction=0.05",
+            "data.shard_size_mb=0.02", f"data.shard_dir={out}"]
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def ptb(corpora, tmp_path) -> Path:
+    """A private copy of a real corpus (the source tests append to it)."""
+    src = tmp_path / "src" / "ptb.txt"
+    src.parent.mkdir()
+    src.write_bytes((corpora / "ptb" / "ptb.valid.txt").read_bytes())
+    return src
+
+
+def _flip(path: Path, where: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_rebuild_after_index_loss_rewrites_a_damaged_shard(ptb, sp_model, tmp_path, damage, capsys):
+    out = tmp_path / "ds"
+    build(_cfg(ptb, sp_model, out), workers=1, progress=False)
+    ref = _files(out)
+    victim = out / "train" / "shard-00001.dlm"
+    if damage == "flip":
+        _flip(victim)
+    else:
+        victim.write_bytes(victim.read_bytes()[:-100])
+    (out / "train" / "index.json").unlink()
+    assert main(_args(ptb, sp_model, out)) == 0
+    printed = capsys.readouterr()
+    assert "shard-00001.dlm" in printed.err + printed.out  # the damaged shard is named
+    assert _files(out) == ref  # rewritten, byte-identical to the clean build
+    assert inspect_main([str(out), "--verify"]) == 0
+
+
+def test_shard_without_a_record_is_decoded_before_being_kept(ptb, sp_model, tmp_path):
+    """A shard of a killed run (no part record yet): its zstd frames carry a content checksum."""
+    out = tmp_path / "ds"
+    build(_cfg(ptb, sp_model, out), workers=1, progress=False)
+    ref = _files(out)
+    for split in ("train", "val"):
+        for p in (out / split).glob("part-*.json"):
+            p.unlink()
+        (out / split / "index.json").unlink()
+    victim = out / "train" / "shard-00002.dlm"
+    _flip(victim, 0.9)  # in the compressed payload, not the header
+    build(_cfg(ptb, sp_model, out), workers=1, progress=False)
+    assert _files(out) == ref
+
+
+def test_repair_rebuilds_exactly_the_bad_shards_of_a_complete_build(ptb, sp_model, tmp_path, capsys):
+    out = tmp_path / "ds"
+    build(_cfg(ptb, sp_model, out), workers=1, progress=False)
+    ref = _files(out)
+    _flip(out / "train" / "shard-00003.dlm")
+    (out / "val" / "shard-00000.dlm").unlink()
+    reader = ShardReader(out / "train")
+    with pytest.raises(CorruptShardError) as err:
+        list(reader.iter_documents())
+    hint = str(err.value)
+    assert "--repair" in hint and str(out) in hint
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-*.dlm")}
+    assert main([*_args(ptb, sp_model, out), "--repair"]) == 0
+    text = capsys.readouterr().out
+    assert "shard-00003.dlm" in text and "shard-00000.dlm" in text
+    assert _files(out) == ref
+    changed = [n for n, t in stamps.items() if (out / "train" / n).stat().st_mtime_ns != t]
+    assert changed == ["shard-00003.dlm"]  # exactly the bad one was rewritten
+    assert main([*_args(ptb, sp_model, out), "--repair"]) == 0
+    assert "nothing to repair" in capsys.readouterr().out
+
+
+def test_zstd_frames_carry_their_content_checksum(ptb, sp_model, tmp_path):
+    import zstandard
+
+    out = tmp_path / "ds"
+    build(_cfg(ptb, sp_model, out), workers=1, progress=False)
+    sf = ShardReader(out / "train").shard(0)
+    offset, clen, _ = sf.header["columns"]["tokens"]["frames"][0]
+    params = zstandard.get_frame_parameters(bytes(sf._payload[offset:offset + clen]))
+    assert params.has_checksum
