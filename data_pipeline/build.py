@@ -202,10 +202,50 @@ def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokeniz
 
         collect_stats(cfg, tokenizer, shard_dir, workers or 1)  # the unigram/tfidf first pass
     plan = {"plan_version": PLAN_VERSION, "fields": build_fields(cfg), "tokenizer_fingerprint": tokenizer.fingerprint,
-            "shard_size_mb": cfg.shard_size_mb,
+            "shard_size_mb": cfg.shard_size_mb, "files": prepared_files(shard_dir),
             "docs_per_shard": docs_per_shard(cfg, tokenizer)}
     atomic_write_bytes(plan_path, json.dumps(plan, indent=2).encode())
     return tokenizer, plan
+
+
+def prepared_files(shard_dir: Path) -> dict[str, dict]:
+    """Size and sha256 of what `prepare` wrote besides build.json (the tokenizer's files, the density
+    statistics), so `inspect --verify` notices a swapped or damaged one (the shards' checksums do not)."""
+    out = {}
+    for name in sorted(PREPARE_ENTRIES - {BUILD_FILE, *SPLITS}):
+        top = shard_dir / name
+        for path in sorted(top.rglob("*")) if top.is_dir() else [top]:
+            if path.is_file() and TMP_MARK not in path.name:
+                data = path.read_bytes()
+                out[path.relative_to(shard_dir).as_posix()] = {"bytes": len(data),
+                                                               "sha256": hashlib.sha256(data).hexdigest()}
+    return out
+
+
+def verify_build(shard_dir: Path) -> list[str]:
+    """One line per problem of a build directory: a split without its index.json, a prepared file
+    (tokenizer, density statistics) that is missing or not the bytes recorded in build.json.
+    The shards themselves are checked by `ShardReader.problems`."""
+    from data_pipeline.shards import repair_hint
+
+    plan = json.loads((shard_dir / BUILD_FILE).read_text())
+    problems = []
+    for split in plan.get("docs_per_shard", dict.fromkeys(SPLITS)):
+        if not (shard_dir / split / INDEX_FILE).is_file():
+            problems.append(f"{shard_dir / split / INDEX_FILE}: missing (the {split} split is unfinished or its "
+                            f"index was lost); rebuild it with `{repair_hint(shard_dir)}`")
+    for name, rec in plan.get("files", {}).items():
+        path = shard_dir / name
+        if not path.is_file():
+            problems.append(f"{path}: missing; build.json records it")
+            continue
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        if (len(data), sha) != (rec["bytes"], rec["sha256"]):
+            problems.append(f"{path}: {len(data)} bytes, sha256 {sha}; build.json records {rec['bytes']} bytes, "
+                            f"sha256 {rec['sha256']}: not the file the shards were built with. Restore it "
+                            f"(or delete {shard_dir} and build again)")
+    return problems
 
 
 def build(cfg: DataConfig, workers: int | None = None, part: int = 0, n_parts: int = 1,

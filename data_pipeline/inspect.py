@@ -4,7 +4,9 @@ DIR is a build directory (with train/ and val/) or one split directory (with ind
 summary reads the index and the tokens (docs, tokens, shards, bytes, compression ratio, the most
 frequent tokens decoded with the build's tokenizer, the density histogram when there is one).
 `--verify` checksums and decodes every shard against index.json and names each missing or corrupt
-one, exiting 1 if any is; it is the check to run after copying shards between clusters.
+one; on a build directory also every split its build.json names (a lost index.json is a problem,
+not a skipped split) and the tokenizer and density-statistics files against their recorded sha256;
+it exits 1 if anything is wrong; it is the check to run after copying shards between clusters.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline.build import BUILD_FILE, verify_build
 from data_pipeline.shards import INDEX_FILE, ShardFormatError, ShardReader
 from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
 
@@ -97,19 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    is_build = (args.dir / BUILD_FILE).is_file()
     try:
         dirs = split_dirs(args.dir)
     except ShardFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if not (args.verify and is_build):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        dirs = []
     if args.verify:
-        problems = [p for d in dirs for p in verify_split(d)]
+        # a build directory: every split its build.json names, and the tokenizer/statistics files
+        problems = verify_build(args.dir) if is_build else []
+        problems += [p for d in dirs for p in verify_split(d)]
         for p in problems:
             print(f"BAD {p}")
         if problems:
             print(f"verify: {len(problems)} problem(s) in {args.dir}")
             return 1
-        print(f"verify: ok, every shard of {', '.join(d.name for d in dirs)} matches its index")
+        print(f"verify: ok, every shard of {', '.join(d.name for d in dirs)} matches its index"
+              + (f"; the prepared files match {BUILD_FILE}" if is_build else ""))
         return 0
     try:
         for d in dirs:

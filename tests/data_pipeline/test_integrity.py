@@ -1,6 +1,7 @@
 """No damaged or stale shard is ever accepted (issue 19): rebuilds check kept shards, verify covers
 every split and the tokenizer, a changed source is noticed, and the trainer checks before step 1."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,35 @@ def test_zstd_frames_carry_their_content_checksum(ptb, sp_model, tmp_path):
     offset, clen, _ = sf.header["columns"]["tokens"]["frames"][0]
     params = zstandard.get_frame_parameters(bytes(sf._payload[offset:offset + clen]))
     assert params.has_checksum
+
+
+def test_verify_names_a_missing_split_index_and_a_swapped_tokenizer(ptb, sp_model, tmp_path, capsys):
+    out = tmp_path / "ds"
+    build(_cfg(ptb, sp_model, out), workers=1, progress=False)
+    assert inspect_main([str(out), "--verify"]) == 0
+    capsys.readouterr()
+    (out / "val" / "index.json").unlink()
+    assert inspect_main([str(out), "--verify"]) == 1
+    text = capsys.readouterr().out
+    assert "val" in text and "index.json" in text and "--repair" in text
+    assert main([*_args(ptb, sp_model, out), "--repair"]) == 0  # the hint's command restores it
+    assert inspect_main([str(out), "--verify"]) == 0
+    capsys.readouterr()
+    _flip(out / "tokenizer.model", 0.3)  # another tokenizer model in its place
+    assert inspect_main([str(out), "--verify"]) == 1
+    text = capsys.readouterr().out
+    assert "tokenizer.model" in text and "sha256" in text
+
+
+def test_verify_covers_the_density_statistics(tmp_path, capsys):
+    cfg = DataConfig(source="task:sudoku", shard_dir=str(tmp_path / "ds"))
+    cfg.task.num_train, cfg.task.num_val = 40, 8
+    cfg.density.annotator = "unigram"
+    build(cfg, workers=1, progress=False)
+    plan = json.loads((tmp_path / "ds" / "build.json").read_text())
+    assert {"tokenizer.json", "density_stats.npz"} <= set(plan["files"])
+    assert inspect_main([str(tmp_path / "ds"), "--verify"]) == 0
+    capsys.readouterr()
+    _flip(tmp_path / "ds" / "density_stats.npz", 0.5)
+    assert inspect_main([str(tmp_path / "ds"), "--verify"]) == 1
+    assert "density_stats.npz" in capsys.readouterr().out
