@@ -128,8 +128,11 @@ class DataConfig:
     main_weight: float = 1.0  # weight of the main source (the one built from data.source) in the mixture
     prefetch_factor: int = 4  # chunks (~1M tokens each) each worker prepares ahead, so the loader is never the bottleneck
     # A shard failing its checksum stops the run by default (naming the file). True: its rows become
-    # fully masked padding (order and resume position unchanged), counted and logged: for a long run
-    # that should survive one bad file rather than stop.
+    # fully masked padding (order and resume position unchanged), logged per shard and counted in the
+    # train/skipped_rows metric (MLflow): for a long run that should survive one bad file rather than stop.
     skip_corrupt_shards: bool = False
+    # Before the first step the trainer checks that every shard exists with its recorded size (a stat
+    # each); True: it checksums and decodes every shard instead (reads the whole dataset once).
+    verify_shards: bool = False
     task: TaskConfig = field(default_factory=TaskConfig)
     density: DensityConfig = field(default_factory=DensityConfig)

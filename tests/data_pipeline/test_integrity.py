@@ -139,3 +139,85 @@ def test_verify_covers_the_density_statistics(tmp_path, capsys):
     _flip(tmp_path / "ds" / "density_stats.npz", 0.5)
     assert inspect_main([str(tmp_path / "ds"), "--verify"]) == 1
     assert "density_stats.npz" in capsys.readouterr().out
+
+
+# -- the trainer checks the shards before its first step (item 4) -------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_TRAIN = ["data.task.num_train=192", "data.task.num_val=16", "data.shard_size_mb=0.004", "train.steps=6",
+              "train.eval_every=6", "train.batch_size=8", "train.eval_batches=1", "model.n_layers=1",
+              "model.d_model=32", "model.n_heads=2", "train.log_every=1", "train.device=cpu"]
+
+
+def _sudoku_build(out: Path) -> Path:
+    from data_pipeline.config_file import load_data_config
+
+    cfg = load_data_config(REPO / "configs" / "quickstart.yaml",
+                           [k for k in TINY_TRAIN if k.startswith("data.")] + [f"data.shard_dir={out}"])
+    build(cfg, workers=1, progress=False)
+    assert len(list((out / "train").glob("shard-*.dlm"))) >= 4
+    return out
+
+
+def test_preflight_checks_every_shard_size_and_verifies_in_full_when_asked(tmp_path):
+    from data_pipeline.build import ensure_shards
+    from data_pipeline.config_file import load_data_config
+    from data_pipeline.stream import check_shards_before_training
+
+    out = _sudoku_build(tmp_path / "ds")
+    cfg = load_data_config(REPO / "configs" / "quickstart.yaml",
+                           [k for k in TINY_TRAIN if k.startswith("data.")] + [f"data.shard_dir={out}"])
+    info = ensure_shards(cfg, progress=False)
+    check_shards_before_training(cfg, info)  # intact: no error
+    _flip(out / "train" / "shard-00002.dlm", 0.7)  # same size: only a full verify sees it
+    check_shards_before_training(cfg, info)
+    cfg.verify_shards = True
+    with pytest.raises(CorruptShardError, match="shard-00002.dlm"):
+        check_shards_before_training(cfg, info)
+    cfg.verify_shards = False
+    (out / "val" / "shard-00000.dlm").unlink()
+    (out / "train" / "shard-00003.dlm").write_bytes(b"short")
+    with pytest.raises(CorruptShardError) as err:
+        check_shards_before_training(cfg, info)
+    assert "shard-00003.dlm" in str(err.value) and "val/shard-00000.dlm" in str(err.value)
+    assert "--repair" in str(err.value)
+    cfg.skip_corrupt_shards = True  # the run is told to survive bad shards: it warns and goes on
+    check_shards_before_training(cfg, info)
+
+
+def _launch(cwd: Path, *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pretrain.launch", "--config", str(REPO / "configs" / "quickstart.yaml"),
+                           "--set", *TINY_TRAIN, *extra], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_training_refuses_a_damaged_split_before_step_one(tmp_path):
+    out = _sudoku_build(tmp_path / "ds")
+    victim = out / "train" / "shard-00003.dlm"
+    victim.write_bytes(victim.read_bytes()[:-7])
+    proc = _launch(tmp_path, f"data.shard_dir={out}", "tracking.enabled=false")
+    assert proc.returncode != 0
+    assert "shard-00003.dlm" in proc.stderr and "--repair" in proc.stderr
+    assert not list((tmp_path / "runs").rglob("step_*"))  # no step was taken
+
+
+def test_skipped_rows_of_corrupt_shards_are_logged_to_mlflow_with_loader_workers(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = _sudoku_build(tmp_path / "ds")
+    for k in range(len(list((out / "train").glob("shard-*.dlm")))):
+        if k % 2 == 0:
+            _flip(out / "train" / f"shard-{k:05d}.dlm", 0.6)
+    proc = _launch(tmp_path, f"data.shard_dir={out}", "data.skip_corrupt_shards=true", "data.num_workers=1",
+                   f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "train/skipped_rows")
+    assert len(history) == 6 and history[-1].value > 0
+    assert [h.value for h in history] == sorted(h.value for h in history)  # a running total
