@@ -43,7 +43,7 @@ from data_pipeline.encode import LONG_DOC_POLICIES, default_workers
 from data_pipeline.fsutil import TMP_MARK, atomic_write_bytes
 from data_pipeline.merge import IncompleteBuildError, merge_split
 from data_pipeline.shards import INDEX_FILE, ShardFormatError, ShardReader
-from data_pipeline.sources import DECODE_MODES, TXT_MODES, iter_documents
+from data_pipeline.sources import DECODE_MODES, TXT_MODES, iter_documents, source_changes, source_fingerprint
 from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, make_tokenizer
 from data_pipeline.units import PartResult, build_parts, docs_per_shard
 
@@ -173,12 +173,27 @@ def _check_fields(shard_dir: Path, built: dict, cfg: DataConfig) -> None:
                                "delete it or set data.shard_dir to another directory (or to '' for the default)")
 
 
+def _check_source(shard_dir: Path, plan: dict, cfg: DataConfig) -> None:
+    """The local source must be the one the build read (its recorded fingerprint): shards of an older
+    version of a file are refused, with what changed, rather than reused or resumed."""
+    recorded = plan.get("sources")
+    if not recorded:  # a task/HF source, or a build made before fingerprints were recorded
+        return
+    changes = source_changes(recorded, cfg)
+    if changes:
+        raise ShardFormatError(
+            f"the source of {shard_dir} changed since it was built ({'; '.join(changes[:5])}"
+            f"{' ...' if len(changes) > 5 else ''}): its shards hold the old text. Delete {shard_dir} and build "
+            "again (or set data.shard_dir to a new directory to keep both)")
+
+
 def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokenizer, dict]:
     """The tokenizer and plan of the build at `shard_dir`: loaded when present, else made and saved."""
     plan_path = shard_dir / BUILD_FILE
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         _check_fields(shard_dir, plan.get("fields", {}), cfg)
+        _check_source(shard_dir, plan, cfg)
         if "docs_per_shard" in plan:  # a plan of this version: resume it
             return load_tokenizer(shard_dir), plan
         raise ShardFormatError(f"{shard_dir} holds an incomplete build of an older version; delete it and rebuild")
@@ -189,6 +204,7 @@ def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokeniz
                                    "delete it or choose another data.shard_dir")
     # Open the source before the tokenizer: an unreachable source (offline hub) is the error to
     # report first, with its hint, and it fails in seconds.
+    sources = source_fingerprint(cfg)  # what is read now; a later run refuses another version of it
     train_docs = iter_documents(cfg, "train")
     sample = itertools.chain([next(train_docs)], train_docs)
     if (shard_dir / TOKENIZER_FILE).is_file():  # a concurrent part saved it first: the same model
@@ -202,7 +218,7 @@ def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokeniz
 
         collect_stats(cfg, tokenizer, shard_dir, workers or 1)  # the unigram/tfidf first pass
     plan = {"plan_version": PLAN_VERSION, "fields": build_fields(cfg), "tokenizer_fingerprint": tokenizer.fingerprint,
-            "shard_size_mb": cfg.shard_size_mb, "files": prepared_files(shard_dir),
+            "shard_size_mb": cfg.shard_size_mb, "files": prepared_files(shard_dir), "sources": sources,
             "docs_per_shard": docs_per_shard(cfg, tokenizer)}
     atomic_write_bytes(plan_path, json.dumps(plan, indent=2).encode())
     return tokenizer, plan
@@ -318,7 +334,9 @@ def ensure_shards(cfg: DataConfig, progress: bool = True, workers: int | None = 
 def _open_build(shard_dir: Path, cfg: DataConfig, reused: bool) -> DatasetInfo:
     meta_path = shard_dir / BUILD_FILE
     if meta_path.is_file():
-        _check_fields(shard_dir, json.loads(meta_path.read_text()).get("fields", {}), cfg)
+        plan = json.loads(meta_path.read_text())
+        _check_fields(shard_dir, plan.get("fields", {}), cfg)
+        _check_source(shard_dir, plan, cfg)
     tokenizer = load_tokenizer(shard_dir)
     for split in SPLITS:
         reader = ShardReader(shard_dir / split)

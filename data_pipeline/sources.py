@@ -290,6 +290,60 @@ def local_files(source: str) -> list[tuple[Path, str]]:
     return out
 
 
+FULL_HASH_MAX = 256 << 20  # files up to this size are hashed whole (~0.5 s per 256 MiB); larger ones sampled
+SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 1 << 20
+
+
+def file_fingerprint(path: Path, full_hash_max: int = FULL_HASH_MAX) -> dict:
+    """Size, mtime and a content hash of one source file: sha256 of the whole file up to
+    `full_hash_max` bytes, else of its size and SAMPLE_BLOCKS blocks at evenly spaced offsets (the
+    first and the last included): an append, a truncation or an edit in a sampled block changes it,
+    at a bounded cost for huge inputs."""
+    st = path.stat()
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if st.st_size <= full_hash_max:
+            for block in iter(lambda: f.read(READ_BLOCK), b""):
+                h.update(block)
+            kind = "full"
+        else:
+            h.update(str(st.st_size).encode())
+            last = st.st_size - SAMPLE_BYTES
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(last * i // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(SAMPLE_BYTES))
+            kind = f"sampled {SAMPLE_BLOCKS}x{SAMPLE_BYTES}"
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": kind, "sha256": h.hexdigest()}
+
+
+def source_fingerprint(cfg: DataConfig) -> dict[str, dict] | None:
+    """Per file of a local source, its `file_fingerprint` (None for task/HF sources, whose content is
+    fixed by their settings and the dataset's name)."""
+    if cfg.source.startswith(("task:", "hf:")):
+        return None
+    return {name: file_fingerprint(path) for path, name in local_files(cfg.source)}
+
+
+def source_changes(recorded: dict[str, dict], cfg: DataConfig) -> list[str]:
+    """How the local source differs from the fingerprint recorded when it was built ([] = the same).
+    A file with its recorded size and mtime is taken as unchanged (as make and rsync do); otherwise
+    its content hash decides, so a touched but identical file is still the same source."""
+    now = {name: path for path, name in local_files(cfg.source)}
+    changes = [f"{name}: new file" for name in now if name not in recorded]
+    changes += [f"{name}: removed" for name in recorded if name not in now]
+    for name, rec in recorded.items():
+        if name not in now:
+            continue
+        st = now[name].stat()
+        if (st.st_size, st.st_mtime_ns) == (rec["bytes"], rec["mtime_ns"]):
+            continue
+        if st.st_size != rec["bytes"]:
+            changes.append(f"{name}: {rec['bytes']} bytes when built, {st.st_size} now")
+        elif file_fingerprint(now[name])["sha256"] != rec["sha256"]:
+            changes.append(f"{name}: same size, other content (sha256 differs; modified since the build)")
+    return changes
+
+
 def _iter_local(cfg: DataConfig, split: str | None, stats: SourceStats | None) -> Iterator:
     """Documents of `split`, or (split, document) pairs of both splits when `split` is None."""
     for run_split, docs in _local_runs(cfg, stats, need=(split,) if split else SPLITS):

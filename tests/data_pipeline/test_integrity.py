@@ -221,3 +221,53 @@ def test_skipped_rows_of_corrupt_shards_are_logged_to_mlflow_with_loader_workers
     history = client.get_metric_history(run.info.run_id, "train/skipped_rows")
     assert len(history) == 6 and history[-1].value > 0
     assert [h.value for h in history] == sorted(h.value for h in history)  # a running total
+
+
+# -- a changed source is noticed (item 3) --------------------------------------------------------
+
+
+def test_a_changed_source_is_refused_with_the_reason(ptb, sp_model, tmp_path, capsys):
+    import os
+
+    from data_pipeline.build import ensure_shards
+    from data_pipeline.shards import ShardFormatError
+
+    out = tmp_path / "ds"
+    cfg = _cfg(ptb, sp_model, out)
+    build(cfg, workers=1, progress=False)
+    plan = json.loads((out / "build.json").read_text())
+    (rec,) = plan["sources"].values()
+    assert rec["bytes"] == ptb.stat().st_size and len(rec["sha256"]) == 64
+    st = ptb.stat()
+    os.utime(ptb, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes: still the source
+    assert ensure_shards(cfg, progress=False).reused
+    with ptb.open("a") as f:
+        f.write("a new line appended to the source\nand another\n")
+    with pytest.raises(ShardFormatError, match=r"ptb\.txt.*changed") as err:
+        ensure_shards(cfg, progress=False)
+    assert "bytes" in str(err.value) and str(out) in str(err.value)
+    assert main(_args(ptb, sp_model, out)) == 2
+    assert "changed" in capsys.readouterr().err
+    # an interrupted build (no index yet) is not resumed on the changed source either
+    (out / "train" / "index.json").unlink()
+    with pytest.raises(ShardFormatError, match="changed"):
+        build(cfg, workers=1, progress=False)
+
+
+def test_same_size_edit_is_noticed_and_large_files_are_sampled(tmp_path):
+    from data_pipeline.sources import file_fingerprint
+
+    small = tmp_path / "a.txt"
+    small.write_text("hello world\n" * 100)
+    before = file_fingerprint(small)
+    small.write_text("hello wOrld\n" + "hello world\n" * 99)  # same size
+    after = file_fingerprint(small)
+    assert before["bytes"] == after["bytes"] and before["sha256"] != after["sha256"]
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * (3 << 20))
+    fp = file_fingerprint(big, full_hash_max=1 << 20)
+    assert fp["hash"].startswith("sampled")
+    data = bytearray(big.read_bytes())
+    data[0] = ord("y")  # the first block is always sampled
+    big.write_bytes(bytes(data))
+    assert file_fingerprint(big, full_hash_max=1 << 20)["sha256"] != fp["sha256"]
