@@ -55,7 +55,7 @@ SPLITS = ("train", "val")
 PLAN_VERSION = 1
 # Content settings added after the first version: they enter the default directory's hash only when
 # changed, so existing default directories keep their names.
-LATER_FIELDS = {"txt_documents": "line", "tokenizer_model_type": "unigram", "max_doc_tokens": 0,
+LATER_FIELDS = {"text_template": "", "txt_documents": "line", "tokenizer_model_type": "unigram", "max_doc_tokens": 0,
                 "long_docs": "split", "density": None}
 # What `prepare` writes before build.json exists (a concurrent part may be in the middle of it).
 PREPARE_ENTRIES = {TOKENIZER_FILE, "tokenizer.model", "hf", BUILD_FILE, STATS_FILE, *SPLITS}
@@ -153,6 +153,17 @@ def check_config(cfg: DataConfig) -> None:
             raise ConfigError(f"data.{key}={getattr(cfg, key)}: must be >= 0 (0 = {'no limit' if key[0] == 'm' else 'all cores'})")
     if cfg.shard_size_mb <= 0:
         raise ConfigError(f"data.shard_size_mb={cfg.shard_size_mb}: must be > 0")
+    if cfg.text_template:
+        from data_pipeline.sources import template_fields
+
+        try:
+            names = template_fields(cfg.text_template)
+        except ValueError as e:
+            raise ConfigError(f"data.text_template={cfg.text_template!r}: not a format string ({e}); "
+                              "write fields as {name} and a literal brace as {{ or }}") from None
+        if not names:
+            raise ConfigError(f"data.text_template={cfg.text_template!r} names no field; "
+                              'write e.g. "{question}\\n{answer}"')
     problems = check_density_config(cfg.density)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -387,6 +398,19 @@ def _report_lines(report: BuildReport) -> list[str]:
     return lines
 
 
+SOURCE_HELP = """\
+where the text comes from (data.* keys, in the recipe or after --set):
+  data.source         task:NAME | hf:NAME[/CONFIG] | a .txt/.jsonl/.parquet file or directory
+                      (several joined by commas)
+  data.txt_documents  .txt: line (one document per line) | paragraph (blank-line separated)
+  data.text_field     .jsonl/.parquet/HF rows: the field holding the text (default: text)
+  data.text_template  .jsonl/.parquet/HF rows: a format string over several fields, used instead
+                      of data.text_field, e.g. for question/answer rows:
+                        --set 'data.text_template="{question}\\n{answer}"'
+                      (in YAML: text_template: "{question}\\n{answer}")
+"""
+
+
 def parse_part(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
@@ -402,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Tokenize a data source into train/val shards (reused if already built; an interrupted build "
                     "resumes where it stopped). Reads only the `data:` section of a run config; `inherit:` chains "
                     "are followed.",
+        epilog=SOURCE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="run config YAML (the same file the trainer takes); "
                                          "omitted: the built-in DataConfig defaults (task:sudoku)")

@@ -82,6 +82,9 @@ class DataConfig:
     # | a local .txt/.jsonl/.parquet file or a directory of them
     source: str = "task:sudoku"
     text_field: str = "text"  # field holding the text in jsonl/parquet/HF rows
+    # jsonl/parquet/HF rows: a Python format string over the row's fields, used instead of text_field,
+    # e.g. "{question}\n{answer}" (QA data stored as separate fields); "" = the text_field alone
+    text_template: str = ""
     # How a .txt file is cut into documents. line: one document per line, because sentence-level
     # corpora (LM1B, PTB) are stored that way; paragraph: runs of lines separated by blank lines,
     # because article/book corpora (WikiText, Gutenberg) put one document across many lines.

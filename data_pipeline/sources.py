@@ -7,7 +7,7 @@
   (`cfg.hf_streaming`); `cfg.hf_local_dir` reads a local copy of the hub repo through the same call
   (offline clusters, tests). Build time only: training never reads the hub.
 - a local `.txt` (one document per line, or blank-line separated paragraphs: `cfg.txt_documents`),
-  `.jsonl` (field `cfg.text_field`), `.parquet` (column `cfg.text_field`), or a directory of such files (recursively, sorted). The val
+  `.jsonl` (field `cfg.text_field`, or `cfg.text_template` over several fields), `.parquet` (the same columns), or a directory of such files (recursively, sorted). The val
   split is the documents whose id hashes under `cfg.val_fraction`, so it is stable when files grow.
   Several local files or directories are one source when joined by commas (`a/valid.txt,b/input.txt`):
   read in the order given, so a corpus spread over folders needs no copy or symlink farm.
@@ -206,15 +206,18 @@ def _iter_hf(cfg: DataConfig, split: str) -> Iterator[Document]:
     except Exception as e:  # the hub raises many types (ConnectionError, FileNotFoundError, ...)
         raise _unavailable(name, config, hf_split, e) from e
     columns = ds.column_names if ds.column_names is not None else list(ds.features or {})
-    if cfg.text_field not in columns:
+    wanted = template_fields(cfg.text_template) if cfg.text_template else [cfg.text_field]
+    if any(c not in columns for c in wanted):
         raise DataSourceError(
-            f"{cfg.source} split {hf_split!r} has no column {cfg.text_field!r} "
-            f"(columns: {columns}); set data.text_field"
+            f"{cfg.source} split {hf_split!r} has no column {[c for c in wanted if c not in columns]} "
+            f"(columns: {columns}); set {'data.text_template' if cfg.text_template else 'data.text_field'}"
         )
     # ids name the dataset, not where it was read from: a local copy yields the same ids (and splits)
     prefix = f"hf:{name}" + (f"/{config}" if config else "") + f"/{hf_split}"
     n = 0
-    for i, text in enumerate(_column_iter(ds, cfg.text_field)):
+    texts = _column_iter(ds, cfg.text_field) if not cfg.text_template else \
+        (row_text(r, cfg, cfg.source) for r in _row_iter(ds, wanted))
+    for i, text in enumerate(texts):
         if text:
             n += 1
             yield Document(id=f"{prefix}:{i}", text=text)
@@ -225,6 +228,11 @@ def _iter_hf(cfg: DataConfig, split: str) -> Iterator[Document]:
 def _column_iter(ds, field: str) -> Iterator[str]:
     for batch in ds.iter(batch_size=10_000):
         yield from batch[field]
+
+
+def _row_iter(ds, fields: list[str]) -> Iterator[dict]:
+    for batch in ds.iter(batch_size=10_000):
+        yield from (dict(zip(fields, values, strict=True)) for values in zip(*(batch[f] for f in fields), strict=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,13 +446,13 @@ def _read_blocks(path: Path, cfg: DataConfig, stats: SourceStats) -> Iterator[tu
 def _read_file(path: Path, cfg: DataConfig, stats: SourceStats) -> Iterator[tuple[int, str]]:
     """(first line or row number, text) of each non-empty document of one file."""
     if path.suffix == ".parquet":
-        yield from _read_parquet(path, cfg.text_field)
+        yield from _read_parquet(path, cfg)
         return
     lines = _decoded_lines(path, cfg.decode_errors == "skip", stats)
     if path.suffix == ".jsonl":
         for line_no, line in lines:
             if line is not None and line.strip():
-                text = _json_text(path, line_no, line, cfg.text_field)
+                text = _json_text(path, line_no, line, cfg)
                 if text:
                     yield line_no, text
     elif cfg.txt_documents == "line":
@@ -535,11 +543,36 @@ def _paragraphs(lines: Iterator[tuple[int, str | None]]) -> Iterator[tuple[int, 
         yield start, "\n".join(buf)
 
 
-def _json_text(path: Path, line_no: int, line: str, text_field: str) -> str:
+def template_fields(template: str) -> list[str]:
+    """The field names a data.text_template refers to ("{question}\n{answer}" -> [question, answer])."""
+    import string
+
+    return list(dict.fromkeys(name.split(".")[0].split("[")[0]
+                              for _, name, _, _ in string.Formatter().parse(template) if name))
+
+
+def row_text(row: dict, cfg: DataConfig, where: str) -> str:
+    """A row's document: data.text_template filled with its fields, else its data.text_field."""
+    if not cfg.text_template:
+        text = row[cfg.text_field]
+        if not isinstance(text, str) and text is not None:
+            raise DataSourceError(f"{where}: field {cfg.text_field!r} is {type(text).__name__}, not text")
+        return text or ""
+    missing = [f for f in template_fields(cfg.text_template) if f not in row]
+    if missing:
+        raise DataSourceError(f"{where}: data.text_template {cfg.text_template!r} names {missing}, which the row "
+                              f"does not have (it has {list(row)}); fix the template's field names")
+    return cfg.text_template.format_map(row)
+
+
+def _json_text(path: Path, line_no: int, line: str, cfg: DataConfig) -> str:
+    text_field = cfg.text_field
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataSourceError(f"{path}:{line_no}: not valid JSON: {e}") from None
+    if isinstance(row, dict) and cfg.text_template:
+        return row_text(row, cfg, f"{path}:{line_no}")
     if not isinstance(row, dict) or text_field not in row:
         keys = list(row) if isinstance(row, dict) else type(row).__name__
         raise DataSourceError(f"{path}:{line_no}: no field {text_field!r} (has {keys}); set data.text_field")
@@ -549,17 +582,22 @@ def _json_text(path: Path, line_no: int, line: str, text_field: str) -> str:
     return text
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
+def _read_parquet(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataSourceError(f"{path}: reading parquet needs pyarrow (`pip install pyarrow`)") from None
     pf = pq.ParquetFile(path)
-    if text_field not in pf.schema_arrow.names:
-        raise DataSourceError(f"{path}: no column {text_field!r} (has {pf.schema_arrow.names}); set data.text_field")
+    wanted = template_fields(cfg.text_template) if cfg.text_template else [cfg.text_field]
+    missing = [c for c in wanted if c not in pf.schema_arrow.names]
+    if missing:
+        key = "data.text_template" if cfg.text_template else "data.text_field"
+        raise DataSourceError(f"{path}: no column {missing} (has {pf.schema_arrow.names}); set {key}")
     row = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=8192):
-        for text in batch.column(0).to_pylist():
+    for batch in pf.iter_batches(columns=wanted, batch_size=8192):
+        texts = batch.column(0).to_pylist() if not cfg.text_template else \
+            [row_text(r, cfg, f"{path}") for r in batch.to_pylist()]
+        for text in texts:
             if text:
                 yield row, text
             row += 1
