@@ -207,9 +207,10 @@ def _iter_hf(cfg: DataConfig, split: str) -> Iterator[Document]:
         raise _unavailable(name, config, hf_split, e) from e
     columns = ds.column_names if ds.column_names is not None else list(ds.features or {})
     wanted = template_fields(cfg.text_template) if cfg.text_template else [cfg.text_field]
-    if any(c not in columns for c in wanted):
+    missing = [c for c in wanted if c not in columns]
+    if missing:
         raise DataSourceError(
-            f"{cfg.source} split {hf_split!r} has no column {[c for c in wanted if c not in columns]} "
+            f"{cfg.source} split {hf_split!r} has no column {', '.join(map(repr, missing))} "
             f"(columns: {columns}); set {'data.text_template' if cfg.text_template else 'data.text_field'}"
         )
     # ids name the dataset, not where it was read from: a local copy yields the same ids (and splits)
@@ -592,7 +593,8 @@ def _read_parquet(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str]]:
     missing = [c for c in wanted if c not in pf.schema_arrow.names]
     if missing:
         key = "data.text_template" if cfg.text_template else "data.text_field"
-        raise DataSourceError(f"{path}: no column {missing} (has {pf.schema_arrow.names}); set {key}")
+        raise DataSourceError(f"{path}: no column {', '.join(map(repr, missing))} (has {pf.schema_arrow.names}); "
+                              f"set {key}")
     row = 0
     for batch in pf.iter_batches(columns=wanted, batch_size=8192):
         texts = batch.column(0).to_pylist() if not cfg.text_template else \
