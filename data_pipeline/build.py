@@ -8,7 +8,8 @@ builds a new directory instead of reusing a stale one; a directory built with ot
 
 Three steps, each safe to repeat and to run concurrently (every file is written atomically and
 deterministically, so racing writers write the same bytes):
-1. prepare: tokenizer (trained on the source, or loaded) and plan -> `build.json`;
+1. prepare: tokenizer (trained on the source, or loaded), density statistics and plan -> `build.json`
+   (`--prepare` alone, once, before K `--part`s: `--slurm K` submits it as a job the parts depend on);
 2. shards: `units.build_parts`, one pass over the source, tokenized in parallel worker processes,
    one part of K or all;
    a rerun keeps the shards already written;
@@ -20,7 +21,7 @@ the part records / index.json), or, with no record (a killed run's), if every zs
 its content checksum; a damaged one is rebuilt. `--repair` does that for a complete build.
 
 CLI: python -m data_pipeline.build --config FILE [--set data.key=value ...] [--workers N]
-     [--part i/K | --merge | --repair | --slurm K [--wait] [--dry-run]]
+     [--prepare | --part i/K | --merge | --repair | --slurm K [--wait] [--dry-run]]
 """
 
 from __future__ import annotations
@@ -285,6 +286,10 @@ def build(cfg: DataConfig, workers: int | None = None, part: int = 0, n_parts: i
     shard_dir = resolve_shard_dir(cfg)
     t0 = time.monotonic()
     report = BuildReport(shard_dir)
+    if n_parts > 1 and not (shard_dir / BUILD_FILE).is_file():
+        log.warning("part %d/%d: %s is not prepared yet, so this part trains the tokenizer and counts the density "
+                    "statistics itself; with parts running at once run `python -m data_pipeline.build ... --prepare` "
+                    "first (--slurm does), so that it happens once", part, n_parts, shard_dir)
     tokenizer, plan = prepare(cfg, shard_dir, workers)
     log.info("building %s into %s (%d workers%s)", cfg.source, shard_dir, workers,
              f", part {part}/{n_parts}" if n_parts > 1 else "")
@@ -295,6 +300,15 @@ def build(cfg: DataConfig, workers: int | None = None, part: int = 0, n_parts: i
         report.merged = True
     report.seconds = time.monotonic() - t0
     return report
+
+
+def prepare_build(cfg: DataConfig, workers: int | None = None) -> Path:
+    """Step 1 alone (`--prepare`): the tokenizer, the density statistics and the plan, once, before
+    the `--part i/K` builds, which then load them instead of each training its own."""
+    check_config(cfg)
+    shard_dir = resolve_shard_dir(cfg)
+    prepare(cfg, shard_dir, workers or cfg.build_workers or default_workers())
+    return shard_dir
 
 
 def merge(shard_dir: Path) -> None:
@@ -441,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--part", type=parse_part, metavar="i/K",
                       help="build only part i of K (shards u with u %% K == i), e.g. one Slurm array task; "
                            "then run --merge once all K parts are done")
+    mode.add_argument("--prepare", action="store_true",
+                      help="only train the tokenizer, count the density statistics and write the plan (build.json), "
+                           "once, before the --part i/K builds, which then reuse them")
     mode.add_argument("--repair", action="store_true",
                       help="check every shard of the build against its recorded size and sha256 and rebuild "
                            "exactly the missing or damaged ones (byte-identical to a clean build), then the indexes")
@@ -456,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="with --slurm: print the submitit parameters and sbatch header, submit nothing")
     args = parser.parse_args(argv)
     if args.slurm is not None:
-        if args.slurm < 1 or args.part or args.merge:
-            parser.error("--slurm K needs K >= 1 and excludes --part/--merge (it submits both)")
+        if args.slurm < 1 or args.part or args.merge or args.prepare or args.repair:
+            parser.error("--slurm K needs K >= 1 and excludes --prepare/--part/--merge/--repair (it submits them)")
         from slurm.data import main_slurm
 
         return main_slurm(args.config, args.overrides, args.slurm, args.workers, args.dry_run, args.wait)
@@ -473,6 +490,11 @@ def main(argv: list[str] | None = None) -> int:
             merge(shard_dir)
             info = _open_build(shard_dir, cfg, reused=False)
             print(summary(info))
+            return 0
+        if args.prepare:
+            prepared = prepare_build(cfg, workers=args.workers)
+            print(f"prepared {prepared} (tokenizer, plan{', density statistics' if needs_stats(cfg.density) else ''});"
+                  " next: python -m data_pipeline.build --config ... --part i/K for every i, then --merge")
             return 0
         if args.repair:
             problems, rep = repair(cfg, workers=args.workers, progress=not args.no_progress)
