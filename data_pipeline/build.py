@@ -44,7 +44,14 @@ from data_pipeline.encode import LONG_DOC_POLICIES, default_workers
 from data_pipeline.fsutil import TMP_MARK, atomic_write_bytes
 from data_pipeline.merge import IncompleteBuildError, merge_split
 from data_pipeline.shards import INDEX_FILE, ShardFormatError, ShardReader
-from data_pipeline.sources import DECODE_MODES, TXT_MODES, iter_documents, source_changes, source_fingerprint
+from data_pipeline.sources import (
+    DECODE_MODES,
+    TXT_MODES,
+    iter_documents,
+    source_changes,
+    source_fingerprint,
+    source_names,
+)
 from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, make_tokenizer
 from data_pipeline.units import PartResult, build_parts, docs_per_shard
 
@@ -231,6 +238,7 @@ def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokeniz
         collect_stats(cfg, tokenizer, shard_dir, workers or 1)  # the unigram/tfidf first pass
     plan = {"plan_version": PLAN_VERSION, "fields": build_fields(cfg), "tokenizer_fingerprint": tokenizer.fingerprint,
             "shard_size_mb": cfg.shard_size_mb, "files": prepared_files(shard_dir), "sources": sources,
+            "source_files": source_names(cfg),  # what the file index of the shards' `source` column refers to
             "docs_per_shard": docs_per_shard(cfg, tokenizer)}
     atomic_write_bytes(plan_path, json.dumps(plan, indent=2).encode())
     return tokenizer, plan

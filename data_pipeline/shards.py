@@ -105,7 +105,8 @@ def quantize_density(density: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def shard_columns(tokens: np.ndarray, lengths: np.ndarray, token_dt: np.dtype,
-                  density: np.ndarray | None = None, density_dtype: str = "float16") -> dict[str, np.ndarray]:
+                  density: np.ndarray | None = None, density_dtype: str = "float16",
+                  source: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The columns of a shard from flat token ids and per-document lengths."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
     np.cumsum(np.asarray(lengths, dtype=np.uint64), out=offsets[1:])
@@ -116,6 +117,10 @@ def shard_columns(tokens: np.ndarray, lengths: np.ndarray, token_dt: np.dtype,
         if len(density) != len(tokens):
             raise ValueError(f"density has {len(density)} values for {len(tokens)} tokens: they must align")
         columns["density"] = quantize_density(density, density_dtype)
+    if source is not None:  # per document: where it came from (sources.KEY_BITS)
+        if len(source) != len(lengths):
+            raise ValueError(f"source has {len(source)} values for {len(lengths)} documents: they must align")
+        columns["source"] = np.asarray(source, dtype=np.uint64)
     return columns
 
 

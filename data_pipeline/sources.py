@@ -362,8 +362,27 @@ def _iter_local(cfg: DataConfig, split: str | None, stats: SourceStats | None) -
             yield from docs
 
 
-def iter_text_runs(cfg: DataConfig, stats: SourceStats | None = None) -> Iterator[tuple[str, list[str]]]:
-    """(split, texts) runs covering both splits in `iter_documents` order: the build's fast path.
+# Provenance: a document's source as one integer, (index of its file in `source_names`) << KEY_BITS
+# | (its line number, row index or generated index there), stored per document in the shards.
+KEY_BITS = 40
+
+
+def source_names(cfg: DataConfig) -> list[str]:
+    """What the file index of a provenance key refers to: the local files in order, or the source."""
+    if cfg.source.startswith(("task:", "hf:")):
+        return [cfg.source]
+    return [name for _, name in local_files(cfg.source)]
+
+
+def _doc_key(doc_id: str) -> int:
+    """The number at the end of a task/HF document id (`task:sudoku/train/17`, `hf:lm1b/train:17`)."""
+    tail = doc_id.replace("/", ":").rpartition(":")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+def iter_text_runs(cfg: DataConfig, stats: SourceStats | None = None, with_keys: bool = False) -> Iterator[tuple]:
+    """(split, texts) runs covering both splits in `iter_documents` order: the build's fast path;
+    with_keys: (split, texts, provenance keys as uint64, see KEY_BITS).
 
     Local files come a block of lines at a time (no per-document objects or hashing); other
     sources are grouped from their documents.
@@ -371,15 +390,18 @@ def iter_text_runs(cfg: DataConfig, stats: SourceStats | None = None) -> Iterato
     if cfg.source.startswith(("task:", "hf:")):
         for split in SPLITS:
             docs = iter_documents(cfg, split, stats)
-            while run := [d.text for d in itertools.islice(docs, 1024)]:
-                yield split, run
+            while run := list(itertools.islice(docs, 1024)):
+                texts = [d.text for d in run]
+                if with_keys:
+                    yield split, texts, np.fromiter((_doc_key(d.id) for d in run), dtype=np.uint64, count=len(run))
+                else:
+                    yield split, texts
         return
-    for run_split, docs in _local_runs(cfg, stats, texts_only=True):
-        yield run_split, docs
+    yield from _local_runs(cfg, stats, texts_only=True, with_keys=with_keys)
 
 
 def _local_runs(cfg: DataConfig, stats: SourceStats | None, texts_only: bool = False,
-                need: tuple[str, ...] = SPLITS) -> Iterator[tuple[str, list]]:
+                need: tuple[str, ...] = SPLITS, with_keys: bool = False) -> Iterator[tuple]:
     """(split, documents or texts) runs of a local source, in file order; the `need` splits must not be empty."""
     if cfg.txt_documents not in TXT_MODES:
         raise DataSourceError(f"data.txt_documents={cfg.txt_documents!r}: expected one of {TXT_MODES}")
@@ -388,7 +410,7 @@ def _local_runs(cfg: DataConfig, stats: SourceStats | None, texts_only: bool = F
     files = local_files(cfg.source)
     stats = stats if stats is not None else SourceStats()
     counts = {"train": 0, "val": 0}
-    for path, rel in files:
+    for file_index, (path, rel) in enumerate(files):
         for keys, texts in _read_blocks(path, cfg, stats):
             first = int(keys[0])
             is_val = val_mask(rel, first, int(keys[-1]) - first + 1, cfg.val_fraction)[keys - first]
@@ -402,7 +424,12 @@ def _local_runs(cfg: DataConfig, stats: SourceStats | None, texts_only: bool = F
                 # itertools.compress selects in C: per-document Python loops here were a tenth of a build
                 picked = (is_val if flag else ~is_val).tolist()
                 if texts_only:
-                    yield want, texts if n_want == len(keys) else list(itertools.compress(texts, picked))
+                    run = texts if n_want == len(keys) else list(itertools.compress(texts, picked))
+                    if with_keys:
+                        sel = keys if n_want == len(keys) else keys[is_val if flag else ~is_val]
+                        yield want, run, sel.astype(np.uint64) | np.uint64(file_index << KEY_BITS)
+                    else:
+                        yield want, run
                 else:
                     yield want, [Document(id=f"{rel}:{k}", text=t) for k, t in
                                  zip(itertools.compress(keys.tolist(), picked), itertools.compress(texts, picked), strict=True)]

@@ -87,7 +87,7 @@ def docs_per_shard(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, int]:
     for split, texts in sample.items():
         if len(texts) >= 50:
             _, lengths, _ = encode_chunk(texts, cfg.max_doc_tokens, cfg.long_docs, tokenizer=tokenizer)
-            per_doc[split] = float(lengths.mean()) * itemsize + 8  # + its offset
+            per_doc[split] = float(lengths.mean()) * itemsize + 16  # + its offset and source
     fallback = next(iter(per_doc.values()), 64.0)
     return {s: max(1, int(cfg.shard_size_mb * 2**20 / per_doc.get(s, fallback))) for s in sample}
 
@@ -122,13 +122,14 @@ class _SplitBuild:
         self.n = 0  # documents of the split seen
         self.unit, self.mine, self.existing, self.unit_docs = -1, False, False, 0
         self.texts: list[str] = []
+        self.keys: dict[int, list[np.ndarray]] = {}  # provenance keys of each unit being built, in document order
         self.chars = 0
         self.encoded: list[tuple[np.ndarray, np.ndarray, int]] = []  # chunks of the shard being assembled
 
     # -- the reading side (parent process, in document order) --------------------------------------
 
-    def add(self, texts: list[str], submit) -> None:
-        """The split's next documents (a run of texts), cut at shard boundaries."""
+    def add(self, texts: list[str], submit, keys: np.ndarray) -> None:
+        """The split's next documents (a run of texts and their provenance keys), cut at shard boundaries."""
         i = 0
         while i < len(texts):
             u = self.n // self.D
@@ -139,12 +140,14 @@ class _SplitBuild:
                 self.existing = self.mine and self._keep(u)
             take = min(len(texts) - i, (u + 1) * self.D - self.n)
             batch = texts[i:i + take] if take < len(texts) else texts
+            batch_keys = keys[i:i + take]
             i += take
             self.n += take
             self.unit_docs += take
             if not self.mine or self.existing:
                 continue
             self.texts.extend(batch)
+            self.keys.setdefault(u, []).append(batch_keys)
             self.chars += sum(map(len, batch))
             if self.chars >= CHUNK_CHARS:
                 submit(self, u, self.texts, False)
@@ -191,8 +194,10 @@ class _SplitBuild:
         if not last:
             return
         chunks, self.encoded = self.encoded, []
+        keys = self.keys.pop(unit, [])
+        keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
         submit_write(self, unit, write_unit,
-                     self.out_dir / shard_name(unit), chunks, self.dtype, self.density_dtype, source_docs)
+                     self.out_dir / shard_name(unit), chunks, self.dtype, self.density_dtype, source_docs, keys)
 
     def written(self, unit: int, entry: dict) -> None:
         self.entries[unit] = entry
@@ -252,8 +257,8 @@ def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per
             drain(max_inflight, drain_to)
             bar.set_postfix(shards=sum(len(b.result.written) for b in splits.values()), refresh=False)
 
-        for split, texts in iter_text_runs(cfg, stats):
-            splits[split].add(texts, submit)
+        for split, texts, keys in iter_text_runs(cfg, stats, with_keys=True):
+            splits[split].add(texts, submit, keys)
         for sb in splits.values():
             sb.finish(submit)
         drain(0)
@@ -273,16 +278,21 @@ def _shard_writer(pool):
 
 
 def write_unit(path: Path, chunks: list[tuple], dtype: np.dtype, density_dtype: str | None,
-               source_docs: int) -> dict:
+               source_docs: int, keys: np.ndarray | None = None) -> dict:
     """Assemble, compress, checksum and atomically write one shard from its encoded chunks; returns its
-    index entry (a task of _shard_writer)."""
+    index entry (a task of _shard_writer). `keys`: each source document's provenance key
+    (sources.KEY_BITS), repeated for the pieces a long document was split into: the `source` column."""
     flats = [c[0] for c in chunks]
     flat = np.concatenate(flats) if flats else np.zeros(0, dtype)
     lengths = np.concatenate([c[1] for c in chunks]) if flats else np.zeros(0, np.int64)
     density = None
     if density_dtype is not None:
         density = np.concatenate([c[3] for c in chunks]) if flats else np.zeros(0, np.float32)
-    columns = shard_columns(flat, lengths, dtype, density, density_dtype or "float16")
+    source = None
+    if keys is not None:
+        pieces = [c[4] if c[4] is not None else np.ones(len(c[1]), np.int64) for c in chunks]
+        source = np.repeat(keys, np.concatenate(pieces)) if pieces else keys
+    columns = shard_columns(flat, lengths, dtype, density, density_dtype or "float16", source)
     return write_shard(path, columns, stats={"source_docs": source_docs, "long_docs": sum(c[2] for c in chunks)})
 
 
