@@ -39,6 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.config import DataConfig
+from data_pipeline.dedup import (
+    FILTER_FILE,
+    RULES,
+    filter_problems,
+    find_removed,
+    is_active,
+    load_removed,
+    save_removed,
+)
 from data_pipeline.density.annotators import STATS_FILE, check_density_config, needs_stats
 from data_pipeline.encode import LONG_DOC_POLICIES, default_workers
 from data_pipeline.fsutil import TMP_MARK, atomic_write_bytes
@@ -63,10 +72,10 @@ SPLITS = ("train", "val")
 PLAN_VERSION = 1
 # Content settings added after the first version: they enter the default directory's hash only when
 # changed, so existing default directories keep their names.
-LATER_FIELDS = {"text_template": "", "txt_documents": "line", "tokenizer_model_type": "unigram", "max_doc_tokens": 0,
+LATER_FIELDS = {"text_template": "", "filter": None, "txt_documents": "line", "tokenizer_model_type": "unigram", "max_doc_tokens": 0,
                 "long_docs": "split", "density": None}
 # What `prepare` writes before build.json exists (a concurrent part may be in the middle of it).
-PREPARE_ENTRIES = {TOKENIZER_FILE, "tokenizer.model", "hf", BUILD_FILE, STATS_FILE, *SPLITS}
+PREPARE_ENTRIES = {TOKENIZER_FILE, "tokenizer.model", "hf", BUILD_FILE, STATS_FILE, FILTER_FILE, *SPLITS}
 
 
 @dataclass
@@ -93,6 +102,7 @@ class BuildReport:
     parts: list[PartResult] = field(default_factory=list)
     merged: bool = False
     seconds: float = 0.0
+    filtered: dict | None = None  # documents removed by data.filter, per rule
 
 
 def build_fields(cfg: DataConfig) -> dict:
@@ -101,8 +111,9 @@ def build_fields(cfg: DataConfig) -> dict:
         "source": cfg.source, "text_field": cfg.text_field, "train_split": cfg.train_split,
         "val_split": cfg.val_split, "val_fraction": cfg.val_fraction, "tokenizer": cfg.tokenizer,
         "vocab_size": cfg.vocab_size, "task": _task_content(cfg),
-        **{k: getattr(cfg, k) for k in LATER_FIELDS if k != "density"},
+        **{k: getattr(cfg, k) for k in LATER_FIELDS if k not in ("density", "filter")},
         "density": _density_content(cfg),
+        "filter": dataclasses.asdict(cfg.filter) if is_active(cfg.filter) else None,
     }
 
 
@@ -172,7 +183,7 @@ def check_config(cfg: DataConfig) -> None:
         if not names:
             raise ConfigError(f"data.text_template={cfg.text_template!r} names no field; "
                               'write e.g. "{question}\\n{answer}"')
-    problems = check_density_config(cfg.density)
+    problems = check_density_config(cfg.density) + filter_problems(cfg.filter)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -236,9 +247,13 @@ def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokeniz
         from data_pipeline.density.stats import collect_stats
 
         collect_stats(cfg, tokenizer, shard_dir, workers or 1)  # the unigram/tfidf first pass
+    filter_counts = None
+    if is_active(cfg.filter):  # the documents to drop, decided over the whole source, once
+        removed, filter_counts = find_removed(cfg)
+        save_removed(shard_dir / FILTER_FILE, removed)
     plan = {"plan_version": PLAN_VERSION, "fields": build_fields(cfg), "tokenizer_fingerprint": tokenizer.fingerprint,
             "shard_size_mb": cfg.shard_size_mb, "files": prepared_files(shard_dir), "sources": sources,
-            "source_files": source_names(cfg),  # what the file index of the shards' `source` column refers to
+            "source_files": source_names(cfg), "filter_counts": filter_counts,  # what the file index of the shards' `source` column refers to
             "docs_per_shard": docs_per_shard(cfg, tokenizer)}
     atomic_write_bytes(plan_path, json.dumps(plan, indent=2).encode())
     return tokenizer, plan
@@ -301,8 +316,10 @@ def build(cfg: DataConfig, workers: int | None = None, part: int = 0, n_parts: i
     tokenizer, plan = prepare(cfg, shard_dir, workers)
     log.info("building %s into %s (%d workers%s)", cfg.source, shard_dir, workers,
              f", part {part}/{n_parts}" if n_parts > 1 else "")
+    removed = load_removed(shard_dir / FILTER_FILE) if is_active(cfg.filter) else None
+    report.filtered = plan.get("filter_counts")
     report.parts = build_parts(cfg, shard_dir, tokenizer, plan["docs_per_shard"], part, n_parts, workers, progress,
-                               density=density_settings(cfg))
+                               density=density_settings(cfg), removed=removed)
     if n_parts == 1:
         merge(shard_dir)
         report.merged = True
@@ -408,6 +425,9 @@ def summary(info: DatasetInfo) -> str:
 
 def _report_lines(report: BuildReport) -> list[str]:
     lines = []
+    if report.filtered is not None:
+        lines.append("  filtered: " + " ".join(f"{k}={report.filtered.get(k, 0)}" for k in RULES)
+                     + " (documents removed by data.filter)")
     for r in report.parts:
         rate = r.tokens_written / r.seconds if r.seconds else 0.0
         line = (f"  {r.split:5s} {len(r.written)} shards written ({r.tokens_written:,} tokens, {rate:,.0f} tok/s), "

@@ -69,6 +69,23 @@ class DensityConfig:
 
 
 @dataclass
+class FilterConfig:
+    """Documents removed at build time (data_pipeline/dedup.py), each rule counted in the build report.
+    All off by default. Decided once over the whole source in the preparation step, so every part of
+    a build removes the same documents; the val split never keeps a document that is also in train."""
+
+    exact_dedup: bool = False  # drop later copies of a document equal after lower-casing and collapsing whitespace
+    # MinHash LSH (datasketch) over word 3-gram shingles: drop a train document whose estimated Jaccard
+    # similarity to an earlier kept one is at least this (0 = off; 0.8 is a common choice)
+    near_dedup_threshold: float = 0.0
+    num_perm: int = 128  # MinHash permutations: more = a closer estimate, slower
+    shingle_words: int = 3  # words per shingle
+    min_chars: int = 0  # drop documents shorter than this (0 = no bound)
+    max_chars: int = 0  # drop documents longer than this (0 = no bound)
+    max_nonprintable: float = 1.0  # drop documents whose share of non-printable characters is above this
+
+
+@dataclass
 class MixtureSource:
     """Another built shard directory mixed into training (its train split), e.g. code beside prose."""
 
@@ -138,4 +155,5 @@ class DataConfig:
     # each); True: it checksums and decodes every shard instead (reads the whole dataset once).
     verify_shards: bool = False
     task: TaskConfig = field(default_factory=TaskConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     density: DensityConfig = field(default_factory=DensityConfig)

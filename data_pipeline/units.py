@@ -19,6 +19,7 @@ and caps the speed-up of more workers.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -215,11 +216,12 @@ class _SplitBuild:
 
 def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per_unit: dict[str, int],
                 part: int = 0, n_parts: int = 1, workers: int = 1, progress: bool = True,
-                density: dict | None = None) -> list[PartResult]:
+                density: dict | None = None, removed: dict[str, np.ndarray] | None = None) -> list[PartResult]:
     """Write the shards of both splits that belong to `part` in one pass over the source, then each
     split's part record; returns what was written and what was kept from an earlier run.
     `density` (data.density as a dict, None = off): the workers annotate each chunk after tokenizing
-    it and the shards get a density column of dtype density["dtype"]."""
+    it and the shards get a density column of dtype density["dtype"]. `removed` (data.filter): per split,
+    the provenance keys of the documents to skip (dedup.find_removed)."""
     t0 = time.monotonic()
     stats = SourceStats()
     pending: deque = deque()
@@ -258,6 +260,10 @@ def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per
             bar.set_postfix(shards=sum(len(b.result.written) for b in splits.values()), refresh=False)
 
         for split, texts, keys in iter_text_runs(cfg, stats, with_keys=True):
+            if removed is not None and len(removed[split]):
+                keep = ~np.isin(keys, removed[split])
+                if not keep.all():
+                    texts, keys = list(itertools.compress(texts, keep.tolist())), keys[keep]
             splits[split].add(texts, submit, keys)
         for sb in splits.values():
             sb.finish(submit)
