@@ -16,6 +16,8 @@ Rules, in order, each document counted under the first that removes it:
   num_perm x 8 bytes per kept train document in memory (1 KiB at 128: 10 GiB for 10M documents);
   exact dedup keeps 16 bytes per document;
 - val_in_train: a val document equal to (exact) or, with near dedup on, near a kept train document.
+The shard-size plan and the density statistics (unigram/tfidf counts) are computed on the unfiltered
+source: a few percent of duplicates barely moves either.
 """
 
 from __future__ import annotations

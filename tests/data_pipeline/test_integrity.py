@@ -271,3 +271,14 @@ def test_same_size_edit_is_noticed_and_large_files_are_sampled(tmp_path):
     data[0] = ord("y")  # the first block is always sampled
     big.write_bytes(bytes(data))
     assert file_fingerprint(big, full_hash_max=1 << 20)["sha256"] != fp["sha256"]
+
+
+def test_shards_copied_without_their_source_are_still_used(ptb, sp_model, tmp_path, caplog):
+    from data_pipeline.build import ensure_shards
+
+    out = tmp_path / "ds"
+    cfg = _cfg(ptb, sp_model, out)
+    build(cfg, workers=1, progress=False)
+    ptb.rename(tmp_path / "elsewhere.txt")  # trained on another machine, where the source is not
+    assert ensure_shards(cfg, progress=False).reused
+    assert "cannot compare" in caplog.text
