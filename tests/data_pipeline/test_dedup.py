@@ -85,3 +85,24 @@ def test_filters_are_off_by_default_and_checked(tmp_path):
     bad.filter.near_dedup_threshold = 1.5
     with pytest.raises(ConfigError, match="near_dedup_threshold"):
         check_config(bad)
+
+
+def test_parts_drop_the_same_documents_as_a_single_build(tmp_path, monkeypatch):
+    import data_pipeline.build as build_mod
+
+    src = tmp_path / "dups.txt"
+    _corpus(src, random.Random(2))
+    args = ["--no-progress", "--workers", "1", "--set", f"data.source={src}", "data.tokenizer=sentencepiece",
+            "data.vocab_size=450", "data.val_fraction=0.2", "data.shard_size_mb=0.004",
+            "data.filter.exact_dedup=true", "data.filter.near_dedup_threshold=0.7"]
+    assert main([*args, f"data.shard_dir={tmp_path / 'one'}"]) == 0
+    parts = [*args, f"data.shard_dir={tmp_path / 'parts'}"]
+    assert main([*parts, "--prepare"]) == 0
+    monkeypatch.setattr(build_mod, "find_removed", lambda *a: (_ for _ in ()).throw(AssertionError("again")))
+    for i in (1, 0):
+        assert main([*parts, "--part", f"{i}/2"]) == 0
+    assert main([*parts, "--merge"]) == 0
+    files = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))  # noqa: E731
+                       if p.is_file() and "/part-" not in p.as_posix()}
+    assert files(tmp_path / "parts") == files(tmp_path / "one")
+    assert ShardReader(tmp_path / "one" / "train").num_shards >= 3
