@@ -282,3 +282,20 @@ def test_shards_copied_without_their_source_are_still_used(ptb, sp_model, tmp_pa
     ptb.rename(tmp_path / "elsewhere.txt")  # trained on another machine, where the source is not
     assert ensure_shards(cfg, progress=False).reused
     assert "cannot compare" in caplog.text
+
+
+def test_repair_after_a_k_part_build_whose_record_is_stale(ptb, sp_model, tmp_path, capsys):
+    """A shard rebuilt by --repair (one part) while a K-part record still lists an older version of
+    it (built by another version of the tool): the merge takes the record the file matches."""
+    out = tmp_path / "ds"
+    for i in (0, 1):
+        assert main([*_args(ptb, sp_model, out), "--part", f"{i}/2"]) == 0
+    assert main([*_args(ptb, sp_model, out), "--merge"]) == 0
+    record = out / "train" / "part-00001-of-00002.json"
+    data = json.loads(record.read_text())
+    data["shards"][0]["sha256"] = "0" * 64  # as if an older build wrote other bytes for that shard
+    record.write_text(json.dumps(data))
+    (out / "train" / data["shards"][0]["file"]).unlink()
+    capsys.readouterr()
+    assert main([*_args(ptb, sp_model, out), "--repair"]) == 0
+    assert inspect_main([str(out), "--verify"]) == 0
