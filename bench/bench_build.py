@@ -2,7 +2,10 @@
 vs megatron-core's IndexedDatasetBuilder, on the shared corpora (wikitext-2 valid, tinyshakespeare,
 PTB valid). Prints a table, writes bench/results/bench_build.json.
 
-    python bench/bench_build.py [--quick] [--repeat R] [--runs N] [--vocab V]
+    python bench/bench_build.py [--quick] [--repeat R] [--runs N] [--vocab V] [--dedup-only]
+
+It also reports data.filter's cost (dedup.find_removed, the preparation step's extra pass) per token,
+on one copy of the corpus: exact dedup alone, and exact + near (MinHash LSH, threshold 0.8).
 
 Why these baselines: bare encoding of the in-memory texts in one process is the floor a builder
 cannot beat per core (goal: 1 worker >= 0.7x of it); 2 workers show the parallel scaling (goal:
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="timed runs of each method (default 5; --quick 1)")
     parser.add_argument("--vocab", type=int, default=8000, help="sentencepiece vocabulary (unigram)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument("--dedup-only", action="store_true", help="measure only data.filter's dedup pass")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, as JSON (measure_in_child)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -194,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
             line for rel in FILES.values() for line in (CORPORA / rel).read_text().splitlines() if line.strip()))
         tokenizer = make_tokenizer(DataConfig(tokenizer="sentencepiece", vocab_size=args.vocab), sample)
         tokenizer.save(root / "tok")
+        dedup = dedup_cost(root, tokenizer)
+        print(f"dedup (data.filter, one copy of the corpus, {dedup['tokens']:,} tokens): "
+              + "; ".join(f"{k} {v['us_per_token']:.3f} us/token ({v['seconds']:.2f} s, removed "
+                          f"{sum(v['removed'].values()):,})" for k, v in dedup.items() if k != "tokens"), flush=True)
+        if args.dedup_only:
+            return 0
         cfg = dict(source=str(corpus), val_fraction=0.01, vocab_size=tokenizer.vocab_size, shard_size_mb=SHARD_MB,
                    tokenizer=f"sentencepiece:{root / 'tok' / 'tokenizer.model'}")
         same = True
@@ -236,11 +246,33 @@ def main(argv: list[str] | None = None) -> int:
         print("note: other processes took CPU time beside this benchmark, so the 2-worker speed-up reads low; "
               "trust the CPU-time bound more")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"repeat": repeat, "runs": n_runs, "vocab": tokenizer.vocab_size,
+    args.out.write_text(json.dumps({"repeat": repeat, "runs": n_runs, "vocab": tokenizer.vocab_size, "dedup": dedup,
                                     "others_cpu_share": others, "results": results, "goals": goals,
                                     "machine": platform.platform(), "cpus": os.cpu_count()}, indent=2))
     print(f"wrote {args.out}")
     return 0
+
+
+def dedup_cost(root: Path, tokenizer) -> dict:
+    """Seconds and microseconds per token of the filter pass (exact; exact + near) on one copy of the corpus."""
+    from data_pipeline.dedup import find_removed
+    from data_pipeline.sources import iter_text_runs
+
+    src = root / "dedup-src"
+    src.mkdir(exist_ok=True)
+    for name, rel in FILES.items():
+        if not (src / f"{name}.txt").exists():
+            (src / f"{name}.txt").symlink_to((CORPORA / rel).resolve())
+    cfg = DataConfig(source=str(src), val_fraction=0.01)
+    tokens = sum(len(ids) for _, texts in iter_text_runs(cfg) for ids in tokenizer.encode_batch(texts))
+    out = {"tokens": tokens}
+    for name, near in (("exact", 0.0), ("exact+near0.8", 0.8)):
+        cfg.filter.exact_dedup, cfg.filter.near_dedup_threshold = True, near
+        t0 = time.perf_counter()
+        _, counts = find_removed(cfg)
+        dt = time.perf_counter() - t0
+        out[name] = {"seconds": dt, "us_per_token": 1e6 * dt / tokens, "removed": counts}
+    return out
 
 
 def _others_share(measured: list[dict]) -> float:

@@ -8,15 +8,20 @@ builds a new directory instead of reusing a stale one; a directory built with ot
 
 Three steps, each safe to repeat and to run concurrently (every file is written atomically and
 deterministically, so racing writers write the same bytes):
-1. prepare: tokenizer (trained on the source, or loaded) and plan -> `build.json`;
+1. prepare: tokenizer (trained on the source, or loaded), density statistics and plan -> `build.json`
+   (`--prepare` alone, once, before K `--part`s: `--slurm K` submits it as a job the parts depend on);
 2. shards: `units.build_parts`, one pass over the source, tokenized in parallel worker processes,
    one part of K or all;
    a rerun keeps the shards already written;
 3. merge: `merge.merge_split` writes each split's `index.json` once every shard exists.
 Documents are stored without BOS/EOS: the streaming loader adds them.
 
+A shard found on disk is kept only if it matches what an earlier run recorded of it (size and sha256 in
+the part records / index.json), or, with no record (a killed run's), if every zstd frame decodes with
+its content checksum; a damaged one is rebuilt. `--repair` does that for a complete build.
+
 CLI: python -m data_pipeline.build --config FILE [--set data.key=value ...] [--workers N]
-     [--part i/K | --merge | --slurm K [--wait] [--dry-run]]
+     [--prepare | --part i/K | --merge | --repair | --slurm K [--wait] [--dry-run]]
 """
 
 from __future__ import annotations
@@ -34,12 +39,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.config import DataConfig
+from data_pipeline.dedup import (
+    FILTER_FILE,
+    RULES,
+    filter_problems,
+    find_removed,
+    is_active,
+    load_removed,
+    save_removed,
+)
 from data_pipeline.density.annotators import STATS_FILE, check_density_config, needs_stats
 from data_pipeline.encode import LONG_DOC_POLICIES, default_workers
 from data_pipeline.fsutil import TMP_MARK, atomic_write_bytes
 from data_pipeline.merge import IncompleteBuildError, merge_split
 from data_pipeline.shards import INDEX_FILE, ShardFormatError, ShardReader
-from data_pipeline.sources import DECODE_MODES, TXT_MODES, iter_documents
+from data_pipeline.sources import (
+    DECODE_MODES,
+    TXT_MODES,
+    iter_documents,
+    source_changes,
+    source_fingerprint,
+    source_names,
+)
 from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, make_tokenizer
 from data_pipeline.units import PartResult, build_parts, docs_per_shard
 
@@ -51,10 +72,10 @@ SPLITS = ("train", "val")
 PLAN_VERSION = 1
 # Content settings added after the first version: they enter the default directory's hash only when
 # changed, so existing default directories keep their names.
-LATER_FIELDS = {"txt_documents": "line", "tokenizer_model_type": "unigram", "max_doc_tokens": 0,
+LATER_FIELDS = {"text_template": "", "filter": None, "txt_documents": "line", "tokenizer_model_type": "unigram", "max_doc_tokens": 0,
                 "long_docs": "split", "density": None}
 # What `prepare` writes before build.json exists (a concurrent part may be in the middle of it).
-PREPARE_ENTRIES = {TOKENIZER_FILE, "tokenizer.model", "hf", BUILD_FILE, STATS_FILE, *SPLITS}
+PREPARE_ENTRIES = {TOKENIZER_FILE, "tokenizer.model", "hf", BUILD_FILE, STATS_FILE, FILTER_FILE, *SPLITS}
 
 
 @dataclass
@@ -81,6 +102,7 @@ class BuildReport:
     parts: list[PartResult] = field(default_factory=list)
     merged: bool = False
     seconds: float = 0.0
+    filtered: dict | None = None  # documents removed by data.filter, per rule
 
 
 def build_fields(cfg: DataConfig) -> dict:
@@ -89,8 +111,9 @@ def build_fields(cfg: DataConfig) -> dict:
         "source": cfg.source, "text_field": cfg.text_field, "train_split": cfg.train_split,
         "val_split": cfg.val_split, "val_fraction": cfg.val_fraction, "tokenizer": cfg.tokenizer,
         "vocab_size": cfg.vocab_size, "task": _task_content(cfg),
-        **{k: getattr(cfg, k) for k in LATER_FIELDS if k != "density"},
+        **{k: getattr(cfg, k) for k in LATER_FIELDS if k not in ("density", "filter")},
         "density": _density_content(cfg),
+        "filter": dataclasses.asdict(cfg.filter) if is_active(cfg.filter) else None,
     }
 
 
@@ -149,7 +172,18 @@ def check_config(cfg: DataConfig) -> None:
             raise ConfigError(f"data.{key}={getattr(cfg, key)}: must be >= 0 (0 = {'no limit' if key[0] == 'm' else 'all cores'})")
     if cfg.shard_size_mb <= 0:
         raise ConfigError(f"data.shard_size_mb={cfg.shard_size_mb}: must be > 0")
-    problems = check_density_config(cfg.density)
+    if cfg.text_template:
+        from data_pipeline.sources import template_fields
+
+        try:
+            names = template_fields(cfg.text_template)
+        except ValueError as e:
+            raise ConfigError(f"data.text_template={cfg.text_template!r}: not a format string ({e}); "
+                              "write fields as {name} and a literal brace as {{ or }}") from None
+        if not names:
+            raise ConfigError(f"data.text_template={cfg.text_template!r} names no field; "
+                              'write e.g. "{question}\\n{answer}"')
+    problems = check_density_config(cfg.density) + filter_problems(cfg.filter)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -169,12 +203,33 @@ def _check_fields(shard_dir: Path, built: dict, cfg: DataConfig) -> None:
                                "delete it or set data.shard_dir to another directory (or to '' for the default)")
 
 
+def _check_source(shard_dir: Path, plan: dict, cfg: DataConfig) -> None:
+    """The local source must be the one the build read (its recorded fingerprint): shards of an older
+    version of a file are refused, with what changed, rather than reused or resumed."""
+    recorded = plan.get("sources")
+    if not recorded:  # a task/HF source, or a build made before fingerprints were recorded
+        return
+    from data_pipeline.sources import DataSourceError
+
+    try:
+        changes = source_changes(recorded, cfg)
+    except DataSourceError as e:  # shards copied to a machine without the source: they are what was built
+        log.warning("cannot compare %s with the source it was built from (%s); using the shards as built", shard_dir, e)
+        return
+    if changes:
+        raise ShardFormatError(
+            f"the source of {shard_dir} changed since it was built ({'; '.join(changes[:5])}"
+            f"{' ...' if len(changes) > 5 else ''}): its shards hold the old text. Delete {shard_dir} and build "
+            "again (or set data.shard_dir to a new directory to keep both)")
+
+
 def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokenizer, dict]:
     """The tokenizer and plan of the build at `shard_dir`: loaded when present, else made and saved."""
     plan_path = shard_dir / BUILD_FILE
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         _check_fields(shard_dir, plan.get("fields", {}), cfg)
+        _check_source(shard_dir, plan, cfg)
         if "docs_per_shard" in plan:  # a plan of this version: resume it
             return load_tokenizer(shard_dir), plan
         raise ShardFormatError(f"{shard_dir} holds an incomplete build of an older version; delete it and rebuild")
@@ -185,6 +240,7 @@ def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokeniz
                                    "delete it or choose another data.shard_dir")
     # Open the source before the tokenizer: an unreachable source (offline hub) is the error to
     # report first, with its hint, and it fails in seconds.
+    sources = source_fingerprint(cfg)  # what is read now; a later run refuses another version of it
     train_docs = iter_documents(cfg, "train")
     sample = itertools.chain([next(train_docs)], train_docs)
     if (shard_dir / TOKENIZER_FILE).is_file():  # a concurrent part saved it first: the same model
@@ -197,11 +253,56 @@ def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokeniz
         from data_pipeline.density.stats import collect_stats
 
         collect_stats(cfg, tokenizer, shard_dir, workers or 1)  # the unigram/tfidf first pass
+    filter_counts = None
+    if is_active(cfg.filter):  # the documents to drop, decided over the whole source, once
+        removed, filter_counts = find_removed(cfg)
+        save_removed(shard_dir / FILTER_FILE, removed)
     plan = {"plan_version": PLAN_VERSION, "fields": build_fields(cfg), "tokenizer_fingerprint": tokenizer.fingerprint,
-            "shard_size_mb": cfg.shard_size_mb,
+            "shard_size_mb": cfg.shard_size_mb, "files": prepared_files(shard_dir), "sources": sources,
+            "source_files": source_names(cfg), "filter_counts": filter_counts,  # what the file index of the shards' `source` column refers to
             "docs_per_shard": docs_per_shard(cfg, tokenizer)}
     atomic_write_bytes(plan_path, json.dumps(plan, indent=2).encode())
     return tokenizer, plan
+
+
+def prepared_files(shard_dir: Path) -> dict[str, dict]:
+    """Size and sha256 of what `prepare` wrote besides build.json (the tokenizer's files, the density
+    statistics), so `inspect --verify` notices a swapped or damaged one (the shards' checksums do not)."""
+    out = {}
+    for name in sorted(PREPARE_ENTRIES - {BUILD_FILE, *SPLITS}):
+        top = shard_dir / name
+        for path in sorted(top.rglob("*")) if top.is_dir() else [top]:
+            if path.is_file() and TMP_MARK not in path.name:
+                data = path.read_bytes()
+                out[path.relative_to(shard_dir).as_posix()] = {"bytes": len(data),
+                                                               "sha256": hashlib.sha256(data).hexdigest()}
+    return out
+
+
+def verify_build(shard_dir: Path) -> list[str]:
+    """One line per problem of a build directory: a split without its index.json, a prepared file
+    (tokenizer, density statistics) that is missing or not the bytes recorded in build.json.
+    The shards themselves are checked by `ShardReader.problems`."""
+    from data_pipeline.shards import repair_hint
+
+    plan = json.loads((shard_dir / BUILD_FILE).read_text())
+    problems = []
+    for split in plan.get("docs_per_shard", dict.fromkeys(SPLITS)):
+        if not (shard_dir / split / INDEX_FILE).is_file():
+            problems.append(f"{shard_dir / split / INDEX_FILE}: missing (the {split} split is unfinished or its "
+                            f"index was lost); rebuild it with `{repair_hint(shard_dir)}`")
+    for name, rec in plan.get("files", {}).items():
+        path = shard_dir / name
+        if not path.is_file():
+            problems.append(f"{path}: missing; build.json records it")
+            continue
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        if (len(data), sha) != (rec["bytes"], rec["sha256"]):
+            problems.append(f"{path}: {len(data)} bytes, sha256 {sha}; build.json records {rec['bytes']} bytes, "
+                            f"sha256 {rec['sha256']}: not the file the shards were built with. Restore it "
+                            f"(or delete {shard_dir} and build again)")
+    return problems
 
 
 def build(cfg: DataConfig, workers: int | None = None, part: int = 0, n_parts: int = 1,
@@ -214,16 +315,31 @@ def build(cfg: DataConfig, workers: int | None = None, part: int = 0, n_parts: i
     shard_dir = resolve_shard_dir(cfg)
     t0 = time.monotonic()
     report = BuildReport(shard_dir)
+    if n_parts > 1 and not (shard_dir / BUILD_FILE).is_file():
+        log.warning("part %d/%d: %s is not prepared yet, so this part trains the tokenizer and counts the density "
+                    "statistics itself; with parts running at once run `python -m data_pipeline.build ... --prepare` "
+                    "first (--slurm does), so that it happens once", part, n_parts, shard_dir)
     tokenizer, plan = prepare(cfg, shard_dir, workers)
     log.info("building %s into %s (%d workers%s)", cfg.source, shard_dir, workers,
              f", part {part}/{n_parts}" if n_parts > 1 else "")
+    removed = load_removed(shard_dir / FILTER_FILE) if is_active(cfg.filter) else None
+    report.filtered = plan.get("filter_counts")
     report.parts = build_parts(cfg, shard_dir, tokenizer, plan["docs_per_shard"], part, n_parts, workers, progress,
-                               density=density_settings(cfg))
+                               density=density_settings(cfg), removed=removed)
     if n_parts == 1:
         merge(shard_dir)
         report.merged = True
     report.seconds = time.monotonic() - t0
     return report
+
+
+def prepare_build(cfg: DataConfig, workers: int | None = None) -> Path:
+    """Step 1 alone (`--prepare`): the tokenizer, the density statistics and the plan, once, before
+    the `--part i/K` builds, which then load them instead of each training its own."""
+    check_config(cfg)
+    shard_dir = resolve_shard_dir(cfg)
+    prepare(cfg, shard_dir, workers or cfg.build_workers or default_workers())
+    return shard_dir
 
 
 def merge(shard_dir: Path) -> None:
@@ -234,6 +350,31 @@ def merge(shard_dir: Path) -> None:
     tokenizer = load_tokenizer(shard_dir)
     for split in SPLITS:
         merge_split(shard_dir / split, tokenizer.fingerprint, tokenizer.vocab_size)
+
+
+def find_damage(shard_dir: Path) -> list[str]:
+    """One line per missing or corrupt shard of every split that has an index (what --repair rebuilds)."""
+    problems = []
+    for split in SPLITS:
+        if (shard_dir / split / INDEX_FILE).is_file():
+            problems += [f"{split}/{file}: {why}" for file, why in ShardReader(shard_dir / split).problems()]
+    return problems
+
+
+def repair(cfg: DataConfig, workers: int | None = None, progress: bool = True) -> tuple[list[str], BuildReport | None]:
+    """Rebuild exactly the missing or damaged shards of a build (complete or not) and rewrite its indexes.
+
+    Every shard on disk is checked against the size and sha256 its part record and index.json give it
+    (units._SplitBuild._keep); the ones that fail, and the missing ones, are rebuilt from the source,
+    byte-identical to a clean build. Returns (the problems found, the build's report; None when the
+    build was complete and intact)."""
+    shard_dir = resolve_shard_dir(cfg)
+    if not (shard_dir / BUILD_FILE).is_file():
+        raise IncompleteBuildError(f"{shard_dir}: no {BUILD_FILE}: nothing to repair there (build it first)")
+    problems = find_damage(shard_dir)
+    if not problems and is_complete(shard_dir):
+        return [], None
+    return problems, build(cfg, workers=workers, progress=progress)
 
 
 def ensure_shards(cfg: DataConfig, progress: bool = True, workers: int | None = None) -> DatasetInfo:
@@ -249,7 +390,9 @@ def ensure_shards(cfg: DataConfig, progress: bool = True, workers: int | None = 
 def _open_build(shard_dir: Path, cfg: DataConfig, reused: bool) -> DatasetInfo:
     meta_path = shard_dir / BUILD_FILE
     if meta_path.is_file():
-        _check_fields(shard_dir, json.loads(meta_path.read_text()).get("fields", {}), cfg)
+        plan = json.loads(meta_path.read_text())
+        _check_fields(shard_dir, plan.get("fields", {}), cfg)
+        _check_source(shard_dir, plan, cfg)
     tokenizer = load_tokenizer(shard_dir)
     for split in SPLITS:
         reader = ShardReader(shard_dir / split)
@@ -288,14 +431,32 @@ def summary(info: DatasetInfo) -> str:
 
 def _report_lines(report: BuildReport) -> list[str]:
     lines = []
+    if report.filtered is not None:
+        lines.append("  filtered: " + " ".join(f"{k}={report.filtered.get(k, 0)}" for k in RULES)
+                     + " (documents removed by data.filter)")
     for r in report.parts:
         rate = r.tokens_written / r.seconds if r.seconds else 0.0
         line = (f"  {r.split:5s} {len(r.written)} shards written ({r.tokens_written:,} tokens, {rate:,.0f} tok/s), "
                 f"{len(r.reused)} kept from an earlier run; split has {r.n_units} shards, {r.source_docs:,} documents")
+        if r.damaged:
+            line += f"; rebuilt {len(r.damaged)} damaged shards: {', '.join(r.damaged)}"
         if r.stats.undecodable:
             line += f"; skipped {r.stats.undecodable} non-UTF-8 documents (first: {r.stats.examples[0]})"
         lines.append(line)
     return lines
+
+
+SOURCE_HELP = """\
+where the text comes from (data.* keys, in the recipe or after --set):
+  data.source         task:NAME | hf:NAME[/CONFIG] | a .txt/.jsonl/.parquet file or directory
+                      (several joined by commas)
+  data.txt_documents  .txt: line (one document per line) | paragraph (blank-line separated)
+  data.text_field     .jsonl/.parquet/HF rows: the field holding the text (default: text)
+  data.text_template  .jsonl/.parquet/HF rows: a format string over several fields, used instead
+                      of data.text_field, e.g. for question/answer rows:
+                        --set 'data.text_template="{question}\\n{answer}"'
+                      (in YAML: text_template: "{question}\\n{answer}")
+"""
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -313,11 +474,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Tokenize a data source into train/val shards (reused if already built; an interrupted build "
                     "resumes where it stopped). Reads only the `data:` section of a run config; `inherit:` chains "
                     "are followed.",
+        epilog=SOURCE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="run config YAML (the same file the trainer takes); "
                                          "omitted: the built-in DataConfig defaults (task:sudoku)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
-                        help="override a data setting, e.g. --set data.source=/path/train.txt (repeatable)")
+    # one syntax with pretrain.launch: several KEY=VALUE after one --set (the repeated form works too)
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="data.KEY=VALUE",
+                        help="override data settings, e.g. --set data.source=/path/train.txt data.vocab_size=8192 "
+                             "(several after one --set, or --set repeated)")
     parser.add_argument("--workers", type=int, default=None,
                         help="tokenizing processes (default: data.build_workers, 0 there = all cores); "
                              "the output is identical for any number")
@@ -325,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--part", type=parse_part, metavar="i/K",
                       help="build only part i of K (shards u with u %% K == i), e.g. one Slurm array task; "
                            "then run --merge once all K parts are done")
+    mode.add_argument("--prepare", action="store_true",
+                      help="only train the tokenizer, count the density statistics and write the plan (build.json), "
+                           "once, before the --part i/K builds, which then reuse them")
+    mode.add_argument("--repair", action="store_true",
+                      help="check every shard of the build against its recorded size and sha256 and rebuild "
+                           "exactly the missing or damaged ones (byte-identical to a clean build), then the indexes")
     mode.add_argument("--merge", action="store_true",
                       help="write the index of a build whose parts are all done (names the missing ones otherwise)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -337,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="with --slurm: print the submitit parameters and sbatch header, submit nothing")
     args = parser.parse_args(argv)
     if args.slurm is not None:
-        if args.slurm < 1 or args.part or args.merge:
-            parser.error("--slurm K needs K >= 1 and excludes --part/--merge (it submits both)")
+        if args.slurm < 1 or args.part or args.merge or args.prepare or args.repair:
+            parser.error("--slurm K needs K >= 1 and excludes --prepare/--part/--merge/--repair (it submits them)")
         from slurm.data import main_slurm
 
         return main_slurm(args.config, args.overrides, args.slurm, args.workers, args.dry_run, args.wait)
@@ -354,6 +524,21 @@ def main(argv: list[str] | None = None) -> int:
             merge(shard_dir)
             info = _open_build(shard_dir, cfg, reused=False)
             print(summary(info))
+            return 0
+        if args.prepare:
+            prepared = prepare_build(cfg, workers=args.workers)
+            print(f"prepared {prepared} (tokenizer, plan{', density statistics' if needs_stats(cfg.density) else ''});"
+                  " next: python -m data_pipeline.build --config ... --part i/K for every i, then --merge")
+            return 0
+        if args.repair:
+            problems, rep = repair(cfg, workers=args.workers, progress=not args.no_progress)
+            if rep is None:
+                print(f"nothing to repair: every shard of {shard_dir} matches its index")
+                return 0
+            print("\n".join(f"bad: {p}" for p in problems))
+            print(f"repaired {shard_dir} in {rep.seconds:.1f} s")
+            print("\n".join(_report_lines(rep)))
+            print(summary(_open_build(shard_dir, cfg, reused=False)))
             return 0
         if is_complete(shard_dir):
             print(summary(_open_build(shard_dir, cfg, reused=True)))

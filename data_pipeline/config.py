@@ -69,6 +69,23 @@ class DensityConfig:
 
 
 @dataclass
+class FilterConfig:
+    """Documents removed at build time (data_pipeline/dedup.py), each rule counted in the build report.
+    All off by default. Decided once over the whole source in the preparation step, so every part of
+    a build removes the same documents; the val split never keeps a document that is also in train."""
+
+    exact_dedup: bool = False  # drop later copies of a document equal after lower-casing and collapsing whitespace
+    # MinHash LSH (datasketch) over word 3-gram shingles: drop a train document whose estimated Jaccard
+    # similarity to an earlier kept one is at least this (0 = off; 0.8 is a common choice)
+    near_dedup_threshold: float = 0.0
+    num_perm: int = 128  # MinHash permutations: more = a closer estimate, slower
+    shingle_words: int = 3  # words per shingle
+    min_chars: int = 0  # drop documents shorter than this (0 = no bound)
+    max_chars: int = 0  # drop documents longer than this (0 = no bound)
+    max_nonprintable: float = 1.0  # drop documents whose share of non-printable characters is above this
+
+
+@dataclass
 class MixtureSource:
     """Another built shard directory mixed into training (its train split), e.g. code beside prose."""
 
@@ -82,6 +99,9 @@ class DataConfig:
     # | a local .txt/.jsonl/.parquet file or a directory of them
     source: str = "task:sudoku"
     text_field: str = "text"  # field holding the text in jsonl/parquet/HF rows
+    # jsonl/parquet/HF rows: a Python format string over the row's fields, used instead of text_field,
+    # e.g. "{question}\n{answer}" (QA data stored as separate fields); "" = the text_field alone
+    text_template: str = ""
     # How a .txt file is cut into documents. line: one document per line, because sentence-level
     # corpora (LM1B, PTB) are stored that way; paragraph: runs of lines separated by blank lines,
     # because article/book corpora (WikiText, Gutenberg) put one document across many lines.
@@ -135,8 +155,12 @@ class DataConfig:
     main_weight: float = 1.0  # weight of the main source (the one built from data.source) in the mixture
     prefetch_factor: int = 4  # chunks (~1M tokens each) each worker prepares ahead, so the loader is never the bottleneck
     # A shard failing its checksum stops the run by default (naming the file). True: its rows become
-    # fully masked padding (order and resume position unchanged), counted and logged: for a long run
-    # that should survive one bad file rather than stop.
+    # fully masked padding (order and resume position unchanged), logged per shard and counted in the
+    # train/skipped_rows metric (MLflow): for a long run that should survive one bad file rather than stop.
     skip_corrupt_shards: bool = False
+    # Before the first step the trainer checks that every shard exists with its recorded size (a stat
+    # each); True: it checksums and decodes every shard instead (reads the whole dataset once).
+    verify_shards: bool = False
     task: TaskConfig = field(default_factory=TaskConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     density: DensityConfig = field(default_factory=DensityConfig)

@@ -65,20 +65,25 @@ def unpack_texts(texts: Sequence[str] | str) -> Sequence[str]:
 
 def encode_annotate_chunk(texts: Sequence[str] | str, max_doc_tokens: int = 0, long_docs: str = "split",
                           tokenizer: Tokenizer | None = None, annotator=None, density: dict | None = None
-                          ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
-    """`encode_chunk` plus the per-token density of the configured annotator (None without one):
-    the build's worker task (`texts` may come packed by `pack_texts`). The density is computed on the
-    stored pieces (after data.max_doc_tokens), so each stored document is normalised on its own."""
-    flat, lengths, n_long = encode_chunk(unpack_texts(texts), max_doc_tokens, long_docs, tokenizer=tokenizer)
+                          ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None, np.ndarray | None]:
+    """`encode_chunk` plus the per-token density of the configured annotator (None without one) and
+    the number of stored pieces of each document (None when every document is one piece; for
+    provenance): the build's worker task (`texts` may come packed by `pack_texts`). The density is
+    computed on the stored pieces (after data.max_doc_tokens), so each is normalised on its own."""
+    flat, lengths, _ = encode_chunk(unpack_texts(texts), 0, long_docs, tokenizer=tokenizer)
+    pieces = None
+    if max_doc_tokens > 0 and long_docs == "split" and len(lengths) and int(lengths.max()) > max_doc_tokens:
+        pieces = np.maximum(1, -(-lengths // max_doc_tokens))
+    flat, lengths, n_long = limit_documents(flat, lengths, max_doc_tokens, long_docs)
     dens = density if density is not None else _worker_density
     if annotator is None and dens is not None:
         annotator = _get_worker_annotator(tokenizer)
     if annotator is None:
-        return flat, lengths, n_long, None
+        return flat, lengths, n_long, None, pieces
     from data_pipeline.density import annotate
 
     d = annotate(annotator, flat, lengths, dens["view"], dens["hub_fraction"])
-    return flat, lengths, n_long, d
+    return flat, lengths, n_long, d, pieces
 
 
 def _get_worker_annotator(tokenizer: Tokenizer | None):

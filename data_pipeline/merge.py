@@ -22,6 +22,21 @@ class IncompleteBuildError(ShardFormatError):
     """Some parts (shards) of a split are not built yet; the message names them."""
 
 
+def _the_one_on_disk(split_dir: Path, a: dict, b: dict) -> dict:
+    """Two part records disagree about a shard (an older build's record, and the run that rebuilt it,
+    e.g. `--repair` with another K or another version): the record the file on disk matches wins."""
+    import hashlib
+
+    path = split_dir / a["file"]
+    data = path.read_bytes() if path.is_file() else b""
+    sha = hashlib.sha256(data).hexdigest()
+    matching = [e for e in (a, b) if (e["bytes"], e["sha256"]) == (len(data), sha)]
+    if len(matching) != 1:
+        raise ShardFormatError(f"{path}: two parts recorded different contents and the file matches "
+                               f"{'neither' if not matching else 'both'}; delete the build and start again")
+    return matching[0]
+
+
 def merge_split(split_dir: Path, tokenizer_fingerprint: str, vocab_size: int) -> dict:
     """Write `split_dir/index.json` from its part records; IncompleteBuildError names what is missing."""
     records = []
@@ -43,8 +58,7 @@ def merge_split(split_dir: Path, tokenizer_fingerprint: str, vocab_size: int) ->
         for entry in r["shards"]:
             unit = int(entry["file"].removeprefix("shard-").split(".")[0])
             if by_unit.setdefault(unit, entry) != entry:
-                raise ShardFormatError(f"{split_dir / entry['file']}: two parts recorded different contents; "
-                                       "delete the build and start again")
+                by_unit[unit] = _the_one_on_disk(split_dir, by_unit[unit], entry)
     missing = [u for u in range(n) if u not in by_unit]
     if missing:
         parts = sorted({(u % r["parts"], r["parts"]) for u in missing for r in records[:1]})

@@ -67,7 +67,9 @@ def encode_shard(columns: dict[str, np.ndarray], n_docs: int, frame_bytes: int =
     Deterministic: the same columns give the same bytes (single-threaded zstd at a fixed level), which
     is what makes a parallel or resumed build byte-identical to a serial one.
     """
-    cctx = zstandard.ZstdCompressor(level=level)
+    # write_checksum: each frame ends with a checksum of its content, so a damaged shard without an
+    # index entry to compare with (a killed build's) still fails to decode instead of giving wrong tokens
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
     payload: list[bytes] = []
     offset = 0
     header_cols = {}
@@ -103,7 +105,8 @@ def quantize_density(density: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def shard_columns(tokens: np.ndarray, lengths: np.ndarray, token_dt: np.dtype,
-                  density: np.ndarray | None = None, density_dtype: str = "float16") -> dict[str, np.ndarray]:
+                  density: np.ndarray | None = None, density_dtype: str = "float16",
+                  source: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The columns of a shard from flat token ids and per-document lengths."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
     np.cumsum(np.asarray(lengths, dtype=np.uint64), out=offsets[1:])
@@ -114,6 +117,10 @@ def shard_columns(tokens: np.ndarray, lengths: np.ndarray, token_dt: np.dtype,
         if len(density) != len(tokens):
             raise ValueError(f"density has {len(density)} values for {len(tokens)} tokens: they must align")
         columns["density"] = quantize_density(density, density_dtype)
+    if source is not None:  # per document: where it came from (sources.KEY_BITS)
+        if len(source) != len(lengths):
+            raise ValueError(f"source has {len(source)} values for {len(lengths)} documents: they must align")
+        columns["source"] = np.asarray(source, dtype=np.uint64)
     return columns
 
 
@@ -277,23 +284,62 @@ class ShardWriter:
 # ----------------------------------------------------------------------------------------------
 
 
+def repair_hint(build_dir: Path) -> str:
+    """The command that rebuilds exactly the bad shards of a build directory (complete or not)."""
+    return (f"python -m data_pipeline.build --config RUN.yaml --set data.shard_dir={build_dir} --repair "
+            "(RUN.yaml: the config it was built with)")
+
+
 def _corrupt(path: Path, why: str) -> CorruptShardError:
     return CorruptShardError(
-        f"shard {path} is corrupt: {why}. Rebuild the split (python -m data_pipeline.build ...) "
-        f"or run `python -m data_pipeline.inspect {path.parent} --verify` to check every shard"
+        f"shard {path} is corrupt: {why}. Rebuild exactly the bad shards with `{repair_hint(path.parent.parent)}`; "
+        f"`python -m data_pipeline.inspect {path.parent.parent} --verify` lists every bad one"
     )
+
+
+def check_shard(path: Path, record: dict | None = None) -> dict:
+    """The index entry of a shard file on disk, after checking it: against `record` (its entry in a
+    part record or index.json: size and sha256) when there is one, else by decoding every frame
+    (zstd content checksums) and checking the header's counts. CorruptShardError if it fails."""
+    data = path.read_bytes()
+    if record is not None:
+        if len(data) != record["bytes"]:
+            raise _corrupt(path, f"{len(data)} bytes, its record says {record['bytes']}")
+        sha = hashlib.sha256(data).hexdigest()
+        if sha != record["sha256"]:
+            raise _corrupt(path, f"sha256 {sha} does not match its record ({record['sha256']})")
+        return shard_entry(path.name, data)
+    entry = shard_entry(path.name, data)
+    sf = ShardFile.__new__(ShardFile)
+    sf._init_from(path, data)
+    try:
+        offsets = sf.read("doc_offsets")
+        n_tokens = len(sf.read("tokens"))
+        for name in sf.columns:
+            sf.read(name)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        if isinstance(e, CorruptShardError):
+            raise
+        raise _corrupt(path, f"unreadable columns ({type(e).__name__}: {e})") from None
+    if len(offsets) != sf.n_docs + 1 or n_tokens != sf.n_tokens or (len(offsets) and int(offsets[-1]) != n_tokens):
+        raise _corrupt(path, f"header says {sf.n_docs} docs / {sf.n_tokens} tokens, the columns hold "
+                             f"{len(offsets) - 1} / {n_tokens}")
+    return entry
 
 
 class ShardFile:
     """One shard, checked against its index entry when opened; columns decode frame by frame."""
 
     def __init__(self, path: Path, sha256: str | None = None, size: int | None = None):
-        self.path = path
         data = path.read_bytes()
         if size is not None and len(data) != size:
             raise _corrupt(path, f"{len(data)} bytes, index.json says {size}")
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
             raise _corrupt(path, f"sha256 {hashlib.sha256(data).hexdigest()} does not match index.json ({sha256})")
+        self._init_from(path, data)
+
+    def _init_from(self, path: Path, data: bytes) -> None:
+        self.path = path
         self.header, start = parse_header(data, path)
         self._payload = memoryview(data)[start:]
         self._dctx = zstandard.ZstdDecompressor()

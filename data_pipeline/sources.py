@@ -7,7 +7,7 @@
   (`cfg.hf_streaming`); `cfg.hf_local_dir` reads a local copy of the hub repo through the same call
   (offline clusters, tests). Build time only: training never reads the hub.
 - a local `.txt` (one document per line, or blank-line separated paragraphs: `cfg.txt_documents`),
-  `.jsonl` (field `cfg.text_field`), `.parquet` (column `cfg.text_field`), or a directory of such files (recursively, sorted). The val
+  `.jsonl` (field `cfg.text_field`, or `cfg.text_template` over several fields), `.parquet` (the same columns), or a directory of such files (recursively, sorted). The val
   split is the documents whose id hashes under `cfg.val_fraction`, so it is stable when files grow.
   Several local files or directories are one source when joined by commas (`a/valid.txt,b/input.txt`):
   read in the order given, so a corpus spread over folders needs no copy or symlink farm.
@@ -206,15 +206,19 @@ def _iter_hf(cfg: DataConfig, split: str) -> Iterator[Document]:
     except Exception as e:  # the hub raises many types (ConnectionError, FileNotFoundError, ...)
         raise _unavailable(name, config, hf_split, e) from e
     columns = ds.column_names if ds.column_names is not None else list(ds.features or {})
-    if cfg.text_field not in columns:
+    wanted = template_fields(cfg.text_template) if cfg.text_template else [cfg.text_field]
+    missing = [c for c in wanted if c not in columns]
+    if missing:
         raise DataSourceError(
-            f"{cfg.source} split {hf_split!r} has no column {cfg.text_field!r} "
-            f"(columns: {columns}); set data.text_field"
+            f"{cfg.source} split {hf_split!r} has no column {', '.join(map(repr, missing))} "
+            f"(columns: {columns}); set {'data.text_template' if cfg.text_template else 'data.text_field'}"
         )
     # ids name the dataset, not where it was read from: a local copy yields the same ids (and splits)
     prefix = f"hf:{name}" + (f"/{config}" if config else "") + f"/{hf_split}"
     n = 0
-    for i, text in enumerate(_column_iter(ds, cfg.text_field)):
+    texts = _column_iter(ds, cfg.text_field) if not cfg.text_template else \
+        (row_text(r, cfg, cfg.source) for r in _row_iter(ds, wanted))
+    for i, text in enumerate(texts):
         if text:
             n += 1
             yield Document(id=f"{prefix}:{i}", text=text)
@@ -225,6 +229,11 @@ def _iter_hf(cfg: DataConfig, split: str) -> Iterator[Document]:
 def _column_iter(ds, field: str) -> Iterator[str]:
     for batch in ds.iter(batch_size=10_000):
         yield from batch[field]
+
+
+def _row_iter(ds, fields: list[str]) -> Iterator[dict]:
+    for batch in ds.iter(batch_size=10_000):
+        yield from (dict(zip(fields, values, strict=True)) for values in zip(*(batch[f] for f in fields), strict=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +299,60 @@ def local_files(source: str) -> list[tuple[Path, str]]:
     return out
 
 
+FULL_HASH_MAX = 256 << 20  # files up to this size are hashed whole (~0.5 s per 256 MiB); larger ones sampled
+SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 1 << 20
+
+
+def file_fingerprint(path: Path, full_hash_max: int = FULL_HASH_MAX) -> dict:
+    """Size, mtime and a content hash of one source file: sha256 of the whole file up to
+    `full_hash_max` bytes, else of its size and SAMPLE_BLOCKS blocks at evenly spaced offsets (the
+    first and the last included): an append, a truncation or an edit in a sampled block changes it,
+    at a bounded cost for huge inputs."""
+    st = path.stat()
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if st.st_size <= full_hash_max:
+            for block in iter(lambda: f.read(READ_BLOCK), b""):
+                h.update(block)
+            kind = "full"
+        else:
+            h.update(str(st.st_size).encode())
+            last = st.st_size - SAMPLE_BYTES
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(last * i // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(SAMPLE_BYTES))
+            kind = f"sampled {SAMPLE_BLOCKS}x{SAMPLE_BYTES}"
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": kind, "sha256": h.hexdigest()}
+
+
+def source_fingerprint(cfg: DataConfig) -> dict[str, dict] | None:
+    """Per file of a local source, its `file_fingerprint` (None for task/HF sources, whose content is
+    fixed by their settings and the dataset's name)."""
+    if cfg.source.startswith(("task:", "hf:")):
+        return None
+    return {name: file_fingerprint(path) for path, name in local_files(cfg.source)}
+
+
+def source_changes(recorded: dict[str, dict], cfg: DataConfig) -> list[str]:
+    """How the local source differs from the fingerprint recorded when it was built ([] = the same).
+    A file with its recorded size and mtime is taken as unchanged (as make and rsync do); otherwise
+    its content hash decides, so a touched but identical file is still the same source."""
+    now = {name: path for path, name in local_files(cfg.source)}
+    changes = [f"{name}: new file" for name in now if name not in recorded]
+    changes += [f"{name}: removed" for name in recorded if name not in now]
+    for name, rec in recorded.items():
+        if name not in now:
+            continue
+        st = now[name].stat()
+        if (st.st_size, st.st_mtime_ns) == (rec["bytes"], rec["mtime_ns"]):
+            continue
+        if st.st_size != rec["bytes"]:
+            changes.append(f"{name}: {rec['bytes']} bytes when built, {st.st_size} now")
+        elif file_fingerprint(now[name])["sha256"] != rec["sha256"]:
+            changes.append(f"{name}: same size, other content (sha256 differs; modified since the build)")
+    return changes
+
+
 def _iter_local(cfg: DataConfig, split: str | None, stats: SourceStats | None) -> Iterator:
     """Documents of `split`, or (split, document) pairs of both splits when `split` is None."""
     for run_split, docs in _local_runs(cfg, stats, need=(split,) if split else SPLITS):
@@ -299,8 +362,27 @@ def _iter_local(cfg: DataConfig, split: str | None, stats: SourceStats | None) -
             yield from docs
 
 
-def iter_text_runs(cfg: DataConfig, stats: SourceStats | None = None) -> Iterator[tuple[str, list[str]]]:
-    """(split, texts) runs covering both splits in `iter_documents` order: the build's fast path.
+# Provenance: a document's source as one integer, (index of its file in `source_names`) << KEY_BITS
+# | (its line number, row index or generated index there), stored per document in the shards.
+KEY_BITS = 40
+
+
+def source_names(cfg: DataConfig) -> list[str]:
+    """What the file index of a provenance key refers to: the local files in order, or the source."""
+    if cfg.source.startswith(("task:", "hf:")):
+        return [cfg.source]
+    return [name for _, name in local_files(cfg.source)]
+
+
+def _doc_key(doc_id: str) -> int:
+    """The number at the end of a task/HF document id (`task:sudoku/train/17`, `hf:lm1b/train:17`)."""
+    tail = doc_id.replace("/", ":").rpartition(":")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+def iter_text_runs(cfg: DataConfig, stats: SourceStats | None = None, with_keys: bool = False) -> Iterator[tuple]:
+    """(split, texts) runs covering both splits in `iter_documents` order: the build's fast path;
+    with_keys: (split, texts, provenance keys as uint64, see KEY_BITS).
 
     Local files come a block of lines at a time (no per-document objects or hashing); other
     sources are grouped from their documents.
@@ -308,15 +390,18 @@ def iter_text_runs(cfg: DataConfig, stats: SourceStats | None = None) -> Iterato
     if cfg.source.startswith(("task:", "hf:")):
         for split in SPLITS:
             docs = iter_documents(cfg, split, stats)
-            while run := [d.text for d in itertools.islice(docs, 1024)]:
-                yield split, run
+            while run := list(itertools.islice(docs, 1024)):
+                texts = [d.text for d in run]
+                if with_keys:
+                    yield split, texts, np.fromiter((_doc_key(d.id) for d in run), dtype=np.uint64, count=len(run))
+                else:
+                    yield split, texts
         return
-    for run_split, docs in _local_runs(cfg, stats, texts_only=True):
-        yield run_split, docs
+    yield from _local_runs(cfg, stats, texts_only=True, with_keys=with_keys)
 
 
 def _local_runs(cfg: DataConfig, stats: SourceStats | None, texts_only: bool = False,
-                need: tuple[str, ...] = SPLITS) -> Iterator[tuple[str, list]]:
+                need: tuple[str, ...] = SPLITS, with_keys: bool = False) -> Iterator[tuple]:
     """(split, documents or texts) runs of a local source, in file order; the `need` splits must not be empty."""
     if cfg.txt_documents not in TXT_MODES:
         raise DataSourceError(f"data.txt_documents={cfg.txt_documents!r}: expected one of {TXT_MODES}")
@@ -325,7 +410,7 @@ def _local_runs(cfg: DataConfig, stats: SourceStats | None, texts_only: bool = F
     files = local_files(cfg.source)
     stats = stats if stats is not None else SourceStats()
     counts = {"train": 0, "val": 0}
-    for path, rel in files:
+    for file_index, (path, rel) in enumerate(files):
         for keys, texts in _read_blocks(path, cfg, stats):
             first = int(keys[0])
             is_val = val_mask(rel, first, int(keys[-1]) - first + 1, cfg.val_fraction)[keys - first]
@@ -339,7 +424,12 @@ def _local_runs(cfg: DataConfig, stats: SourceStats | None, texts_only: bool = F
                 # itertools.compress selects in C: per-document Python loops here were a tenth of a build
                 picked = (is_val if flag else ~is_val).tolist()
                 if texts_only:
-                    yield want, texts if n_want == len(keys) else list(itertools.compress(texts, picked))
+                    run = texts if n_want == len(keys) else list(itertools.compress(texts, picked))
+                    if with_keys:
+                        sel = keys if n_want == len(keys) else keys[is_val if flag else ~is_val]
+                        yield want, run, sel.astype(np.uint64) | np.uint64(file_index << KEY_BITS)
+                    else:
+                        yield want, run
                 else:
                     yield want, [Document(id=f"{rel}:{k}", text=t) for k, t in
                                  zip(itertools.compress(keys.tolist(), picked), itertools.compress(texts, picked), strict=True)]
@@ -384,13 +474,13 @@ def _read_blocks(path: Path, cfg: DataConfig, stats: SourceStats) -> Iterator[tu
 def _read_file(path: Path, cfg: DataConfig, stats: SourceStats) -> Iterator[tuple[int, str]]:
     """(first line or row number, text) of each non-empty document of one file."""
     if path.suffix == ".parquet":
-        yield from _read_parquet(path, cfg.text_field)
+        yield from _read_parquet(path, cfg)
         return
     lines = _decoded_lines(path, cfg.decode_errors == "skip", stats)
     if path.suffix == ".jsonl":
         for line_no, line in lines:
             if line is not None and line.strip():
-                text = _json_text(path, line_no, line, cfg.text_field)
+                text = _json_text(path, line_no, line, cfg)
                 if text:
                     yield line_no, text
     elif cfg.txt_documents == "line":
@@ -481,11 +571,36 @@ def _paragraphs(lines: Iterator[tuple[int, str | None]]) -> Iterator[tuple[int, 
         yield start, "\n".join(buf)
 
 
-def _json_text(path: Path, line_no: int, line: str, text_field: str) -> str:
+def template_fields(template: str) -> list[str]:
+    """The field names a data.text_template refers to ("{question}\n{answer}" -> [question, answer])."""
+    import string
+
+    return list(dict.fromkeys(name.split(".")[0].split("[")[0]
+                              for _, name, _, _ in string.Formatter().parse(template) if name))
+
+
+def row_text(row: dict, cfg: DataConfig, where: str) -> str:
+    """A row's document: data.text_template filled with its fields, else its data.text_field."""
+    if not cfg.text_template:
+        text = row[cfg.text_field]
+        if not isinstance(text, str) and text is not None:
+            raise DataSourceError(f"{where}: field {cfg.text_field!r} is {type(text).__name__}, not text")
+        return text or ""
+    missing = [f for f in template_fields(cfg.text_template) if f not in row]
+    if missing:
+        raise DataSourceError(f"{where}: data.text_template {cfg.text_template!r} names {missing}, which the row "
+                              f"does not have (it has {list(row)}); fix the template's field names")
+    return cfg.text_template.format_map(row)
+
+
+def _json_text(path: Path, line_no: int, line: str, cfg: DataConfig) -> str:
+    text_field = cfg.text_field
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataSourceError(f"{path}:{line_no}: not valid JSON: {e}") from None
+    if isinstance(row, dict) and cfg.text_template:
+        return row_text(row, cfg, f"{path}:{line_no}")
     if not isinstance(row, dict) or text_field not in row:
         keys = list(row) if isinstance(row, dict) else type(row).__name__
         raise DataSourceError(f"{path}:{line_no}: no field {text_field!r} (has {keys}); set data.text_field")
@@ -495,17 +610,23 @@ def _json_text(path: Path, line_no: int, line: str, text_field: str) -> str:
     return text
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
+def _read_parquet(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataSourceError(f"{path}: reading parquet needs pyarrow (`pip install pyarrow`)") from None
     pf = pq.ParquetFile(path)
-    if text_field not in pf.schema_arrow.names:
-        raise DataSourceError(f"{path}: no column {text_field!r} (has {pf.schema_arrow.names}); set data.text_field")
+    wanted = template_fields(cfg.text_template) if cfg.text_template else [cfg.text_field]
+    missing = [c for c in wanted if c not in pf.schema_arrow.names]
+    if missing:
+        key = "data.text_template" if cfg.text_template else "data.text_field"
+        raise DataSourceError(f"{path}: no column {', '.join(map(repr, missing))} (has {pf.schema_arrow.names}); "
+                              f"set {key}")
     row = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=8192):
-        for text in batch.column(0).to_pylist():
+    for batch in pf.iter_batches(columns=wanted, batch_size=8192):
+        texts = batch.column(0).to_pylist() if not cfg.text_template else \
+            [row_text(r, cfg, f"{path}") for r in batch.to_pylist()]
+        for text in texts:
             if text:
                 yield row, text
             row += 1

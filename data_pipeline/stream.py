@@ -470,6 +470,47 @@ def _train_split(shard_dir: str | Path) -> Path:
                            f"{p / INDEX_FILE} exists; build it with `python -m data_pipeline.build`")
 
 
+def check_shards_before_training(data_cfg: DataConfig, info: DatasetInfo) -> None:
+    """Before the first step: every shard of the train and val splits (and of data.mixture) exists with
+    the size its index.json records (a stat per shard), or, with data.verify_shards, decodes and
+    matches its sha256 (reads everything once). A bad shard otherwise stops the run only when the
+    loader reaches it, or never in a short run. CorruptShardError names every bad one and the
+    command that rebuilds them; with data.skip_corrupt_shards the run is told to survive them, so
+    they are logged and training goes on (their rows count in train/skipped_rows)."""
+    from data_pipeline.shards import CorruptShardError, ShardReader, repair_hint
+
+    dirs = [Path(info.train_dir), Path(info.val_dir)]
+    dirs += [_train_split(e.shard_dir) for e in getattr(data_cfg, "mixture", None) or []]
+    full = bool(getattr(data_cfg, "verify_shards", False))
+    bad = []
+    for d in dirs:
+        reader = ShardReader(d)
+        if full:
+            bad += [f"{d / f}: {why.split(' is corrupt: ')[-1].split('. Rebuild')[0]}" for f, why in reader.problems()]
+            continue
+        for entry in reader.shards:
+            path = d / entry["file"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != entry["bytes"]:
+                bad.append(f"{path}: " + ("missing" if size is None else f"{size} bytes, index.json says {entry['bytes']}"))
+    if not bad:
+        return
+    builds = sorted({str(Path(b.split(": ")[0]).parent.parent) for b in bad})
+    msg = (f"{len(bad)} bad shard(s) before training: " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+           + ". Rebuild them with " + " and ".join(f"`{repair_hint(Path(b))}`" for b in builds))
+    if getattr(data_cfg, "skip_corrupt_shards", False):
+        log.warning("%s; data.skip_corrupt_shards is on: their rows will be fully masked padding", msg)
+        return
+    raise CorruptShardError(msg + " (or set data.skip_corrupt_shards=true to train around them)")
+
+
+def skipped_rows(batches: Sequence[Batch]) -> int:
+    """Rows of corrupt shards in these batches: data.skip_corrupt_shards emits them with an all-False
+    loss_mask, which no intact row has (pad rows keep BOS/EOS, wrap rows are all True). Counted where
+    the trainer receives the batches, so loader workers (each with its own skipped_rows) are included."""
+    return int(sum((~b["loss_mask"].any(dim=1)).sum() for b in batches))
+
+
 def make_train_loader(data_cfg: DataConfig, info: DatasetInfo, batch_size: int, dp_rank: int = 0,
                       dp_size: int = 1, seed: int = 0) -> TrainLoader:
     """Shuffled, endless, resumable batches of the train split (plus data.mixture) for one DP rank.

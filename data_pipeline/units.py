@@ -19,6 +19,7 @@ and caps the speed-up of more workers.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -41,9 +42,10 @@ from data_pipeline.encode import (
 )
 from data_pipeline.fsutil import atomic_write_bytes
 from data_pipeline.shards import (
+    INDEX_FILE,
     CorruptShardError,
     ShardFormatError,
-    read_entry,
+    check_shard,
     shard_columns,
     shard_name,
     token_dtype,
@@ -86,7 +88,7 @@ def docs_per_shard(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, int]:
     for split, texts in sample.items():
         if len(texts) >= 50:
             _, lengths, _ = encode_chunk(texts, cfg.max_doc_tokens, cfg.long_docs, tokenizer=tokenizer)
-            per_doc[split] = float(lengths.mean()) * itemsize + 8  # + its offset
+            per_doc[split] = float(lengths.mean()) * itemsize + 16  # + its offset and source
     fallback = next(iter(per_doc.values()), 64.0)
     return {s: max(1, int(cfg.shard_size_mb * 2**20 / per_doc.get(s, fallback))) for s in sample}
 
@@ -98,6 +100,7 @@ class PartResult:
     source_docs: int = 0
     written: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # found on disk, failed their check, rewritten (with why)
     tokens_written: int = 0
     seconds: float = 0.0
     stats: SourceStats = field(default_factory=SourceStats)
@@ -115,16 +118,19 @@ class _SplitBuild:
         self.result = PartResult(split, stats=stats)
         self.bar = bar
         self.entries: dict[int, dict] = {}
+        self.records = recorded_entries(out_dir)  # what earlier runs recorded of each shard: kept ones must match
+        self.checked: dict | None = None  # the entry of the existing shard of the current unit, checked
         self.n = 0  # documents of the split seen
         self.unit, self.mine, self.existing, self.unit_docs = -1, False, False, 0
         self.texts: list[str] = []
+        self.keys: dict[int, list[np.ndarray]] = {}  # provenance keys of each unit being built, in document order
         self.chars = 0
         self.encoded: list[tuple[np.ndarray, np.ndarray, int]] = []  # chunks of the shard being assembled
 
     # -- the reading side (parent process, in document order) --------------------------------------
 
-    def add(self, texts: list[str], submit) -> None:
-        """The split's next documents (a run of texts), cut at shard boundaries."""
+    def add(self, texts: list[str], submit, keys: np.ndarray) -> None:
+        """The split's next documents (a run of texts and their provenance keys), cut at shard boundaries."""
         i = 0
         while i < len(texts):
             u = self.n // self.D
@@ -132,15 +138,17 @@ class _SplitBuild:
                 self.end_unit(submit)
                 self.unit, self.texts, self.chars, self.unit_docs = u, [], 0, 0
                 self.mine = u % self.n_parts == self.part
-                self.existing = self.mine and (self.out_dir / shard_name(u)).is_file()
+                self.existing = self.mine and self._keep(u)
             take = min(len(texts) - i, (u + 1) * self.D - self.n)
             batch = texts[i:i + take] if take < len(texts) else texts
+            batch_keys = keys[i:i + take]
             i += take
             self.n += take
             self.unit_docs += take
             if not self.mine or self.existing:
                 continue
             self.texts.extend(batch)
+            self.keys.setdefault(u, []).append(batch_keys)
             self.chars += sum(map(len, batch))
             if self.chars >= CHUNK_CHARS:
                 submit(self, u, self.texts, False)
@@ -151,10 +159,25 @@ class _SplitBuild:
         if self.unit < 0 or not self.mine:
             return
         if self.existing:
-            self.entries[self.unit] = _check_existing(self.out_dir / shard_name(self.unit), self.unit_docs)
+            self.entries[self.unit] = _check_source_docs(self.out_dir / shard_name(self.unit), self.checked,
+                                                         self.unit_docs)
             self.result.reused.append(shard_name(self.unit))
         else:
             submit(self, self.unit, self.texts, True, self.unit_docs)
+
+    def _keep(self, unit: int) -> bool:
+        """Whether shard `unit` exists from an earlier run and passes its check (then it is kept);
+        a damaged one is reported and rebuilt."""
+        path = self.out_dir / shard_name(unit)
+        if not path.is_file():
+            return False
+        try:
+            self.checked = check_shard(path, self.records.get(unit))
+        except CorruptShardError as e:
+            log.warning("%s; rebuilding it", e)
+            self.result.damaged.append(f"{path.name} ({str(e).split(' is corrupt: ')[-1].split('. Rebuild')[0]})")
+            return False
+        return True
 
     def finish(self, submit) -> None:
         self.end_unit(submit)
@@ -172,8 +195,10 @@ class _SplitBuild:
         if not last:
             return
         chunks, self.encoded = self.encoded, []
+        keys = self.keys.pop(unit, [])
+        keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
         submit_write(self, unit, write_unit,
-                     self.out_dir / shard_name(unit), chunks, self.dtype, self.density_dtype, source_docs)
+                     self.out_dir / shard_name(unit), chunks, self.dtype, self.density_dtype, source_docs, keys)
 
     def written(self, unit: int, entry: dict) -> None:
         self.entries[unit] = entry
@@ -191,11 +216,12 @@ class _SplitBuild:
 
 def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per_unit: dict[str, int],
                 part: int = 0, n_parts: int = 1, workers: int = 1, progress: bool = True,
-                density: dict | None = None) -> list[PartResult]:
+                density: dict | None = None, removed: dict[str, np.ndarray] | None = None) -> list[PartResult]:
     """Write the shards of both splits that belong to `part` in one pass over the source, then each
     split's part record; returns what was written and what was kept from an earlier run.
     `density` (data.density as a dict, None = off): the workers annotate each chunk after tokenizing
-    it and the shards get a density column of dtype density["dtype"]."""
+    it and the shards get a density column of dtype density["dtype"]. `removed` (data.filter): per split,
+    the provenance keys of the documents to skip (dedup.find_removed)."""
     t0 = time.monotonic()
     stats = SourceStats()
     pending: deque = deque()
@@ -233,8 +259,12 @@ def build_parts(cfg: DataConfig, shard_dir: Path, tokenizer: Tokenizer, docs_per
             drain(max_inflight, drain_to)
             bar.set_postfix(shards=sum(len(b.result.written) for b in splits.values()), refresh=False)
 
-        for split, texts in iter_text_runs(cfg, stats):
-            splits[split].add(texts, submit)
+        for split, texts, keys in iter_text_runs(cfg, stats, with_keys=True):
+            if removed is not None and len(removed[split]):
+                keep = ~np.isin(keys, removed[split])
+                if not keep.all():
+                    texts, keys = list(itertools.compress(texts, keep.tolist())), keys[keep]
+            splits[split].add(texts, submit, keys)
         for sb in splits.values():
             sb.finish(submit)
         drain(0)
@@ -254,25 +284,41 @@ def _shard_writer(pool):
 
 
 def write_unit(path: Path, chunks: list[tuple], dtype: np.dtype, density_dtype: str | None,
-               source_docs: int) -> dict:
+               source_docs: int, keys: np.ndarray | None = None) -> dict:
     """Assemble, compress, checksum and atomically write one shard from its encoded chunks; returns its
-    index entry (a task of _shard_writer)."""
+    index entry (a task of _shard_writer). `keys`: each source document's provenance key
+    (sources.KEY_BITS), repeated for the pieces a long document was split into: the `source` column."""
     flats = [c[0] for c in chunks]
     flat = np.concatenate(flats) if flats else np.zeros(0, dtype)
     lengths = np.concatenate([c[1] for c in chunks]) if flats else np.zeros(0, np.int64)
     density = None
     if density_dtype is not None:
         density = np.concatenate([c[3] for c in chunks]) if flats else np.zeros(0, np.float32)
-    columns = shard_columns(flat, lengths, dtype, density, density_dtype or "float16")
+    source = None
+    if keys is not None:
+        pieces = [c[4] if c[4] is not None else np.ones(len(c[1]), np.int64) for c in chunks]
+        source = np.repeat(keys, np.concatenate(pieces)) if pieces else keys
+    columns = shard_columns(flat, lengths, dtype, density, density_dtype or "float16", source)
     return write_shard(path, columns, stats={"source_docs": source_docs, "long_docs": sum(c[2] for c in chunks)})
 
 
-def _check_existing(path: Path, source_docs: int) -> dict:
-    """The entry of a shard a previous run finished; it must cover the same source documents."""
-    try:
-        entry = read_entry(path)
-    except CorruptShardError as e:  # a torn file cannot be here (atomic writes), but a copied one can
-        raise ShardFormatError(f"{e}; delete it and rerun the build to rewrite it") from None
+def recorded_entries(split_dir: Path) -> dict[int, dict]:
+    """Shard number -> its entry (size, sha256) as recorded by an earlier run: the split's part records
+    and its index.json. A shard kept from an earlier run must match it (a flipped byte is not
+    re-checksummed into a new record)."""
+    out: dict[int, dict] = {}
+    for path in [*sorted(split_dir.glob("part-*-of-*.json")), split_dir / INDEX_FILE]:
+        try:
+            entries = json.loads(path.read_text())["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # absent or unreadable: the merge names an unreadable part record
+        for entry in entries:
+            out.setdefault(int(entry["file"].removeprefix("shard-").split(".")[0]), entry)
+    return out
+
+
+def _check_source_docs(path: Path, entry: dict, source_docs: int) -> dict:
+    """The entry of a kept shard; it must cover the same source documents."""
     if entry.get("source_docs") != source_docs:
         raise ShardFormatError(
             f"{path} was built from {entry.get('source_docs')} source documents, but that range of the source "

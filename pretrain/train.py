@@ -26,7 +26,12 @@ from typing import Any
 import torch
 
 from data_pipeline.build import ensure_shards
-from data_pipeline.stream import make_train_loader, make_val_loader
+from data_pipeline.stream import (
+    check_shards_before_training,
+    make_train_loader,
+    make_val_loader,
+    skipped_rows,
+)
 from parallel.engine import PlainEngine
 from parallel.topology import Topology
 from pretrain import checkpoint as ckpt
@@ -112,6 +117,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.data = ensure_shards(cfg.data)
+        check_shards_before_training(cfg.data, self.data)  # a damaged split stops the run here, not mid-way
+        self.skipped_rows = 0  # rows of corrupt shards trained around by this rank (data.skip_corrupt_shards)
         model = build_model(cfg.model, self.data.vocab_size, cfg.data.seq_len).to(self.device)
         self.n_params = model.num_parameters()  # counted on the plain model: shards would count less
         self.n_params_nonembedding = model.num_parameters(exclude_embeddings=True)
@@ -426,6 +433,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 micro = [next(batches) for _ in range(self.accumulation)]
                 load_s = time.perf_counter() - t0
+                if self.cfg.data.skip_corrupt_shards:
+                    self.skipped_rows += skipped_rows(micro)
                 micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
                 stats = self.train_step(micro)
                 if stats is None:
@@ -478,6 +487,8 @@ class Trainer:
             "train/loader_wait_s": load_s,
             "train/skipped_steps": float(self.state.skipped_steps),
         }
+        if self.cfg.data.skip_corrupt_shards:  # a running total over the data-parallel ranks
+            m["train/skipped_rows"] = float(self._dp_sum(torch.tensor([float(self.skipped_rows)]))[0])
         if "masked_fraction" in stats:
             m["train/masked_fraction"] = float(stats["masked_fraction"])
         sums, counts = stats.get("t_bucket_loss_sum"), stats.get("t_bucket_count")

@@ -1,5 +1,7 @@
-"""`python -m data_pipeline.build ... --slurm K`: the shard build as a Slurm job array over `--part i/K`,
-then a small job that merges the indexes once every part succeeded (`--dependency=afterok`).
+"""`python -m data_pipeline.build ... --slurm K`: a preparation job (tokenizer training, density
+statistics, plan: `--prepare`), then the shard build as a Slurm job array over `--part i/K` that
+starts once it succeeded (each part loads what it prepared instead of training its own), then a
+small job that merges the indexes once every part succeeded (`--dependency=afterok` each time).
 
 Resources come from the recipe's `launch.slurm` section (partition, account, qos, time limit,
 cpus_per_task = tokenizing workers per part, setup lines, array_parallelism); `--set launch.slurm.KEY=V`
@@ -42,6 +44,20 @@ def load_slurm_config(path: str | None, overrides: list[str]) -> SlurmConfig:
     return cfg
 
 
+def prepare_parts(cfg: DataConfig, workers: int | None) -> str:
+    """The first job: the tokenizer, density statistics and plan that every part then loads."""
+    import logging
+
+    from data_pipeline.build import prepare_build
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    return f"prepared {prepare_build(cfg, workers=workers)}"
+
+
+def _after(job_id: str) -> dict:
+    return {"slurm_additional_parameters": {"dependency": f"afterok:{job_id}", "kill-on-invalid-dep": "yes"}}
+
+
 def build_part(cfg: DataConfig, part: int, n_parts: int, workers: int | None) -> str:
     """One array task: the shards of part `part` of `n_parts`."""
     import logging
@@ -78,29 +94,36 @@ def submit_build(cfg: DataConfig, slurm: SlurmConfig, n_parts: int, workers: int
                                 setup=snapshot_setup(code), slurm_array_parallelism=slurm.array_parallelism)
     if dry_run:
         print("# build array: submitit parameters\n" + "\n".join(f"{k}: {v!r}" for k, v in array.items()))
-        print(f"# {n_parts} array tasks, then a merge job (--dependency=afterok:<array job id>)")
+        print(f"# a preparation job (tokenizer, density statistics), then {n_parts} array tasks "
+              "(--dependency=afterok:<preparation job id>), then a merge job (--dependency=afterok:<array job id>)")
         print("# equivalent sbatch header (array)\n" + sbatch_header({**array, "slurm_map_count": n_parts}, folder))
         return 0
     if code is not None:
         snapshot_code(code)
-    executor = make_executor(folder, array, max_requeues=slurm.max_requeues)
+    single = {k: v for k, v in array.items() if k != "slurm_array_parallelism"}
+    prep_job = submit(make_executor(folder, {**single, "name": f"prepare-{shard_dir.name}"},
+                                    max_requeues=slurm.max_requeues), prepare_parts, cfg, workers)
+    refuse_if_hopeless(prep_job.job_id, prep_job.paths.submission_file)
+    executor = make_executor(folder, {**array, **_after(prep_job.job_id)}, max_requeues=slurm.max_requeues)
     jobs = submit_array(executor, build_part, [cfg] * n_parts, range(n_parts), [n_parts] * n_parts,
                         [workers] * n_parts)
-    array_id = jobs[0].job_id.split("_")[0]
-    refuse_if_hopeless(array_id, jobs[0].paths.submission_file)
-    merge_params = {k: v for k, v in array.items() if k != "slurm_array_parallelism"}
-    merge_params.update(name=f"merge-{shard_dir.name}", cpus_per_task=1,
-                        slurm_additional_parameters={"dependency": f"afterok:{array_id}", "kill-on-invalid-dep": "yes"})
+    array_id = jobs[0].job_id.split("_")[0]  # pending on its dependency: the preparation job was checked
+    merge_params = {**single, "name": f"merge-{shard_dir.name}", "cpus_per_task": 1, **_after(array_id)}
     merge_job = submit(make_executor(folder, merge_params, max_requeues=slurm.max_requeues), merge_parts, cfg)
-    print(f"submitted build array {array_id} ({n_parts} parts of {shard_dir}) and merge job {merge_job.job_id} "
-          f"(starts when every part succeeded)\n"
-          f"logs:   {folder}/{array_id}_<part>_0_log.out|err, {folder}/{merge_job.job_id}_0_log.out|err\n"
-          f"follow: squeue -j {array_id},{merge_job.job_id}   |   cancel: scancel {array_id} {merge_job.job_id}",
+    print(f"submitted build array {array_id} ({n_parts} parts of {shard_dir}; starts when preparation job "
+          f"{prep_job.job_id} succeeded) and merge job {merge_job.job_id} (starts when every part succeeded)\n"
+          f"logs:   {folder}/{prep_job.job_id}_0_log.out|err, {folder}/{array_id}_<part>_0_log.out|err, "
+          f"{folder}/{merge_job.job_id}_0_log.out|err\n"
+          f"follow: squeue -j {prep_job.job_id},{array_id},{merge_job.job_id}   |   "
+          f"cancel: scancel {prep_job.job_id} {array_id} {merge_job.job_id}",
           flush=True)
     if not wait:
         return 0
     from slurm.submit import wait_for
 
+    code_ = wait_for(prep_job.job_id, Path(folder) / f"{prep_job.job_id}_0_log.err")
+    if code_:
+        return code_
     for job in jobs:
         code_ = wait_for(job.job_id, Path(folder) / f"{job.job_id}_0_log.err")
         if code_:

@@ -89,3 +89,51 @@ def test_unreachable_source_is_reported_before_tokenizer_problems(tmp_path):
     with pytest.raises(DataSourceUnavailable, match="--set data.source="):
         ensure_shards(cfg, progress=False)
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".*"))
+
+
+def _qa_jsonl(path):
+    rows = [{"question": f"what is {i} plus {i}?", "answer": str(2 * i), "id": i} for i in range(60)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_jsonl_text_template_joins_fields_and_set_takes_several_values(tmp_path, capsys):
+    from data_pipeline.sources import iter_documents
+
+    rows = _qa_jsonl(tmp_path / "qa.jsonl")
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text('data:\n  text_template: "Q: {question}\\nA: {answer} (#{id})"\n  val_fraction: 0.2\n')
+    cfg = load_data_config(recipe, [f"data.source={tmp_path / 'qa.jsonl'}"])
+    texts = {d.text for s in ("train", "val") for d in iter_documents(cfg, s)}
+    assert texts == {f"Q: {r['question']}\nA: {r['answer']} (#{r['id']})" for r in rows}
+    # one --set with several values, as pretrain.launch takes them, and the repeated form
+    common = ["--config", str(recipe), "--no-progress", "--set", f"data.source={tmp_path / 'qa.jsonl'}",
+              "data.tokenizer=sentencepiece", "data.vocab_size=60"]
+    assert main([*common, f"data.shard_dir={tmp_path / 'a'}"]) == 0
+    assert main([*common[:-2], "--set", "data.tokenizer=sentencepiece", "--set", "data.vocab_size=60",
+                 "--set", f"data.shard_dir={tmp_path / 'b'}"]) == 0
+    info_a = ensure_shards(load_data_config(recipe, [f"data.source={tmp_path / 'qa.jsonl'}",
+                                                     "data.tokenizer=sentencepiece", "data.vocab_size=60",
+                                                     f"data.shard_dir={tmp_path / 'a'}"]), progress=False)
+    first = info_a.tokenizer.decode(ShardReader(info_a.train_dir).document(0))
+    assert "plus" in first and "A:" in first  # both fields, joined by the template
+    assert ((tmp_path / "a" / "train" / "index.json").read_bytes() == (tmp_path / "b" / "train" / "index.json").read_bytes())
+
+
+def test_text_template_errors_name_the_missing_field(tmp_path):
+    from data_pipeline.sources import DataSourceError, iter_documents
+
+    _qa_jsonl(tmp_path / "qa.jsonl")
+    cfg = DataConfig(source=str(tmp_path / "qa.jsonl"), text_template="{question}\n{answr}", val_fraction=0.2)
+    with pytest.raises(DataSourceError, match="answr.*question"):
+        list(iter_documents(cfg, "train"))
+    with pytest.raises(ConfigError, match="text_template"):
+        from data_pipeline.build import check_config
+        check_config(DataConfig(text_template="no fields at all"))
+
+
+def test_help_documents_text_field_and_text_template(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "data.text_field" in out and "data.text_template" in out and "{question}" in out

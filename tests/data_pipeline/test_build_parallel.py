@@ -198,3 +198,31 @@ def test_pool_workers_are_pinned_to_distinct_cpus_when_asked(sp_model, tmp_path)
         else:
             assert all(cpus == allowed for cpus in seen.values())
     assert tuple(sorted(os.sched_getaffinity(0))) == allowed  # the parent itself is never pinned
+
+
+def test_prepare_once_then_parts_reuse_its_tokenizer_and_stats(corpora, tmp_path, monkeypatch, capsys):
+    """--prepare trains the tokenizer and counts the density statistics once; --part i/K reuse them
+    (here they could not train their own) and the result equals a single build."""
+    import data_pipeline.build as build_mod
+    import data_pipeline.density.stats as stats_mod
+
+    source = corpora / "ptb" / "ptb.valid.txt"
+    args = ["--no-progress", "--workers", "1", "--set", f"data.source={source}", "data.tokenizer=sentencepiece",
+            "data.vocab_size=400", "data.val_fraction=0.05", "data.shard_size_mb=0.02",
+            "data.density.annotator=unigram"]
+    assert main([*args, f"data.shard_dir={tmp_path / 'one'}"]) == 0
+    parts = [*args, f"data.shard_dir={tmp_path / 'parts'}"]
+    assert main([*parts, "--prepare"]) == 0
+    assert "prepared" in capsys.readouterr().out
+    assert not list((tmp_path / "parts").glob("*/shard-*"))  # preparation writes no shard
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a part trained its own tokenizer or statistics")
+
+    monkeypatch.setattr(build_mod, "make_tokenizer", refuse)
+    monkeypatch.setattr(stats_mod, "collect_stats", refuse)
+    assert main([*parts, "--part", "1/2"]) == 0
+    assert main([*parts, "--part", "0/2"]) == 0
+    assert main([*parts, "--merge"]) == 0
+    strip = lambda files: {k: v for k, v in files.items() if "/part-" not in k}  # noqa: E731
+    assert strip(_files(tmp_path / "parts")) == strip(_files(tmp_path / "one"))

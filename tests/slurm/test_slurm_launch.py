@@ -283,7 +283,7 @@ def test_data_build_array_job_writes_the_same_shards_as_a_local_build(slurm_clus
                         "--slurm", "2", "--wait"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "submitted build array" in r.stdout and "merge job" in r.stdout
+    assert "submitted build array" in r.stdout and "merge job" in r.stdout and "preparation job" in r.stdout
     def content(root: Path) -> list[Path]:  # shards, indexes, tokenizer (not the per-part build manifests)
         return sorted(p.relative_to(root) for p in root.rglob("*")
                       if p.is_file() and p.name != "build.json" and not p.name.startswith("part-"))
