@@ -289,6 +289,7 @@ class MlflowTracker:
         self.flush_interval = flush_interval
         self.retry_interval = retry_interval
         self.offline = False
+        self._finished = False
         self._queue: queue.Queue = queue.Queue()
         self.sender.drop_stale_terminations()
         try:
@@ -315,7 +316,11 @@ class MlflowTracker:
         self._queue.put(("artifact", str(Path(path).resolve())))
 
     def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
-        """Send everything queued (waiting up to `timeout` s), then mark the run ended."""
+        """Send everything queued (waiting up to `timeout` s), then mark the run ended (once: later
+        calls, e.g. the trainer's safety net after its callback ended the run, do nothing)."""
+        if self._finished:
+            return
+        self._finished = True
         self._queue.put(("terminate", status))
         self._queue.put(_STOP)
         self._thread.join(timeout)
