@@ -157,3 +157,27 @@ def test_saving_after_resuming_past_a_damaged_checkpoint_keeps_the_new_one(tmp_p
     save(tmp_path, 15, 1.5, keep=1)
     assert ckpt.latest_checkpoint(tmp_path).name == "step_0000015"
     assert not (tmp_path / "checkpoints" / "step_0000010").exists()
+
+
+def test_a_run_resumes_past_a_damaged_latest_checkpoint(tmp_path):
+    """A real run: its newest checkpoint's weights are truncated; relaunching names the damaged one and
+    resumes from the one before instead of stopping with "does not fit this model"."""
+    cmd = [sys.executable, "-m", "pretrain.launch", "--config", str(REPO / "configs" / "quickstart.yaml"), "--set",
+           "data.task.num_train=64", "data.task.num_val=16", "train.batch_size=4", "train.eval_batches=1",
+           "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "tracking.enabled=false",
+           "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.eval_every=100", "launch.run_name=r"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*cmd, "train.steps=4"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "quickstart" / "r"
+    weights = run_dir / "checkpoints" / "step_0000004" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    again = subprocess.run([*cmd, "train.steps=6"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumes from runs/quickstart/r/checkpoints/step_0000002" in again.stdout  # the plan says it too
+    damaged = [line for line in again.stderr.splitlines() if "damaged, skipped" in line]
+    assert len(damaged) == 1 and "step_0000004" in damaged[0] and "model.pt has 1000 bytes" in damaged[0]
+    assert "resumed from runs/quickstart/r/checkpoints/step_0000002 at step 2" in again.stderr
+    assert ckpt.latest_checkpoint(run_dir).name == "step_0000006"
