@@ -15,6 +15,7 @@ A second Ctrl-C stops at once, without a checkpoint (KeyboardInterrupt; MLflow s
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -53,8 +54,10 @@ class StopFlag:
         self.reason = ""
         self._previous: dict[int, Any] = {}
         self._interrupted = False
+        self._pid = os.getpid()
 
     def install(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> StopFlag:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for s in signals:
                 self._previous[s] = signal.getsignal(s)
@@ -74,6 +77,8 @@ class StopFlag:
         self.reason = self.reason or reason
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked data-loader worker inherited the handler: the rank decides
+            return
         if self._interrupted:  # already unwinding from a second Ctrl-C: let it finish (MLflow's status)
             return
         if signum == signal.SIGINT and self.signalled:
