@@ -181,3 +181,32 @@ def test_a_run_resumes_past_a_damaged_latest_checkpoint(tmp_path):
     assert len(damaged) == 1 and "step_0000004" in damaged[0] and "model.pt has 1000 bytes" in damaged[0]
     assert "resumed from runs/quickstart/r/checkpoints/step_0000002 at step 2" in again.stderr
     assert ckpt.latest_checkpoint(run_dir).name == "step_0000006"
+
+
+@pytest.mark.slow
+def test_every_file_of_a_real_deepspeed_checkpoint_is_guarded(tmp_path):
+    """A real 2-rank ZeRO-1 run (DeepSpeed's checkpoint: a directory of model and per-rank optimizer
+    partitions, plus its helper scripts): truncating any one file of the newest checkpoint makes
+    resume pick the one before, naming that file."""
+    cmd = [sys.executable, "-m", "pretrain.launch", "--config", str(REPO / "configs" / "quickstart.yaml"), "--set",
+           "data.task.num_train=64", "data.task.num_val=16", "train.batch_size=4", "train.eval_batches=1",
+           "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "tracking.enabled=false",
+           "train.checkpoint_every=2", "train.steps=4", "train.eval_every=100", "launch.run_name=r",
+           "launch.nproc=2", "parallel.zero_stage=1", "tracking.log_samples=0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "quickstart" / "r"
+    newest = run_dir / "checkpoints" / "step_0000004"
+    files = sorted(p for p in newest.rglob("*") if p.is_file())
+    names = {p.relative_to(newest).as_posix() for p in files}
+    assert {"deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "rank_00001.pt", ckpt.MANIFEST} <= names
+    for f in files:
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+        why = ckpt.damage(newest, checksums=False)
+        assert why is not None and (f.name == ckpt.MANIFEST or f.relative_to(newest).as_posix() in why)
+        assert ckpt.latest_checkpoint(run_dir).name == "step_0000002"
+        f.write_bytes(data)
+    assert ckpt.latest_checkpoint(run_dir).name == "step_0000004"
