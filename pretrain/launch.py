@@ -129,7 +129,8 @@ def spawn_local(argv: list[str], nproc: int, timeout_s: float) -> int:
 
     Why not torchrun: its workers start in a new session with no parent-death signal
     (torch/distributed/elastic/multiprocessing/subprocess_handler), so a SIGKILLed torchrun leaves
-    them training; ours die with the launcher (`die_with_launcher`), and it needs no rendezvous server.
+    them running (seen with torch 2.13: both workers alive 10 s after `kill -9` of torchrun); ours die
+    with the launcher (`die_with_launcher`), and it needs no rendezvous server.
 
     - A rank that fails takes the others down at once (SIGTERM, SIGKILL 15 s later), so a dead rank
       never leaves its peers hanging in a collective.
