@@ -163,7 +163,7 @@ def spawn_local(argv: list[str], nproc: int, timeout_s: float) -> int:
             if p.poll() is None:
                 p.send_signal(sig)
 
-    deadline = None  # when the ranks still alive get SIGKILL
+    deadline = math.inf  # when the ranks still alive get SIGKILL
     forwarded = 0
     first_failure = None
     try:
@@ -173,23 +173,19 @@ def spawn_local(argv: list[str], nproc: int, timeout_s: float) -> int:
                 break
             if first_failure is None:
                 failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, *STOPPED_CODES)]
-                if failed and not signals:
+                if failed:
                     first_failure = failed[0]
                     log.error("rank %d exited with code %d: stopping the other ranks", *first_failure)
                     send(signal.SIGTERM)
-                    deadline = time.monotonic() + 15
+                    deadline = min(deadline, time.monotonic() + 15)
             if len(signals) > forwarded:
                 forwarded = len(signals)
-                if forwarded == 1:
-                    send(signal.SIGTERM)
-                    deadline = time.monotonic() + timeout_s + 60
-                else:
-                    send(signal.SIGINT)
-                    deadline = min(deadline or math.inf, time.monotonic() + 15)
-            if deadline is not None and time.monotonic() > deadline:
+                send(signal.SIGTERM if forwarded == 1 else signal.SIGINT)
+                deadline = min(deadline, time.monotonic() + (timeout_s + 60 if forwarded == 1 else 15))
+            if time.monotonic() > deadline:
                 log.error("ranks still running after being stopped: killing them")
                 send(signal.SIGKILL)
-                deadline = None
+                deadline = math.inf
             time.sleep(0.1)
     finally:
         for s, h in previous.items():
