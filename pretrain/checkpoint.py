@@ -5,14 +5,20 @@ position, layout), `rank_XXXXX.pt` (each rank's RNG state), `config.yaml`, and t
 `model.pt` + `optimizer.pt` (single process) or `deepspeed/` (DeepSpeed's ZeRO partitions);
 `<run_dir>/checkpoints/latest` is a one-line file naming the newest complete checkpoint.
 
-A checkpoint is written into a temporary sibling directory, every file fsynced, then renamed into
-place; only then is `latest` replaced (itself via temp file + rename). A process killed at any
-moment therefore leaves either the previous checkpoint or the new one, never a half-written one
-that looks whole. Loading uses `torch.load(weights_only=True)`: nothing in a checkpoint can run code.
+A checkpoint is written into a temporary sibling directory, every file fsynced, then sealed with
+`manifest.json` (every file's size and sha256, written last and fsynced), then renamed into place;
+only then is `latest` replaced (itself via temp file + rename). A process killed at any moment
+therefore leaves either the previous checkpoint or the new one, never a half-written one that looks
+whole. What happens to the files afterwards (a disk filling up under a copy, an interrupted rsync, bit
+rot) is caught on resume: `latest_checkpoint` checks each checkpoint against its manifest, newest
+first, names every damaged one in the log with what is wrong, and returns the newest intact one.
+Loading uses `torch.load(weights_only=True)`: nothing in a checkpoint can run code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -25,6 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
@@ -51,6 +58,61 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
     for d in sorted({p.parent for p in path.rglob("*")} | {path}):
         _fsync_dir(d)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal(directory: Path) -> None:
+    """fsync every file of a finished checkpoint directory, then write its manifest (every file's
+    size and sha256) last, fsynced: a directory with a manifest that matches its files is whole."""
+    _fsync_tree(directory)
+    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    tmp = directory / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+    _fsync_dir(directory)
+
+
+def damage(path: str | Path, checksums: bool = True) -> str | None:
+    """What is wrong with checkpoint `path` against its manifest (None when it is intact).
+
+    `checksums=False` checks presence and sizes only (catches truncation without reading the files);
+    resuming checks the sha256 of every file too. A checkpoint written before manifests existed has
+    none: it is accepted when its trainer_state.pt is there (unverified)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "the directory is missing"
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        if (path / "trainer_state.pt").is_file():
+            return None  # written before manifests: nothing to check against
+        return f"{MANIFEST} and trainer_state.pt are missing (incomplete)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} cannot be read ({type(e).__name__})"
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != meta["size"]:
+            return f"{name} has {size} bytes, the manifest says {meta['size']} (truncated or overwritten)"
+    if checksums:
+        for name, meta in files.items():
+            if _sha256(path / name) != meta["sha256"]:
+                return f"{name} does not match its sha256 in the manifest (corrupted)"
+    return None
 
 
 def rank_state_file(rank: int) -> str:
@@ -89,13 +151,13 @@ def save_checkpoint(
         (tmp / "config.yaml").write_text(config_yaml)
     barrier()
     if rank == 0:
-        _fsync_tree(tmp)
+        seal(tmp)
         if final.exists():  # re-saving the same step (e.g. a resumed run that ends where it started)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         _write_latest(root, final.name)
-        _prune(root, keep)
+        _prune(root, keep, final)
         log.info("checkpoint saved: %s", final)
     barrier()
     return final
@@ -111,27 +173,54 @@ def _write_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
-def _prune(root: Path, keep: int) -> None:
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir())
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    """Keep the `keep` newest checkpoints up to `newest` (the one just written). Newer ones than that
+    (left by a run that resumed from an earlier checkpoint, e.g. past a damaged one) are not counted,
+    so they never crowd out the checkpoint just written; saving their step again replaces them."""
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name <= newest.name)
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # leftovers of a writer that was killed (ours was renamed already)
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of the run, or None when it has none."""
+_reported: set[tuple[str, str]] = set()
+
+
+def latest_checkpoint(run_dir: str | Path, checksums: bool = True) -> Path | None:
+    """The newest intact checkpoint of the run, or None when it has none.
+
+    Candidates are the step_* directories up to the one `latest` names (a hand-edited `latest` picks
+    an earlier one), newest first; each damaged one is named in the log with what is wrong (once per
+    process) and skipped. Checkpoints that exist but are all damaged are an error, not a fresh start.
+    `checksums=False`: sizes only (for reports; resuming reads every byte once)."""
     root = checkpoint_root(run_dir)
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
-    if not (path / "trainer_state.pt").is_file():
+    named = pointer.read_text().strip()
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name <= named), reverse=True)
+    damaged = []
+    for path in candidates:
+        why = damage(path, checksums)
+        if why is None:
+            if path.name != named and (str(path), "picked") not in _reported:
+                _reported.add((str(path), "picked"))
+                log.warning("using %s, the newest intact checkpoint (%s names %s)", path, pointer, named)
+            return path
+        damaged.append(f"{path.name}: {why}")
+        if (str(path), why) not in _reported:
+            _reported.add((str(path), why))
+            log.warning("checkpoint %s is damaged, skipped: %s", path, why)
+    if not candidates:
         raise CheckpointError(
-            f"{pointer} names {path.name}, which is missing or incomplete; "
+            f"{pointer} names {named}, which is missing, and no earlier checkpoint exists; "
             f"delete {pointer} to start over, or point it at an existing step_* directory"
         )
-    return path
+    raise CheckpointError(
+        f"no intact checkpoint in {root} ({'; '.join(damaged)}); restore one from a copy, or move {root} "
+        f"away to start the run over"
+    )
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
@@ -168,11 +257,13 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     from pretrain.model import build_model
 
     path = Path(path)
-    if not (path / "trainer_state.pt").is_file():
+    if not (path / "trainer_state.pt").is_file() and not (path / MANIFEST).is_file():
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with one")
         path = latest
+    elif (why := damage(path)) is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {why}; use an earlier one")
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"{path}: config.yaml is missing, so the model cannot be rebuilt")
     cfg = load_config(path / "config.yaml")

@@ -108,7 +108,7 @@ def consolidated_ema(path: Path, state: dict, layout: dict) -> dict[str, torch.T
 
 def write_portable(src: str | Path, run_dir: str | Path) -> Path:
     """Write checkpoint `src` as a portable checkpoint of run directory `run_dir`; returns its path."""
-    from pretrain.checkpoint import _write_latest, checkpoint_root
+    from pretrain.checkpoint import _write_latest, checkpoint_root, seal
 
     src = Path(src)
     state = load_trainer_state(src)
@@ -124,6 +124,7 @@ def write_portable(src: str | Path, run_dir: str | Path) -> Path:
     torch.save(state, tmp / "trainer_state.pt")
     if (src / "config.yaml").is_file():
         shutil.copy2(src / "config.yaml", tmp / "config.yaml")
+    seal(tmp)
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -72,7 +74,7 @@ def plan(cfg: Config) -> str:
     built = (shard_dir / "train" / "index.json").is_file()
     run_dir = run_dir_for(cfg)
     try:
-        resume = latest_checkpoint(run_dir) if cfg.launch.resume else None
+        resume = latest_checkpoint(run_dir, checksums=False) if cfg.launch.resume else None
     except CheckpointError as e:
         resume = f"unusable checkpoint ({e})"
     tokens = t.steps * t.batch_size * d.seq_len
@@ -102,13 +104,46 @@ def plan(cfg: Config) -> str:
 
 
 CHILD_ENV = "DLM_LAUNCH_CHILD"  # set in the ranks the local launcher starts: they train, never spawn
+PARENT_ENV = "DLM_LAUNCH_PARENT"  # the launcher's pid, for the ranks' parent-death check
+STOPPED_CODES = (130, 143)  # a rank that stopped on Ctrl-C/SIGTERM with its checkpoint (128 + signal)
+
+
+def die_with_launcher() -> None:
+    """In a rank the local launcher started: have the kernel send this process SIGTERM when the
+    launcher dies, however it dies (SIGKILL, OOM killer), so no rank trains on as an orphan. SIGTERM
+    takes the stop path of pretrain/stop.py: the ranks agree, checkpoint and end the MLflow run KILLED.
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing is set."""
+    import ctypes
+    import signal
+
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this rank may outlive its launcher",
+                        ctypes.get_errno())
+    except (OSError, AttributeError):  # no prctl (not Linux)
+        return
+    if parent and os.getppid() != parent:  # the launcher died before the line above: stop now
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def spawn_local(argv: list[str], nproc: int, timeout_s: float) -> int:
     """Start `nproc` ranks of this same command on this machine (torchrun's job) and watch them.
 
-    The first rank that fails takes the others down at once (SIGTERM, then SIGKILL), so a dead rank
-    never leaves its peers hanging in a collective; Ctrl-C stops them all."""
+    Why not torchrun: its workers start in a new session with no parent-death signal
+    (torch/distributed/elastic/multiprocessing/subprocess_handler), so a SIGKILLed torchrun leaves
+    them running (seen with torch 2.13: both workers alive 10 s after `kill -9` of torchrun); ours die
+    with the launcher (`die_with_launcher`), and it needs no rendezvous server.
+
+    - A rank that fails takes the others down at once (SIGTERM, SIGKILL 15 s later), so a dead rank
+      never leaves its peers hanging in a collective.
+    - Ctrl-C or SIGTERM to the launcher: the ranks (which got Ctrl-C from the terminal too, or SIGTERM
+      from here) stop at the end of the step with a checkpoint; the launcher waits for them (up to
+      `timeout_s` + 60 s, the collective timeout, then SIGKILL). A second signal forwards SIGINT: the
+      ranks stop at once, without a checkpoint, and SIGKILL follows 15 s later.
+    Returns 0, the stop code (130/143) or the first failing rank's code."""
     import signal
     import socket
     import subprocess
@@ -119,37 +154,50 @@ def spawn_local(argv: list[str], nproc: int, timeout_s: float) -> int:
         port = sock.getsockname()[1]
     procs = []
     for rank in range(nproc):
-        env = {**os.environ, CHILD_ENV: "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {**os.environ, CHILD_ENV: "1", PARENT_ENV: str(os.getpid()), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-m", "pretrain.launch", *argv], env=env))
 
-    def stop_all() -> None:
+    signals: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: signals.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def send(sig: int) -> None:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                p.send_signal(sig)
 
+    deadline = math.inf  # when the ranks still alive get SIGKILL
+    forwarded = 0
+    first_failure = None
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                rank, code = failed[0]
-                log.error("rank %d exited with code %d: stopping the other ranks", rank, code)
-                stop_all()
-                return code
-            if all(c == 0 for c in codes):
-                return 0
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        stop_all()
-        return 130
+            if all(c is not None for c in codes):
+                break
+            if first_failure is None:
+                failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, *STOPPED_CODES)]
+                if failed:
+                    first_failure = failed[0]
+                    log.error("rank %d exited with code %d: stopping the other ranks", *first_failure)
+                    send(signal.SIGTERM)
+                    deadline = min(deadline, time.monotonic() + 15)
+            if len(signals) > forwarded:
+                forwarded = len(signals)
+                send(signal.SIGTERM if forwarded == 1 else signal.SIGINT)
+                deadline = min(deadline, time.monotonic() + (timeout_s + 60 if forwarded == 1 else 15))
+            if time.monotonic() > deadline:
+                log.error("ranks still running after being stopped: killing them")
+                send(signal.SIGKILL)
+                deadline = math.inf
+            time.sleep(0.1)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    codes = [first_failure[1]] if first_failure is not None else [p.returncode for p in procs]
+    code = next((c for c in codes if c != 0), 0)
+    return 128 - code if code < 0 else code  # a rank a signal ended: 128 + its number, as a shell says
 
 
 def choose_backend(cfg: Config) -> tuple[str, str]:
@@ -183,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
 
     topology = from_env()
     is_child = os.environ.get(CHILD_ENV) == "1"
+    if is_child:
+        die_with_launcher()
     setup_logging(args.log_level, topology.rank)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -209,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.shards import ShardFormatError
     from data_pipeline.sources import DataSourceError, DataSourceUnavailable
     from data_pipeline.tokenizer import TokenizerError
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.checkpoint import CheckpointError, latest_checkpoint
+    from pretrain.stop import Stopped
     from pretrain.train import NonFiniteLossError, train
 
     run_dir = run_dir_for(cfg)
@@ -232,6 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (Stopped, KeyboardInterrupt) as e:  # Ctrl-C/SIGTERM: no traceback, one line on how to go on
+        if topology.is_rank0:
+            resume = f"python -m pretrain.launch {shlex.join(argv)}"
+            try:
+                latest = latest_checkpoint(run_dir, checksums=False)
+            except CheckpointError:
+                latest = None
+            what = (f"{e}" if isinstance(e, Stopped) else "interrupted at once (second Ctrl-C), this step not saved")
+            print(f"\n{what}; resume from {latest or 'the start (no checkpoint yet)'} with: {resume}",
+                  file=sys.stderr, flush=True)
+        return e.exit_code if isinstance(e, Stopped) else 130
     if topology.is_rank0:
         print(
             f"\ndone: {summary['steps']} steps, {summary['tokens']:,} tokens on {summary['device']} ({summary['dtype']}), "

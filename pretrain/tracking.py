@@ -76,16 +76,40 @@ def _is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def prepare_store(uri: str) -> None:
-    """Create/migrate a local store once, before several processes use it.
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///relative.db` or `sqlite:////absolute.db` URI, else None."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix):] in ("", ":memory:"):
+        return None
+    return Path(uri[len(prefix):].split("?", 1)[0])
 
-    Two processes creating a brand-new sqlite store at the same time both fail in the schema
-    migration and leave it broken; the launcher calls this first, in one process."""
-    if _is_remote(uri):
+
+_prepared: set[str] = set()
+
+
+def prepare_store(uri: str) -> None:
+    """Create/migrate a local store once, under a file lock, before any process logs to it.
+
+    MLflow creates and migrates a new sqlite store when a client first opens it; two processes doing
+    that at once (two first launches in one directory, a launch beside `mlflow ui`) race in the schema
+    creation and one dies with "table ... already exists". `fcntl.flock` on `<db>.lock` makes the
+    first one create it while the others wait, then find it ready. Called by the launcher and by the
+    tracker itself (the Slurm path has no launcher process)."""
+    if _is_remote(uri) or uri in _prepared:
         return
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    db = sqlite_path(uri)
+    if db is None:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    else:
+        import fcntl
+
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (and if this process dies)
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    _prepared.add(uri)
 
 
 def start_local_server(backend_uri: str, artifact_root: str | Path, port: int,
@@ -151,6 +175,7 @@ class MlflowSender:
             raise FileNotFoundError(f"{self.run_dir} has no {RUN_INFO_FILE}: it is not a tracked run directory")
         self.info = json.loads(info_file.read_text())
         self.uri = uri or self.info["uri"]
+        prepare_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.spool = self.run_dir / SPOOL_FILE
         self.run_id: str | None = None
@@ -264,6 +289,7 @@ class MlflowTracker:
         self.flush_interval = flush_interval
         self.retry_interval = retry_interval
         self.offline = False
+        self._finished = False
         self._queue: queue.Queue = queue.Queue()
         self.sender.drop_stale_terminations()
         try:
@@ -290,7 +316,11 @@ class MlflowTracker:
         self._queue.put(("artifact", str(Path(path).resolve())))
 
     def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
-        """Send everything queued (waiting up to `timeout` s), then mark the run ended."""
+        """Send everything queued (waiting up to `timeout` s), then mark the run ended (once: later
+        calls, e.g. the trainer's safety net after its callback ended the run, do nothing)."""
+        if self._finished:
+            return
+        self._finished = True
         self._queue.put(("terminate", status))
         self._queue.put(_STOP)
         self._thread.join(timeout)

@@ -18,10 +18,11 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +41,9 @@ from pretrain.diffusion import build_objective, step_rng
 from pretrain.evaluate import validation_nll
 from pretrain.model import build_model
 from pretrain.throughput import device_peak_flops, mfu
+
+if TYPE_CHECKING:
+    from pretrain.stop import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def end_status(e: BaseException) -> str:
+    """How a run that raised `e` ended, in MLflow's terms: a stop on request (Ctrl-C, SIGTERM, Slurm's
+    preemption: `pretrain.stop`) is KILLED, anything else FAILED."""
+    if isinstance(e, KeyboardInterrupt):
+        return "KILLED"
+    return getattr(e, "status", "FAILED")
+
+
 class Callback:
     """Hooks the trainer calls; override what you need."""
 
@@ -123,6 +135,8 @@ class Trainer:
         self.n_params = model.num_parameters()  # counted on the plain model: shards would count less
         self.n_params_nonembedding = model.num_parameters(exclude_embeddings=True)
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        # checked against its manifest once (every byte): damaged newer ones are named and skipped
+        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.launch.resume else None
         self.portable = self._portable_checkpoint()
         if self.portable is not None:  # weights from another layout: load before sharding/wrapping
             from pretrain.convert import consolidated_state_dict
@@ -225,9 +239,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _portable_checkpoint(self) -> Path | None:
         """The run's latest checkpoint if it is a portable one (pretrain.convert --portable)."""
-        if not self.cfg.launch.resume:
-            return None
-        path = ckpt.latest_checkpoint(self.run_dir)
+        path = self.resume_from
         if path is None or ckpt.load_trainer_state(path).get("layout", {}).get("engine") != "portable":
             return None
         return path
@@ -253,7 +265,7 @@ class Trainer:
         )
 
     def maybe_resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.run_dir) if self.cfg.launch.resume else None
+        path = self.resume_from
         if path is None:
             return False
         s = ckpt.load_trainer_state(path)
@@ -419,12 +431,12 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg.train
-        self.maybe_resume()
-        self._fit_start, self._elapsed_base = time.perf_counter(), self.state.elapsed_s
-        for cb in self.callbacks:
-            cb.on_train_start(self)
         status = "FAILED"
-        try:
+        try:  # from the resume on: whatever happens, every callback hears how the run ended
+            self.maybe_resume()
+            self._fit_start, self._elapsed_base = time.perf_counter(), self.state.elapsed_s
+            for cb in self.callbacks:
+                cb.on_train_start(self)
             if self.state.step == 0:
                 self.evaluate()
             batches = iter(self.train_loader)
@@ -443,7 +455,7 @@ class Trainer:
                     log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.state.step,
                                 nonfinite_in_a_row)
                     if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                        last = ckpt.latest_checkpoint(self.run_dir)
+                        last = ckpt.latest_checkpoint(self.run_dir, checksums=False)
                         raise NonFiniteLossError(
                             f"loss was NaN/inf for {nonfinite_in_a_row} steps in a row at step {self.state.step}; "
                             f"stopping. Last good checkpoint: {last or 'none'}. Lower train.lr, raise "
@@ -464,7 +476,7 @@ class Trainer:
                     self.evaluate()
             status = "FINISHED"
         except BaseException as e:
-            status = getattr(e, "status", "FAILED")  # e.g. a preemption stops as KILLED, not FAILED
+            status = end_status(e)
             raise
         finally:
             for cb in self.callbacks:
@@ -517,7 +529,7 @@ class Trainer:
             "seed": self.cfg.seed,
             "parameters": self.n_params,
             "layout": self.layout,
-            "checkpoint": str(ckpt.latest_checkpoint(self.run_dir) or ""),
+            "checkpoint": str(ckpt.latest_checkpoint(self.run_dir, checksums=False) or ""),
         }
 
 
@@ -544,7 +556,8 @@ class ProgressCallback(Callback):
                  metrics["val/ppl"])
 
     def on_train_end(self, trainer: Trainer, status: str) -> None:
-        self.bar.close()
+        if hasattr(self, "bar"):  # absent when the run failed before it started (e.g. its resume)
+            self.bar.close()
 
 
 class CheckpointCallback(Callback):
@@ -662,7 +675,7 @@ class TrackingCallback(Callback):
         config_file = trainer.run_dir / "config.yaml"
         if config_file.is_file():
             self.tracker.log_artifact(config_file)
-        latest = ckpt.latest_checkpoint(trainer.run_dir)
+        latest = ckpt.latest_checkpoint(trainer.run_dir, checksums=False)
         if latest is not None:
             self.tracker.set_tags({"checkpoint.latest": str(latest.resolve())})
         self.tracker.finish(status if status in ("FINISHED", "KILLED") else "FAILED")
@@ -684,26 +697,38 @@ def run_tags(cfg: Config, trainer_device: str) -> dict[str, str]:
     }
 
 
-def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
+def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tuple[Callback, ...] = (),
+          stop_flags: tuple[StopFlag, ...] = (),
+          stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> dict[str, Any]:
     """Train `cfg` in `run_dir` (resuming if it holds a checkpoint) and return the run's summary.
 
     Every rank calls this. With several ranks (WORLD_SIZE from the launcher) or ZeRO, it first
     builds the process groups (torch.distributed + megatron-core's tensor/pipeline/data groups).
-    `extra_callbacks` run after the built-in ones on every rank (e.g. Slurm's preemption check)."""
+    `extra_callbacks` run after the built-in ones on every rank. `stop_signals` (Ctrl-C and SIGTERM by
+    default) and `stop_flags` (e.g. Slurm's preemption flag) stop the run at a step boundary with a
+    checkpoint, raising `pretrain.stop.Stopped` (see pretrain/stop.py). Once the MLflow run exists,
+    no way out of here leaves it RUNNING: FINISHED, KILLED (stopped on request) or FAILED."""
+    from pretrain.stop import StopFlag, make_stop_callback
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    signal_flag = StopFlag().install(stop_signals) if stop_signals else None
+    flags = [*stop_flags, *([signal_flag] if signal_flag else [])]  # the user's stop wins over a requeue
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.zero_stage > 0
-    if distributed:
-        from parallel.state import init_distributed
-
-        topology = init_distributed("auto", tp=cfg.parallel.tp, pp=cfg.parallel.pp, timeout_s=cfg.parallel.timeout_s)
-    else:
-        topology = Topology()
+    tracker = None
     try:
+        if distributed:
+            from parallel.state import init_distributed
+
+            topology = init_distributed("auto", tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                                        timeout_s=cfg.parallel.timeout_s)
+        else:
+            topology = Topology()
         callbacks: list[Callback] = [CheckpointCallback()]
         trainer = Trainer(cfg, run_dir, topology, callbacks)
+        last = [make_stop_callback(flags)] if flags else []  # last: the step's metrics are logged first
         if not topology.is_rank0:
-            callbacks.extend(extra_callbacks)
+            callbacks.extend([*extra_callbacks, *last])
             return trainer.fit()
         log.info("layout: %s", topology.describe())
         log.info("model: %s parameters (%s non-embedding), %s FLOPs/token; device %s, %s",
@@ -713,7 +738,6 @@ def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tupl
             log.info("device peak: %.0f TFLOP/s (%s)", trainer.peak_flops / 1e12, trainer.dtype)
         callbacks.insert(0, ProgressCallback())
         callbacks.append(MetricsFileCallback(run_dir / "metrics.jsonl"))
-        tracker = None
         if cfg.tracking.enabled:
             from pretrain.tracking import MlflowTracker
 
@@ -725,12 +749,18 @@ def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tupl
         callbacks.append(SamplesCallback(cfg.tracking.log_samples, tracker))
         if tracker is not None:
             callbacks.append(TrackingCallback(tracker))
-        callbacks.extend(extra_callbacks)
+        callbacks.extend([*extra_callbacks, *last])
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm():  # log lines go above the progress bar instead of through it
             return trainer.fit()
+    except BaseException as e:
+        if tracker is not None:  # fit's TrackingCallback has normally ended the run already: then a no-op
+            tracker.finish(end_status(e))
+        raise
     finally:
+        if signal_flag is not None:
+            signal_flag.uninstall()
         if distributed:
             from parallel.state import destroy
 

@@ -6,9 +6,9 @@ Preemption flow (every task of the job runs `TrainJob.__call__`):
    cluster sets `preempt_send_user_signal`; by hand: `scancel --signal=USR2 JOBID`). submitit's own
    handler would checkpoint and requeue at once, in task 0 only, from inside the signal handler, while
    the other ranks keep training. So each task replaces it with `StopFlag`, which only records the signal.
-2. `PreemptionCallback` (last of the trainer's callbacks, so the step's metrics are already logged)
-   all-reduces the flag (MAX) after every step: all ranks learn the decision at the same step even when
-   only one task got the signal.
+2. `pretrain.stop`'s callback (last of the trainer's callbacks, so the step's metrics are already
+   logged; the path Ctrl-C and SIGTERM take on a local run too) all-reduces the flag (MAX) after every
+   step: all ranks learn the decision at the same step even when only one task got the signal.
 3. All ranks write the checkpoint together (`Trainer.save_checkpoint` is collective; after the
    step's evaluation when one is due) and leave the training loop with `Preempted`; MLflow marks the
    run KILLED (the requeued job sets it RUNNING again: the run id lives in the run dir).
@@ -29,17 +29,17 @@ from typing import Any
 
 import submitit
 
+from pretrain.stop import StopFlag as BaseStopFlag
+from pretrain.stop import Stopped, make_stop_callback
+
 log = logging.getLogger("slurm.job")
 
 
-class Preempted(Exception):
-    """Raised on every rank, after the collective checkpoint, to leave the training loop."""
-
-    status = "KILLED"  # how the trainer (and MLflow) records a run stopped for preemption
+class Preempted(Stopped):
+    """Raised on every rank, after the collective checkpoint, to leave the training loop (then requeue)."""
 
     def __init__(self, step: int) -> None:
-        super().__init__(f"preempted: checkpoint written at step {step}")
-        self.step = step
+        super().__init__(step, "preemption (SIGUSR2)")
 
 
 # ---------------------------------------------------------------------------------------- rendezvous
@@ -67,70 +67,34 @@ def rendezvous_env(env: submitit.JobEnvironment | None = None) -> dict[str, str]
 
 
 # ---------------------------------------------------------------------------------------- stop flag
-class StopFlag:
-    """Records SIGUSR2 instead of acting on it inside the signal handler; keeps submitit's handler to
-    requeue with once the checkpoint is on disk."""
+class StopFlag(BaseStopFlag):
+    """Records SIGUSR2 instead of acting on it inside the signal handler (pretrain.stop's flag, whose
+    callback checkpoints at the step boundary); keeps submitit's handler to requeue with once the
+    checkpoint is on disk."""
 
     def __init__(self) -> None:
-        self.signalled = False
+        super().__init__()
         self.submitit_handler: Any = None
 
-    def install(self) -> StopFlag:
+    def install(self, signals: tuple[int, ...] = (signal.SIGUSR2,)) -> StopFlag:
         self.submitit_handler = signal.getsignal(signal.SIGUSR2)
-        signal.signal(signal.SIGUSR2, self._on_signal)
+        super().install(signals)
         return self
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def request(self, reason: str) -> None:
         if not self.signalled:
-            log.warning("got %s: checkpointing at the end of this step, then requeueing",
-                        signal.Signals(signum).name)
+            log.warning("got %s: checkpointing at the end of this step, then requeueing", reason)
         self.signalled = True
+        self.reason = reason
 
-
-def _agree(flag: bool, trainer) -> bool:
-    """True on every rank when any rank has the flag set (one tiny all-reduce per step)."""
-    if trainer.topology.world_size == 1:
-        return flag
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=trainer.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    def exception(self, step: int) -> BaseException:
+        return Preempted(step)
 
 
 def make_preemption_callback(stop: StopFlag):
-    from pretrain.train import Callback
-
-    class PreemptionCallback(Callback):
-        """Every rank: agree on the stop flag after each step, then checkpoint together and stop."""
-
-        pending = False
-
-        def on_step_end(self, trainer, metrics) -> None:
-            t = trainer.cfg.train
-            step = trainer.state.step
-            if step >= t.steps:  # the run ends here anyway, with its final checkpoint
-                return
-            if not _agree(stop.signalled, trainer):
-                return
-            if step % t.eval_every == 0:  # the loop evaluates this step next: stop after it
-                self.pending = True
-                return
-            self._stop(trainer)
-
-        def on_eval_end(self, trainer, metrics) -> None:
-            if self.pending:
-                self._stop(trainer)
-
-        @staticmethod
-        def _stop(trainer) -> None:
-            step, every = trainer.state.step, trainer.cfg.train.checkpoint_every
-            if not (every and step % every == 0):  # CheckpointCallback has not just written this step
-                trainer.save_checkpoint()
-            raise Preempted(step)
-
-    return PreemptionCallback()
+    """The trainer's stop callback for this flag alone (the job passes the flag to `train` instead, which
+    puts it beside the Ctrl-C/SIGTERM flag in one callback)."""
+    return make_stop_callback([stop])
 
 
 # ---------------------------------------------------------------------------------------- the job
@@ -161,8 +125,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         from pretrain.train import train
 
         try:
-            return train(self.cfg, Path(self.run_dir), self.run_name,
-                         extra_callbacks=(make_preemption_callback(stop),))
+            # SIGTERM stays submitit's (it ignores the one Slurm sends around a requeue)
+            return train(self.cfg, Path(self.run_dir), self.run_name, stop_flags=(stop,), stop_signals=())
         except Preempted as e:
             return self._requeue(env, stop, e.step, restarts)
 

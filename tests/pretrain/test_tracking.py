@@ -114,3 +114,37 @@ def test_only_rank0_creates_a_run_in_a_two_process_job(tmp_path):
     run = runs[0]
     assert run.data.tags["layout"] == "dp2-tp1-pp1-zero0" and run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 7))
+
+
+def test_first_launches_at_once_on_a_new_sqlite_store_all_succeed(tmp_path):
+    """Three processes open a brand-new sqlite store at the same moment, as the launcher does (store
+    preparation, then the tracker creating its run); without the lock MLflow's schema creation races
+    and a process dies with "table ... already exists"."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    script = (
+        "import sys, time\n"
+        "from pretrain.tracking import MlflowTracker, prepare_store\n"
+        "import mlflow.store.tracking.sqlalchemy_store\n"  # imports done before the start signal
+        "start = float(sys.argv[1])\n"
+        "while time.time() < start: time.sleep(0.001)\n"
+        f"prepare_store({uri!r})\n"
+        f"t = MlflowTracker({uri!r}, 'race', {str(tmp_path / 'art')!r}, sys.argv[2], sys.argv[2], {{}}, {{}})\n"
+        "t.finish()\n"
+        "print('run', t.run_id)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.time() + 8
+    procs = []
+    for i in range(3):
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-c", script, str(start), str(run_dir)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    for code, out, err in results:
+        assert code == 0 and out.startswith("run "), err[-2000:]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}

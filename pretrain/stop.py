@@ -1,0 +1,140 @@
+"""Stopping a run cleanly at a step boundary: Ctrl-C, SIGTERM, a dying launcher, Slurm's preemption.
+
+A signal handler only records the request (`StopFlag`); acting inside the handler would interrupt a
+collective or a half-written checkpoint. `StopCallback`, the trainer's last callback, then after every
+step: agrees on the request across ranks (one tiny all-reduce, so every rank stops at the same step
+even when only one got the signal), writes the checkpoint together (after the step's evaluation when
+one is due) and raises the flag's exception on every rank. The exception's `status` ("KILLED") is
+what the trainer reports to MLflow; `pretrain.launch` turns `Stopped` into one line saying how to
+resume, and exit status 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
+
+Slurm's preemption (`slurm/job.py`) uses the same callback with its own flag (SIGUSR2 -> requeue).
+A second Ctrl-C stops at once, without a checkpoint (KeyboardInterrupt; MLflow still says KILLED).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(Exception):
+    """Raised on every rank, after the collective checkpoint, to leave the training loop."""
+
+    status = "KILLED"  # how the trainer (and MLflow) records a run stopped on request
+
+    def __init__(self, step: int, reason: str = "a stop request") -> None:
+        super().__init__(f"stopped by {reason} at step {step}, checkpoint written")
+        self.step = step
+        self.reason = reason
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process the signal ended (1 when unknown)."""
+        try:
+            return 128 + int(signal.Signals[self.reason])
+        except KeyError:
+            return 1
+
+
+class StopFlag:
+    """Records stop signals instead of acting on them inside the handler.
+
+    `install(signals)` takes over the given signals (main thread only; elsewhere it installs nothing)
+    until `uninstall()`. `exception(step)` is what the run raises when it stops for this
+    flag; subclasses (Slurm's preemption flag) raise their own."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self.reason = ""
+        self._previous: dict[int, Any] = {}
+        self._interrupted = False
+        self._pid = os.getpid()
+
+    def install(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> StopFlag:
+        self._pid = os.getpid()
+        if threading.current_thread() is threading.main_thread():
+            for s in signals:
+                self._previous[s] = signal.getsignal(s)
+                signal.signal(s, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def request(self, reason: str) -> None:
+        if not self.signalled:
+            log.warning("got %s: stopping after this step with a checkpoint (Ctrl-C again stops at once, without "
+                        "one)", reason)
+        self.signalled = True
+        self.reason = self.reason or reason
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked data-loader worker inherited the handler: the rank decides
+            return
+        if self._interrupted:  # already unwinding from a second Ctrl-C: let it finish (MLflow's status)
+            return
+        if signum == signal.SIGINT and self.signalled:
+            self._interrupted = True
+            raise KeyboardInterrupt
+        self.request(signal.Signals(signum).name)
+
+    def exception(self, step: int) -> BaseException:
+        return Stopped(step, self.reason or "a stop request")
+
+
+def _agree(code: int, trainer) -> int:
+    """The largest `code` over all ranks (one tiny all-reduce per step; no-op on one process)."""
+    if trainer.topology.world_size == 1:
+        return code
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(code)], device=trainer.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def make_stop_callback(flags: list[StopFlag]):
+    """The trainer's last callback, on every rank. With several flags, a later one wins when ranks
+    disagree (the user's stop over Slurm's requeue)."""
+    from pretrain.train import Callback
+
+    class StopCallback(Callback):
+        """Every rank: agree on the stop request after each step, then checkpoint together and stop."""
+
+        pending = 0
+
+        def on_step_end(self, trainer, metrics) -> None:
+            t = trainer.cfg.train
+            step = trainer.state.step
+            if step >= t.steps:  # the run ends here anyway, with its final checkpoint
+                return
+            code = max((i + 1 for i, f in enumerate(flags) if f.signalled), default=0)
+            code = _agree(code, trainer)
+            if code == 0:
+                return
+            if step % t.eval_every == 0:  # the loop evaluates this step next: stop after it
+                self.pending = code
+                return
+            self._stop(trainer, flags[code - 1])
+
+        def on_eval_end(self, trainer, metrics) -> None:
+            if self.pending:
+                self._stop(trainer, flags[self.pending - 1])
+
+        @staticmethod
+        def _stop(trainer, flag: StopFlag) -> None:
+            step, every = trainer.state.step, trainer.cfg.train.checkpoint_every
+            if not (every and step % every == 0):  # CheckpointCallback has not just written this step
+                trainer.save_checkpoint()
+            raise flag.exception(step)
+
+    return StopCallback()
