@@ -87,6 +87,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant (after warmup, MDLM) | cosine | linear
     min_lr_ratio: float = 0.1  # floor of cosine/linear decay, as a fraction of lr
     grad_clip: float = 1.0  # 0 = off
+    # adamw (betas, weight_decay above) | sgd: plain SGD without momentum, whose update is the gradient
+    # itself, so any error in gradient scale shows in the weights (the layout tests use it)
+    optimizer: str = "adamw"
     eval_every: int = 100  # steps between validation passes (also run at step 0 and at the end)
     eval_batches: int = 8  # validation batches per pass; 0 = the whole validation split
     log_every: int = 10
@@ -157,6 +160,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.bell.family": ("logit_normal", "beta"),
     "diffusion.masking": ("uniform", "density_priority", "complementary"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
+    "train.optimizer": ("adamw", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "launch.backend": ("auto", "local", "slurm"),
@@ -261,6 +265,16 @@ def validate(cfg: Config) -> None:
 
     need(p.tp >= 1, "parallel.tp", "must be >= 1")
     need(p.pp >= 1, "parallel.pp", "must be >= 1")
+    if p.tp > 1:  # what parallel/tensor_parallel.py shards, refused here rather than in every rank at start-up
+        heads_ok = [k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]
+        need(m.n_heads % p.tp == 0, "parallel.tp",
+             f"must divide model.n_heads = {m.n_heads} (attention is split by whole heads; allowed: "
+             f"{', '.join(map(str, heads_ok))})")
+        hidden = _mlp_hidden(m)
+        need(hidden % p.tp == 0, "parallel.tp",
+             f"must divide the MLP hidden size {hidden} (model.mlp = {m.mlp}, mlp_ratio = {m.mlp_ratio}, "
+             f"d_model = {m.d_model}): its columns are split over the tensor-parallel ranks")
+        # the vocabulary needs no divisibility: it is padded to a multiple of tp (tensor_parallel.py)
     if p.pp > 1:  # DeepSpeed's pipeline engine (parallel/pipeline.py) and what it does not combine with
         need(p.zero_stage <= 1, "parallel.zero_stage",
              "must be 0 or 1 with parallel.pp > 1: DeepSpeed's pipeline engine does not combine with ZeRO-2/3")
@@ -284,6 +298,13 @@ def validate(cfg: Config) -> None:
          f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size or '?'} x {dp}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _mlp_hidden(m: ModelConfig) -> int:
+    """The MLP's hidden width, as the model computes it (pretrain/model/transformer.py)."""
+    from pretrain.model.transformer import swiglu_hidden
+
+    return swiglu_hidden(m.d_model, m.mlp_ratio) if m.mlp == "swiglu" else int(m.mlp_ratio * m.d_model)
 
 
 def _divisors(n: int) -> str:

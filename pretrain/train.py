@@ -91,6 +91,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
+    """train.optimizer: AdamW (fused on CUDA), or plain SGD (no momentum), whose step is lr x gradient."""
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=0.0)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+
+
 class Callback:
     """Hooks the trainer calls; override what you need."""
 
@@ -134,9 +142,7 @@ class Trainer:
             model = pipeline_module(model, topology)
         self.objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=self.data.mask_id)
         t = cfg.train
-        optimizer = torch.optim.AdamW(
-            param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda",
-        )
+        optimizer = build_optimizer(model, t, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr_ratio),
         )
