@@ -91,13 +91,16 @@ class TrainConfig:
     # itself, so any error in gradient scale shows in the weights (the layout tests use it)
     optimizer: str = "adamw"
     eval_every: int = 100  # steps between validation passes (also run at step 0 and at the end)
-    eval_batches: int = 8  # validation batches per pass; 0 = the whole validation split
+    eval_batches: int = 8  # validation batches (of train.batch_size sequences) per pass; 0 = the whole split
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
-    max_nonfinite_steps: int = 5  # NaN/inf losses are skipped; this many in a row stops the run
+    # a NaN/inf loss or gradient (any micro-batch, any rank) skips the optimizer step on every rank;
+    # this many skipped steps in a row stop the run (its last checkpoint holds the last good weights)
+    max_nonfinite_steps: int = 5
     ema: float = 0.0  # decay of a moving average of the weights used for validation and export (MDLM 0.9999); 0 = off
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    peak_tflops: float = 0.0  # one device's peak TFLOP/s for MFU; 0 = from pretrain/throughput.py's table
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
 
 
@@ -258,6 +261,7 @@ def validate(cfg: Config) -> None:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.tracking.flush_interval_s > 0, "tracking.flush_interval_s", "must be > 0")
     need(cfg.tracking.log_samples >= 0, "tracking.log_samples", "must be >= 0 (0 = off)")
+    need(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = the device's from the table)")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(0.0 <= t.ema < 1.0, "train.ema", "must be in [0, 1) (0 = off; MDLM uses 0.9999)")
     need(t.ema == 0.0 or p.zero_stage != 3, "train.ema",

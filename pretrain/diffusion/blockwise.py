@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from pretrain.diffusion.masking import UniformMasking
 from pretrain.diffusion.objective import MaskedDiffusionObjective, _masked_ce_per_sequence, token_info_of
-from pretrain.diffusion.rng import StepRNG, single
+from pretrain.diffusion.rng import SampleRNG, StepRNG, eval_rng
 from pretrain.diffusion.schedules import Schedule
 from pretrain.diffusion.time_samplers import TimeSampler
 
@@ -140,15 +140,15 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         return loss, stats
 
     @torch.no_grad()
-    def eval_nll(self, model, batch: dict, generator: torch.Generator) -> tuple[float, int]:
+    def eval_nll(self, model, batch: dict, generator: torch.Generator | SampleRNG) -> tuple[float, int]:
         """(sum of per-sequence block NELBOs in nats, real tokens). Per-block t stratified:
         t_bjk = eps + (1 - eps)(u_bj + k)/K, weighted by w(t)(1 - eps) = w(t)/q_uniform(t)."""
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
         device, (B, L), K = input_ids.device, input_ids.shape, self.eval_t_samples
         bl, nb = self._blocks(model, L)
-        rng = single(generator)
+        rng = eval_rng(generator)
         masking = UniformMasking()
-        u = torch.rand(B, nb, generator=generator, dtype=torch.float64)
+        u = rng.rand(B, nb)
         total = torch.zeros(B, dtype=torch.float64)
         for k in range(K):
             t = self.eps + (1.0 - self.eps) * (u + k) / K
@@ -251,17 +251,18 @@ class JigsawObjective:
         return loss, stats
 
     @torch.no_grad()
-    def eval_nll(self, model, batch: dict, generator: torch.Generator) -> tuple[float, int]:
+    def eval_nll(self, model, batch: dict, generator: torch.Generator | SampleRNG) -> tuple[float, int]:
         """(sum of per-sequence bounds in nats, real tokens): m_k = floor(n (u + k) / K) + 1,
         k < K (stratified uniform on {1..n}), weight n / m; independent of the training sampler."""
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
         (B, L), K = input_ids.shape, self.eval_t_samples
         n = L // _unwrap(model).block_len(L)
-        u = torch.rand(B, generator=generator, dtype=torch.float64)
+        rng = eval_rng(generator)
+        u = rng.rand(B)
         total = torch.zeros(B, dtype=torch.float64)
         for k in range(K):
             m = (torch.floor(n * (u + k) / K).long() + 1).clamp(1, n)
-            masked_blocks = self.choose_blocks(m, n, single(generator))
+            masked_blocks = self.choose_blocks(m, n, rng)
             ce_seq, _ = self._nll_per_sequence(model, batch, masked_blocks, n)
             total += (n / m.double()) * ce_seq.cpu().double()
         return float(total.sum() / K), int(real.sum())
