@@ -40,14 +40,14 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many NaN/inf losses in a row: the run stops with its last good checkpoint intact."""
+    """Too many NaN/inf losses or gradients in a row: the run stops with its last good checkpoint intact."""
 
 
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps completed
     tokens: int = 0  # tokens consumed, all data-parallel ranks together
-    skipped_steps: int = 0  # steps skipped for a non-finite loss
+    skipped_steps: int = 0  # optimizer steps skipped (every rank) for a non-finite loss or gradient
     best_val_nll: float = math.inf
     initial_val_nll: float = math.nan
     last_val_nll: float = math.nan
