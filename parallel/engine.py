@@ -48,13 +48,14 @@ class StepResult:
 
 def global_grad_norm(params, counted=lambda p: True, group=None) -> float:
     """L2 norm of the gradients of `params` that `counted` selects, summed over `group` (the ranks that
-    hold different parameters: tensor/pipeline peers; None = this process only). Accumulated in
-    float64 on the gradients' device, one scalar to the host."""
+    hold different parameters: tensor/pipeline peers; None = this process only). Per-tensor norms in
+    one foreach kernel (as torch's clip_grad_norm_), their squares summed in float64 on the
+    gradients' device; one scalar to the host."""
     grads = [p.grad.detach() for p in params if p.grad is not None and counted(p)]
-    device = grads[0].device if grads else torch.device("cpu")
-    sq = torch.zeros((), dtype=torch.float64, device=device)
-    for g in grads:
-        sq += g.double().square().sum()
+    if grads:
+        sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float64)
     if group is not None:
         import torch.distributed as dist
 
