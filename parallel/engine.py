@@ -11,6 +11,14 @@ Gradient accumulation: both engines divide each micro-batch loss by the number o
 steps, and DeepSpeed averages gradients over data-parallel ranks, so the trainer passes a loss whose
 sum over micro-batches and ranks is the global per-token loss times (dp x accumulation steps).
 
+At the accumulation boundary `step()` returns a `StepResult`: the global gradient norm before
+clipping (all data-parallel ranks' gradients averaged, every tensor-parallel shard counted once)
+and whether the optimizer stepped. A non-finite gradient norm skips the optimizer step on every
+rank and clears the gradients: DeepSpeed's ZeRO 1-3 and bf16 optimizers do so themselves (their
+overflow path), the plain engine and ZeRO-0's torch optimizer here. The norm is all-reduced, so
+every rank takes the same decision. The trainer turns a non-finite loss into a non-finite gradient
+(`backward(loss * nan)`) so that one rule covers both.
+
 Why DeepSpeed for ZeRO (and not megatron-core's distributed optimizer): megatron's optimizer and
 gradient clipping assume CUDA, DeepSpeed's ZeRO 1-3 run on CPU over gloo (verified), and the same
 engine saves and restores sharded optimizer state.
@@ -19,7 +27,9 @@ engine saves and restores sharded optimizer state.
 from __future__ import annotations
 
 import logging
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +38,29 @@ import torch
 log = logging.getLogger(__name__)
 
 DEEPSPEED_TAG = "deepspeed"  # sub-directory of a checkpoint that holds DeepSpeed's own files
+
+
+@dataclass
+class StepResult:
+    grad_norm: float  # global L2 norm of the gradient before clipping (inf/nan when not finite)
+    applied: bool  # False: the gradient was not finite and the optimizer step was skipped
+
+
+def global_grad_norm(params, counted=lambda p: True, group=None) -> float:
+    """L2 norm of the gradients of `params` that `counted` selects, summed over `group` (the ranks that
+    hold different parameters: tensor/pipeline peers; None = this process only). Per-tensor norms in
+    one foreach kernel (as torch's clip_grad_norm_), their squares summed in float64 on the
+    gradients' device; one scalar to the host."""
+    grads = [p.grad.detach() for p in params if p.grad is not None and counted(p)]
+    if grads:
+        sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float64)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sq, group=group)
+    return float(sq.sqrt())
 
 
 class PlainEngine:
@@ -58,23 +91,21 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()
 
-    def step(self) -> float | None:
-        """Counts micro-batches; at the accumulation boundary clips, steps and returns the grad norm."""
+    def step(self) -> StepResult | None:
+        """Counts micro-batches; at the accumulation boundary clips and steps (or skips a non-finite
+        gradient) and returns the gradient norm."""
         self._micro += 1
         if self._micro % self.accumulation:
             return None
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.module.parameters(), self.grad_clip if self.grad_clip > 0 else float("inf")
-        )
-        self.optimizer.step()
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(params)
+        applied = math.isfinite(norm)
+        if applied:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, torch.tensor(norm))
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def skip(self) -> None:
-        """Drop this micro-batch's (non-finite) contribution: nothing was backpropagated."""
-        self._micro += 1
-        if self._micro % self.accumulation == 0:
-            self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm, applied)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -129,6 +160,34 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                                  mpu=mpu)
         self.module = self.engine.module
+        self._norm: float | None = None
+        # ZeRO 1-3 and DeepSpeed's bf16 optimizer measure the norm (and skip a non-finite one); ZeRO-0 in
+        # fp32 hands the gradient to our torch optimizer, which does neither: measure and guard it here
+        if not hasattr(self.engine.optimizer, "_global_grad_norm"):
+            self._guard_model_step(mpu)
+
+    def _guard_model_step(self, mpu) -> None:
+        """Wrap DeepSpeed's optimizer step (gradients are averaged over data-parallel ranks by then):
+        record the global norm, counted as DeepSpeed's clipping counts it (a tensor-parallel shard on
+        every rank, a replicated parameter on tensor rank 0), and skip the step when it is not finite."""
+        group = mpu.get_model_parallel_group() if mpu is not None and mpu.get_model_parallel_world_size() > 1 \
+            else None
+        first = mpu is None or mpu.get_model_parallel_rank() == 0
+        from deepspeed.runtime.utils import is_model_parallel_parameter
+
+        def counted(p) -> bool:
+            return first or is_model_parallel_parameter(p)
+
+        take_step = self.engine._take_model_step
+
+        def guarded_step(lr_kwargs=None):
+            self._norm = global_grad_norm(self.engine.module.parameters(), counted, group)
+            if math.isfinite(self._norm):
+                take_step(lr_kwargs)  # sets the engine's step_applied
+            else:
+                self.engine.zero_grad()
+
+        self.engine._take_model_step = guarded_step
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -146,20 +205,15 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scales by 1/accumulation itself
 
-    def step(self) -> float | None:
+    def step(self) -> StepResult | None:
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
         if not boundary:
             return None
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else None
-
-    def skip(self) -> None:
-        """A non-finite micro-batch: no backward. At accumulation 1 nothing else happens (a clean
-        skip); with accumulation the step counter must still advance, so the optimizer steps at the
-        boundary on the other micro-batches' gradients."""
-        if self.engine.gradient_accumulation_steps() > 1:
-            self.engine.step()
+        applied = self.engine.was_step_applied()
+        norm = self._norm if self._norm is not None else self.engine.get_global_grad_norm()
+        # a skipped ZeRO-3 step leaves the previous step's norm in place: report it as not finite
+        return StepResult(float(norm) if applied and norm is not None else math.inf, applied)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The full (unpartitioned) weights; collective under ZeRO-3, call on every rank."""

@@ -32,6 +32,7 @@ bit-for-bit the one the unpipelined trainer computes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.engine import DeepSpeedEngine
+from parallel.engine import DeepSpeedEngine, global_grad_norm
 from parallel.topology import Topology
 from pretrain.model.attention_masks import attention_mask, block_len, two_stream_mask
 from pretrain.model.transformer import modulate
@@ -258,7 +259,8 @@ class PipelineEngine(DeepSpeedEngine):
       last stage, a placeholder of the same shape elsewhere (those ranks' results are replaced by
       the last stage's, see Trainer.evaluate).
     - A step whose loss was non-finite on any rank is skipped as a whole on every stage
-      (`skip_step()` from the loss function; the flag is all-reduced before the optimizer step).
+      (`skip_step()` from the loss function; the flag is all-reduced before the optimizer step),
+      and so is one whose gradient norm is not finite.
     """
 
     kind = "pipeline"
@@ -267,35 +269,36 @@ class PipelineEngine(DeepSpeedEngine):
         super().__init__(pipe, optimizer, config, mpu=None)
         self.vocab_size = vocab_size
         self._skip = False
-        self.skipped = False  # whether the last train_batch skipped its optimizer step
-        self.grad_norm: float | None = None
         take_step = self.engine._take_model_step
+        # ZeRO-1 and the bf16 optimizer measure the norm and skip a non-finite one themselves
+        own_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
 
         def guarded_step(lr_kwargs=None):
+            self.engine._step_applied = False  # the pipeline schedule calls this without engine.step()
             flag = torch.tensor([1.0 if self._skip else 0.0])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every stage steps or skips together
-            self.skipped = bool(flag.item())
-            if self.skipped:
+            self._norm = self._grad_norm() if own_norm else None
+            if flag.item() or (self._norm is not None and not math.isfinite(self._norm)):
                 self.engine.zero_grad()
                 return
-            if self.engine.zero_optimization_stage() == 0:  # ZeRO-1 records its norm itself
-                self.grad_norm = self._grad_norm()
             take_step(lr_kwargs)
 
         self.engine._take_model_step = guarded_step
 
+    def _guard_model_step(self, mpu) -> None:
+        """The pipeline installs its own guard (above): norm over the stages, the loss functions' flag."""
+
     def _grad_norm(self) -> float:
         """The global gradient norm (before clipping), counted as DeepSpeed's clipping counts it."""
-        sq = torch.zeros(1, dtype=torch.float64)
-        for p in self.engine.module.parameters():
-            if p.grad is not None and getattr(p, "model_parallel", False):
-                sq += p.grad.detach().double().pow(2).sum().cpu()
-        dist.all_reduce(sq, group=self.engine.grid.get_model_parallel_group())
-        return float(sq.sqrt())
+        return global_grad_norm(self.engine.module.parameters(), lambda p: getattr(p, "model_parallel", False),
+                                self.engine.grid.get_model_parallel_group())
 
-    def step_grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else self.grad_norm
+    def step_grad_norm(self) -> float:
+        """The last train_batch's global gradient norm before clipping (inf when it was skipped)."""
+        if not self.engine.was_step_applied():
+            return math.inf
+        norm = self._norm if self._norm is not None else self.engine.get_global_grad_norm()
+        return float(norm)
 
     @property
     def is_last_stage(self) -> bool:
@@ -325,11 +328,11 @@ class PipelineEngine(DeepSpeedEngine):
         return torch.zeros(1, 1, self.vocab_size, device=inputs[0].device).expand(B, L, self.vocab_size)
 
     def train_batch(self, inputs: list[tuple[torch.Tensor, ...]], loss_fn: Callable) -> bool:
-        """One optimizer step; returns False when it was skipped (non-finite loss somewhere)."""
+        """One optimizer step; returns False when it was skipped (non-finite loss or gradient somewhere)."""
         self._skip = False
         self.engine.module.loss_fn = loss_fn
         self.engine.train_batch(iter([(x, torch.tensor([i])) for i, x in enumerate(inputs)]))
-        return not self.skipped
+        return self.engine.was_step_applied()
 
     def step(self) -> float | None:
         raise RuntimeError("the pipeline engine steps inside train_batch")

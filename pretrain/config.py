@@ -112,14 +112,20 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant (after warmup, MDLM) | cosine | linear
     min_lr_ratio: float = 0.1  # floor of cosine/linear decay, as a fraction of lr
     grad_clip: float = 1.0  # 0 = off
+    # adamw (betas, weight_decay above) | sgd: plain SGD without momentum, whose update is the gradient
+    # itself, so any error in gradient scale shows in the weights (the layout tests use it)
+    optimizer: str = "adamw"
     eval_every: int = 100  # steps between validation passes (also run at step 0 and at the end)
-    eval_batches: int = 8  # validation batches per pass; 0 = the whole validation split
+    eval_batches: int = 8  # validation batches (of train.batch_size sequences) per pass; 0 = the whole split
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
-    max_nonfinite_steps: int = 5  # NaN/inf losses are skipped; this many in a row stops the run
+    # a NaN/inf loss or gradient (any micro-batch, any rank) skips the optimizer step on every rank;
+    # this many skipped steps in a row stop the run (its last checkpoint holds the last good weights)
+    max_nonfinite_steps: int = 5
     ema: float = 0.0  # decay of a moving average of the weights used for validation and export (MDLM 0.9999); 0 = off
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    peak_tflops: float = 0.0  # one device's peak TFLOP/s for MFU; 0 = from pretrain/throughput.py's table
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
 
 
@@ -186,6 +192,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.density_form": ("ratio", "logit_tilt"),
     "diffusion.syntactic": ("priority", "complement"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
+    "train.optimizer": ("adamw", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "launch.backend": ("auto", "local", "slurm"),
@@ -303,6 +310,7 @@ def validate(cfg: Config) -> None:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.tracking.flush_interval_s > 0, "tracking.flush_interval_s", "must be > 0")
     need(cfg.tracking.log_samples >= 0, "tracking.log_samples", "must be >= 0 (0 = off)")
+    need(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = the device's from the table)")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(0.0 <= t.ema < 1.0, "train.ema", "must be in [0, 1) (0 = off; MDLM uses 0.9999)")
     need(t.ema == 0.0 or p.zero_stage != 3, "train.ema",
@@ -310,6 +318,16 @@ def validate(cfg: Config) -> None:
 
     need(p.tp >= 1, "parallel.tp", "must be >= 1")
     need(p.pp >= 1, "parallel.pp", "must be >= 1")
+    if p.tp > 1:  # what parallel/tensor_parallel.py shards, refused here rather than in every rank at start-up
+        heads_ok = [k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]
+        need(m.n_heads % p.tp == 0, "parallel.tp",
+             f"must divide model.n_heads = {m.n_heads} (attention is split by whole heads; allowed: "
+             f"{', '.join(map(str, heads_ok))})")
+        hidden = _mlp_hidden(m)
+        need(hidden % p.tp == 0, "parallel.tp",
+             f"must divide the MLP hidden size {hidden} (model.mlp = {m.mlp}, mlp_ratio = {m.mlp_ratio}, "
+             f"d_model = {m.d_model}): its columns are split over the tensor-parallel ranks")
+        # the vocabulary needs no divisibility: it is padded to a multiple of tp (tensor_parallel.py)
     if p.pp > 1:  # DeepSpeed's pipeline engine (parallel/pipeline.py) and what it does not combine with
         need(p.zero_stage <= 1, "parallel.zero_stage",
              "must be 0 or 1 with parallel.pp > 1: DeepSpeed's pipeline engine does not combine with ZeRO-2/3")
@@ -375,6 +393,13 @@ def _elbo_weight_problems(cfg: Config) -> list[str]:
             "Use diffusion.weighting=reweighted (the bell reshapes training; validation stays the unbiased "
             "uniform-t NELBO), or diffusion.bell.family=beta with diffusion.bell.b < 2 (a larger "
             "diffusion.eps also helps), or diffusion.time_sampler=uniform or antithetic"]
+
+
+def _mlp_hidden(m: ModelConfig) -> int:
+    """The MLP's hidden width, as the model computes it (pretrain/model/transformer.py)."""
+    from pretrain.model.transformer import swiglu_hidden
+
+    return swiglu_hidden(m.d_model, m.mlp_ratio) if m.mlp == "swiglu" else int(m.mlp_ratio * m.d_model)
 
 
 def _divisors(n: int) -> str:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from pretrain.diffusion.rng import SampleRNG
+
 EVAL_SEED_OFFSET = 10_007  # eval draws never coincide with training draws of the same seed
 
 
@@ -28,22 +30,30 @@ def validation_nll(
     max_batches: int = 0,
     autocast: contextlib.AbstractContextManager | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    dp_rank: int = 0,
+    dp_size: int = 1,
 ) -> dict[str, float]:
     """Mean NLL in nats per token (and perplexity) over up to `max_batches` batches (0 = all).
 
-    `reduce` sums (nll, tokens) over data-parallel ranks, each of which read its own share of the
-    validation split, so every rank reports the NLL of the whole evaluated set."""
-    generator = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
+    `batches` is data-parallel rank `dp_rank`'s share of the validation stream, which deals global
+    sample g to rank g % dp_size (data_pipeline/stream.py): its j-th sample is g = j dp_size + dp_rank.
+    Each sequence's t and masks are drawn from a generator seeded by (seed, g) (SampleRNG), so the
+    same weights score the same on any layout. `reduce` sums (nll, tokens) over data-parallel ranks,
+    so every rank reports the NLL of the whole evaluated set."""
+    eval_seed = seed + EVAL_SEED_OFFSET
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, seen = 0.0, 0, 0
     try:
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
+            n = batch["input_ids"].shape[0]
+            rng = SampleRNG(eval_seed, (torch.arange(seen, seen + n) * dp_size + dp_rank).tolist())
+            seen += n
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast or contextlib.nullcontext():
-                nll_sum, n_tokens = objective.eval_nll(model, batch, generator)
+                nll_sum, n_tokens = objective.eval_nll(model, batch, rng)
             total += float(nll_sum)
             count += int(n_tokens)
     finally:

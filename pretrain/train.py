@@ -49,14 +49,14 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many NaN/inf losses in a row: the run stops with its last good checkpoint intact."""
+    """Too many NaN/inf losses or gradients in a row: the run stops with its last good checkpoint intact."""
 
 
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps completed
     tokens: int = 0  # tokens consumed, all data-parallel ranks together
-    skipped_steps: int = 0  # steps skipped for a non-finite loss
+    skipped_steps: int = 0  # optimizer steps skipped (every rank) for a non-finite loss or gradient
     best_val_nll: float = math.inf
     initial_val_nll: float = math.nan
     last_val_nll: float = math.nan
@@ -108,11 +108,20 @@ def end_status(e: BaseException) -> str:
     return getattr(e, "status", "FAILED")
 
 
+def build_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
+    """train.optimizer: AdamW (fused on CUDA), or plain SGD (no momentum), whose step is lr x gradient."""
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=0.0)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+
+
 class Callback:
     """Hooks the trainer calls; override what you need."""
 
     def on_train_start(self, trainer: Trainer) -> None: ...
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_step_skipped(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...  # non-finite
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
     def on_train_end(self, trainer: Trainer, status: str) -> None: ...
 
@@ -156,9 +165,7 @@ class Trainer:
         self.objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=self.data.mask_id,
                                          jigsaw_streams=cfg.model.jigsaw_streams)
         t = cfg.train
-        optimizer = torch.optim.AdamW(
-            param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda",
-        )
+        optimizer = build_optimizer(model, t, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr_ratio),
         )
@@ -200,7 +207,7 @@ class Trainer:
         )
         self.state = TrainState()
         self.start_step = 0  # where this process began (the checkpoint's step when resuming)
-        self.peak_flops = device_peak_flops(self.device, self.dtype)
+        self.peak_flops = device_peak_flops(self.device, self.dtype, t.peak_tflops)
 
     @property
     def layout(self) -> dict[str, Any]:
@@ -311,9 +318,12 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         with self.ema_weights():
+            # eval_batches counts global batches (train.batch_size sequences), so every layout evaluates
+            # the same validation sequences whatever its micro-batch size
             metrics = validation_nll(
                 self.engine, self.objective, self.val_loader, self.device, seed=self.cfg.seed,
-                max_batches=self.cfg.train.eval_batches, autocast=self.autocast, reduce=self._dp_sum,
+                max_batches=self.cfg.train.eval_batches * self.accumulation, autocast=self.autocast,
+                reduce=self._dp_sum, dp_rank=self.topology.dp_rank, dp_size=self.topology.dp_size,
             )
         if self.engine.kind == "pipeline":  # only the last stage saw real logits: its numbers for all
             import torch.distributed as dist
@@ -337,45 +347,56 @@ class Trainer:
         return metrics
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any] | None:
-        """One optimizer step over `accumulation` micro-batches; None when it was skipped (non-finite loss).
+        """One optimizer step over `accumulation` micro-batches; None when it was skipped (a non-finite
+        loss or gradient in any micro-batch on any rank: every rank skips the whole step).
 
         Each micro-batch's loss is rescaled so the gradient is that of the global per-token loss:
         tokens are counted over the data-parallel group (ranks can hold different numbers of real
         tokens), and the engines' averaging over ranks and micro-batches is undone. The same
-        all-reduce makes every rank see a non-finite loss on any rank, so all skip together."""
+        all-reduce makes every rank see a non-finite loss on any rank. Every micro-batch still runs
+        its backward (the engines' gradient collectives and micro-step counters stay in step on all
+        ranks); after a non-finite loss it backpropagates `loss x NaN`, so the gradient is not
+        finite and the engine's one rule (parallel/engine.py: a non-finite global gradient norm
+        skips the optimizer step and clears the gradients) skips the step everywhere."""
         if self.engine.kind == "pipeline":
             return self._pipeline_train_step(micro_batches)
         dp, n_micro = self.topology.dp_size, len(micro_batches)
-        loss_sum = tokens = 0.0
+        loss_sum = tokens = real_tokens = 0.0
         buckets = None
-        skipped = False
-        grad_norm = None
+        finite = True
+        result = None
         for i, batch in enumerate(micro_batches):
             rng = step_rng(self.cfg.seed, self.state.step, self.topology.dp_rank, dp, micro=i, n_micro=n_micro)
             with self.autocast:
                 loss, stats = self.objective.training_loss(self.engine, batch, rng)
             n_local = float(stats["n_tokens"])
             k = len(stats["t_bucket_loss_sum"])
-            glob = self._global_totals(loss, stats)
-            if not math.isfinite(float(glob[0])):
-                skipped = True
-                self.engine.skip()
-                continue
-            self.engine.backward(loss * (n_local / float(glob[1]) * dp))
-            grad_norm = self.engine.step()
+            glob = self._global_totals(loss, stats, extra=(self._real_tokens(batch),))
+            finite = finite and math.isfinite(float(glob[0]))
+            scale = n_local / max(float(glob[1]), 1.0) * dp
+            self.engine.backward(loss * scale if finite else loss * math.nan)
+            result = self.engine.step()
             loss_sum += float(glob[0])
             tokens += float(glob[1])
-            buckets = glob[2:] if buckets is None else buckets + glob[2:]
-        if skipped and n_micro == 1:
+            real_tokens += float(glob[-1])
+            buckets = glob[2:-1] if buckets is None else buckets + glob[2:-1]
+        if result is None:
+            raise RuntimeError(f"{n_micro} micro-batches did not reach the engine's accumulation boundary")
+        if not result.applied:
             return None
         self.scheduler.step()
         return {
             "loss": loss_sum / max(tokens, 1.0),
-            "grad_norm": grad_norm if grad_norm is not None else math.nan,
+            "grad_norm": result.grad_norm,
+            "real_tokens": real_tokens,
             "masked_fraction": stats.get("masked_fraction", 0.0),
-            "t_bucket_loss_sum": buckets[:k] if buckets is not None else None,
-            "t_bucket_count": buckets[k:] if buckets is not None else None,
+            "t_bucket_loss_sum": buckets[:k],
+            "t_bucket_count": buckets[k:],
         }
+
+    def _real_tokens(self, batch: dict[str, torch.Tensor]) -> float:
+        """Non-padding tokens of a micro-batch on this rank (what MFU counts)."""
+        return float((batch["input_ids"] != self.data.pad_id).sum())
 
     def _pipeline_train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any] | None:
         """train_step through the pipeline engine (parallel/pipeline.py): every rank corrupts the
@@ -399,7 +420,8 @@ class Trainer:
             i = int(label[0])
             loss, stats = replay(pipe, self.objective.training_loss, logits, micro_batches[i], rng(i))
             n_local = float(stats["n_tokens"])
-            glob = self._global_totals(loss, stats, extra=(stats.get("masked_fraction", 0.0),))
+            glob = self._global_totals(loss, stats, extra=(self._real_tokens(micro_batches[i]),
+                                                           stats.get("masked_fraction", 0.0)))
             results.append(glob)
             if not math.isfinite(float(glob[0])):
                 self.engine.skip_step()
@@ -409,7 +431,7 @@ class Trainer:
         with self.autocast:
             stepped = self.engine.train_batch(inputs, loss_fn)
         k = self.objective.loss_buckets
-        summed = torch.zeros(3 + 2 * k, dtype=torch.float64)
+        summed = torch.zeros(4 + 2 * k, dtype=torch.float64)
         if results:  # the last stage; the others receive its sums below
             summed = torch.stack(results).sum(dim=0)
             summed[-1] = results[-1][-1] / dp  # masked fraction: the last micro-batch's, mean over dp
@@ -420,10 +442,10 @@ class Trainer:
         if not stepped:
             return None
         self.scheduler.step()
-        norm = self.engine.step_grad_norm()
         return {
             "loss": float(summed[0] / summed[1].clamp(min=1.0)),
-            "grad_norm": float(norm) if norm is not None else math.nan,
+            "grad_norm": self.engine.step_grad_norm(),
+            "real_tokens": float(summed[-2]),
             "masked_fraction": float(summed[-1]),
             "t_bucket_loss_sum": summed[2:2 + k],
             "t_bucket_count": summed[2 + k:2 + 2 * k],
@@ -449,24 +471,29 @@ class Trainer:
                     self.skipped_rows += skipped_rows(micro)
                 micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
                 stats = self.train_step(micro)
-                if stats is None:
+                if stats is None:  # skipped on every rank: the weights and the step counter are unchanged
                     nonfinite_in_a_row += 1
                     self.state.skipped_steps += 1
-                    log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.state.step,
-                                nonfinite_in_a_row)
+                    log.warning("non-finite loss or gradient at step %d: optimizer step skipped on every rank "
+                                "(%d in a row, %d in all)", self.state.step, nonfinite_in_a_row,
+                                self.state.skipped_steps)
+                    for cb in self.callbacks:
+                        cb.on_step_skipped(self, {"train/skipped_steps": float(self.state.skipped_steps),
+                                                  "train/nonfinite_in_a_row": float(nonfinite_in_a_row)})
                     if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                         last = ckpt.latest_checkpoint(self.run_dir, checksums=False)
                         raise NonFiniteLossError(
-                            f"loss was NaN/inf for {nonfinite_in_a_row} steps in a row at step {self.state.step}; "
-                            f"stopping. Last good checkpoint: {last or 'none'}. Lower train.lr, raise "
-                            f"train.warmup_steps or check the data."
+                            f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row at step "
+                            f"{self.state.step} (train.max_nonfinite_steps = {cfg.max_nonfinite_steps}); stopping. "
+                            f"Last good checkpoint: {last or 'none'}. Lower train.lr, raise train.warmup_steps "
+                            f"or check the data."
                         )
                     continue
                 nonfinite_in_a_row = 0
                 if self.ema is not None:
                     self.ema.update()
                 step_s = time.perf_counter() - t0
-                tokens = sum(b["input_ids"].numel() for b in micro) * self.topology.dp_size
+                tokens = sum(b["input_ids"].numel() for b in micro) * self.topology.dp_size  # padding included
                 self.state.step += 1
                 self.state.tokens += tokens
                 metrics = self._step_metrics(stats, tokens, step_s, load_s)
@@ -509,7 +536,9 @@ class Trainer:
             for i in range(k):
                 if counts[i] > 0:
                     m[f"train/loss_t{i / k:.1f}-{(i + 1) / k:.1f}"] = float(sums[i] / counts[i])
-        u = mfu(self.flops_per_token, tps, self.peak_flops)
+        real_tps = stats["real_tokens"] / step_s  # non-padding tokens, all ranks
+        m["train/real_tokens_per_s"] = real_tps
+        u = mfu(self.flops_per_token, real_tps, self.peak_flops, n_devices=self.topology.world_size)
         if u is not None:
             m["train/mfu"] = u
         return m
@@ -589,6 +618,9 @@ class MetricsFileCallback(Callback):
         if trainer.state.step % trainer.cfg.train.log_every == 0:
             self._write("train", trainer.state.step, metrics)
 
+    def on_step_skipped(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._write("skip", trainer.state.step, metrics)
+
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self._write("eval", trainer.state.step, metrics)
 
@@ -665,6 +697,9 @@ class TrackingCallback(Callback):
             from pretrain.tracking import system_metrics
 
             self.tracker.log_metrics({**metrics, **system_metrics()}, step=trainer.state.step)
+
+    def on_step_skipped(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics(metrics, step=trainer.state.step)
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(metrics, step=trainer.state.step)

@@ -111,7 +111,7 @@ from pretrain.diffusion.objective import (
     targets_of,
     token_info_of,
 )
-from pretrain.diffusion.rng import StepRNG, single
+from pretrain.diffusion.rng import SampleRNG, StepRNG, eval_rng
 from pretrain.diffusion.schedules import Schedule
 from pretrain.diffusion.time_samplers import TimeSampler
 from pretrain.model.attention_masks import max_blocks, response_blocks, response_index
@@ -215,7 +215,7 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         return loss, stats
 
     @torch.no_grad()
-    def eval_nll(self, model, batch: dict, generator: torch.Generator) -> tuple[float, int]:
+    def eval_nll(self, model, batch: dict, generator: torch.Generator | SampleRNG) -> tuple[float, int]:
         """(sum of per-sequence block NELBOs in nats, real tokens). Per-block t stratified:
         t_bjk = eps + (1 - eps)(u_bj + k)/K, weighted by w(t)(1 - eps) = w(t)/q_uniform(t).
         With a prompt: the response tokens only (the prompt stays clean)."""
@@ -223,9 +223,9 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         target = targets_of(batch)
         device, (B, L), K = input_ids.device, input_ids.shape, self.eval_t_samples
         bl, nb = self._blocks(model, L)
-        rng = single(generator)
+        rng = eval_rng(generator)
         masking = UniformMasking()
-        u = torch.rand(B, nb, generator=generator, dtype=torch.float64)
+        u = rng.rand(B, nb)
         total = torch.zeros(B, dtype=torch.float64)
         for k in range(K):
             t = self.eps + (1.0 - self.eps) * (u + k) / K
@@ -361,17 +361,18 @@ class JigsawObjective:
         return loss, stats
 
     @torch.no_grad()
-    def eval_nll(self, model, batch: dict, generator: torch.Generator) -> tuple[float, int]:
+    def eval_nll(self, model, batch: dict, generator: torch.Generator | SampleRNG) -> tuple[float, int]:
         """(sum of per-sequence bounds in nats, response tokens): m_k = floor(n (u + k) / K) + 1,
         k < K (stratified uniform on {1..n}), weight n / m; independent of the training sampler."""
         input_ids, K = batch["input_ids"], self.eval_t_samples
         B = input_ids.shape[0]
         n, columns = self._geometry(model, batch)
-        u = torch.rand(B, generator=generator, dtype=torch.float64)
+        rng = eval_rng(generator)
+        u = rng.rand(B)
         total = torch.zeros(B, dtype=torch.float64)
         for k in range(K):
             m = torch.minimum((torch.floor(n * (u + k) / K).long() + 1).clamp(min=1), n)
-            masked_blocks = self.choose_blocks(m, n, single(generator), columns)
+            masked_blocks = self.choose_blocks(m, n, rng, columns)
             ce_seq, _ = self._nll_per_sequence(model, batch, masked_blocks, n)
             total += (n.double() / m.double()) * ce_seq.cpu().double()
         return float(total.sum() / K), int(targets_of(batch).sum())

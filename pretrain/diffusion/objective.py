@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from pretrain.config import DiffusionConfig
 from pretrain.diffusion.masking import UniformMasking, masking_from_config
-from pretrain.diffusion.rng import StepRNG, single
+from pretrain.diffusion.rng import SampleRNG, StepRNG, eval_rng
 from pretrain.diffusion.schedules import Schedule, build_schedule
 from pretrain.diffusion.time_samplers import TimeSampler, build_time_sampler
 
@@ -250,18 +250,19 @@ class MaskedDiffusionObjective:
         return loss, stats
 
     @torch.no_grad()
-    def eval_nll(self, model, batch: dict, generator: torch.Generator) -> tuple[float, int]:
+    def eval_nll(self, model, batch: dict, generator: torch.Generator | SampleRNG) -> tuple[float, int]:
         """(sum over sequences of the per-sequence NELBO in nats, number of real tokens).
 
         Uniform t, stratified per sequence: t_bk = eps + (1 - eps)(u_b + k)/K, k < K, weighted by
         w(t)(1 - eps) = w(t)/q_uniform(t); averaged over the K draws. Unbiased for the NELBO on
-        [eps, 1] whatever the training sampler was. With a prompt: the response tokens only."""
+        [eps, 1] whatever the training sampler was. With a prompt: the response tokens only. `generator`:
+        per-sample draws (SampleRNG, what validation passes) or one generator for the batch."""
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
         target = targets_of(batch)
         device, B, K = input_ids.device, input_ids.shape[0], self.eval_t_samples
-        rng = single(generator)
+        rng = eval_rng(generator)
         masking = UniformMasking()
-        u = torch.rand(B, generator=generator, dtype=torch.float64)
+        u = rng.rand(B)
         total = torch.zeros(B, dtype=torch.float64)
         for k in range(K):
             t = self.eps + (1.0 - self.eps) * (u + k) / K

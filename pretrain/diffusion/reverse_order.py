@@ -41,7 +41,7 @@ import torch
 
 from pretrain.diffusion.blockwise import _loss_stats, _masked_ce_per_token
 from pretrain.diffusion.objective import MaskedDiffusionObjective
-from pretrain.diffusion.rng import StepRNG, single
+from pretrain.diffusion.rng import StepRNG, eval_rng
 
 
 def _unwrap(model):
@@ -137,13 +137,13 @@ class ReverseOrderObjective(MaskedDiffusionObjective):
         return loss, stats
 
     @torch.no_grad()
-    def eval_nll(self, model, batch: dict, generator: torch.Generator) -> tuple[float, int]:
+    def eval_nll(self, model, batch: dict, generator) -> tuple[float, int]:
         """(sum over sequences of the semi-AR bound in nats, target tokens): uniform t stratified,
         t_bk = eps + (1 - eps)(u_b + k)/K, weight with q = 1/(1 - eps); whatever trained it."""
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
         B, K = input_ids.shape[0], self.eval_t_samples
-        rng = single(generator)
-        u = torch.rand(B, generator=generator, dtype=torch.float64)
+        rng = eval_rng(generator)  # per-sample draws under validation: the same number on any layout
+        u = rng.rand(B)
         total = torch.zeros(B, dtype=torch.float64)
         for k in range(K):
             t = self.eps + (1.0 - self.eps) * (u + k) / K

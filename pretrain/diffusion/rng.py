@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-_SHARED, _SAMPLES = 0x5348, 0x534D  # stream tags: the two streams never coincide
+_SHARED, _SAMPLES, _EVAL = 0x5348, 0x534D, 0x4556  # stream tags: the streams never coincide
 
 
 @dataclass
@@ -49,6 +49,30 @@ class StepRNG:
         j-th sample of micro-batch i is its (i * n_local + j)-th sample, global sample (.) * dp + r."""
         own = torch.arange(self.micro * n_local, (self.micro + 1) * n_local)
         return own * self.dp_size + self.dp_rank
+
+
+class SampleRNG:
+    """Evaluation draws keyed by sample: row b of every `rand` comes from its own generator, seeded
+    from (seed, global sample index of row b). A validation sequence therefore gets the same t and
+    masks whichever rank, batch or layout evaluates it, and the validation NLL of given weights is
+    the same number at any dp/tp/pp (the layout only decides who evaluates which sequence).
+    Successive `rand` calls continue each row's stream. Cost: one small draw per row and call,
+    negligible next to the model's forward on the batch."""
+
+    def __init__(self, seed: int, sample_index: torch.Tensor | list[int]):
+        self.generators = [_generator(_EVAL, seed, int(g)) for g in sample_index]
+
+    def rand(self, *local_shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        n_local, *rest = local_shape
+        if n_local != len(self.generators):
+            raise ValueError(f"{n_local} rows drawn for a batch of {len(self.generators)} samples")
+        return torch.stack([torch.rand(rest, generator=g, dtype=dtype) for g in self.generators])
+
+
+def eval_rng(rng: torch.Generator | StepRNG | SampleRNG) -> StepRNG | SampleRNG:
+    """What an objective's eval_nll draws from: a SampleRNG (the trainer's validation), or one plain
+    generator for the whole batch (tests, quick checks)."""
+    return single(rng) if isinstance(rng, torch.Generator) else rng
 
 
 def single(generator: torch.Generator) -> StepRNG:

@@ -197,15 +197,17 @@ def worker(outdir: Path) -> None:
 
 
 def worker_deepspeed(outdir: Path) -> None:
-    """DeepSpeed ZeRO over the TP model with DeepSpeedMpu: gradient norm (clipping) and step must
-    equal the plain model's, i.e. DeepSpeed counts each sharded parameter once and each replicated
-    one once (on tp rank 0), over the groups the adapter hands it."""
+    """The trainer's DeepSpeed engine (parallel/engine.py) over the TP model with DeepSpeedMpu, ZeRO 0,
+    1 and 3: the gradient norm it reports and its (clipped) step must equal the plain model's, i.e.
+    each sharded parameter counts once and each replicated one once (on tp rank 0), over the groups
+    the adapter hands it. ZeRO-0 is the engine's own norm (DeepSpeed's torch-optimizer path has none)."""
     import warnings
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     import deepspeed
 
+    from parallel.engine import DeepSpeedEngine, deepspeed_config
     from parallel.state import DeepSpeedMpu, destroy, init_distributed
     from parallel.tensor_parallel import apply_tensor_parallel, gather_tensor_parallel_state_dict
 
@@ -213,24 +215,20 @@ def worker_deepspeed(outdir: Path) -> None:
     deepspeed.init_distributed(dist_backend="gloo")  # reuses the process group
     case, clip, result = "mdm_pad", 0.5, {}
     ids, targets, real, kwargs = _inputs(case)
-    for stage in (1, 3):
+    for stage in (0, 1, 3):
         plain = plain_model(case)
         model = apply_tensor_parallel(plain_model(case))
-        config = {
-            "train_micro_batch_size_per_gpu": B,
-            "gradient_clipping": clip,
-            "zero_optimization": {"stage": stage},
-            "zero_allow_untested_optimizer": True,
-        }
+        config = deepspeed_config(B, 1, 1, clip, stage, "fp32", n_params=10**6)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config, mpu=DeepSpeedMpu())
+        engine = DeepSpeedEngine(model, opt, config, mpu=DeepSpeedMpu())
         engine.backward(_loss(engine(ids, **kwargs), targets, real))
-        engine.step()
+        stepped = engine.step()
         _loss(plain(ids, **kwargs), targets, real).backward()
         norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), clip)
         torch.optim.AdamW(plain.parameters(), lr=1e-2, eps=1e-6).step()
         result[f"zero{stage}"] = {
-            "ds_grad_norm": float(engine.get_global_grad_norm()),
+            "ds_grad_norm": stepped.grad_norm,
+            "applied": stepped.applied,
             "plain_grad_norm": norm.item(),
             "step_diff": _max_diff(plain.state_dict(), gather_tensor_parallel_state_dict(engine.module))[0],
         }
@@ -414,8 +412,9 @@ def test_init_distributed_refuses_tp_not_dividing_world(monkeypatch):
 @pytest.mark.slow  # ~8 s; the first DeepSpeed init on a machine also compiles its CPU comm op (~35 s)
 def test_deepspeed_zero_with_mpu_adapter_matches_plain_model(tmp_path):
     for r in _launch(tmp_path, "deepspeed"):
-        for stage in ("zero1", "zero3"):
+        for stage in ("zero0", "zero1", "zero3"):
             z = r[stage]
+            assert z["applied"]
             assert z["plain_grad_norm"] > 0.5  # clip 0.5 is active, so a wrong norm changes the step
             assert abs(z["ds_grad_norm"] - z["plain_grad_norm"]) < 1e-5 * z["plain_grad_norm"], stage
             assert z["step_diff"] < TOL, stage

@@ -153,6 +153,49 @@ def test_pipeline_layouts_the_engine_cannot_run_are_refused(overrides, fragment)
     load_config(CONFIGS / "quickstart.yaml", ["launch.nproc=2", "parallel.pp=2"])  # the plain pp=2 layout is valid
 
 
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["model.n_heads=2", "model.d_model=64", "parallel.tp=4"],
+         "`parallel.tp` = 4: must divide model.n_heads = 2 (attention is split by whole heads; allowed: 1, 2)"),
+        (["model.n_heads=3", "model.d_model=96", "parallel.tp=2"], "must divide model.n_heads = 3"),
+        # gelu hidden = 1.25 x 40 = 50: the 4 heads split over 4 ranks, the 50 columns do not
+        (["model.mlp=gelu", "model.mlp_ratio=1.25", "model.d_model=40", "model.n_heads=4", "parallel.tp=4"],
+         "must divide the MLP hidden size 50"),
+        (["model.mlp=swiglu", "model.mlp_ratio=1.0", "model.d_model=12", "model.n_heads=2", "parallel.tp=2",
+          "launch.nproc=2"], None),  # swiglu hidden 8: divisible, accepted
+    ],
+)
+def test_tensor_parallel_shapes_are_checked_before_any_process_starts(overrides, fragment):
+    over = ["launch.nproc=4", *overrides]
+    if fragment is None:
+        load_config(CONFIGS / "quickstart.yaml", over)
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "quickstart.yaml", over)
+    assert fragment in str(e.value)
+
+
+def test_tp_shape_errors_refuse_the_launch_before_spawning(tmp_path):
+    """The launcher validates the config before starting ranks: the error comes in seconds, not
+    after every rank has imported megatron-core and died in apply_tensor_parallel."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.launch", "--config", str(CONFIGS / "quickstart.yaml"), "--set",
+         "launch.nproc=2", "parallel.tp=2", "model.n_heads=3", "model.d_model=96", "tracking.enabled=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "must divide model.n_heads = 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # no run directory, no rank started
+    assert time.monotonic() - start < 60
+
+
 def test_all_problems_are_reported_together():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.lr=-1", "train.steps=0"])
