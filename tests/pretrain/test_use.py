@@ -103,3 +103,47 @@ def test_sample_module_has_a_command_line():
     out = subprocess.run([sys.executable, "-m", "pretrain.sample"], capture_output=True, text=True, cwd=REPO,
                          timeout=120)
     assert out.returncode != 0 and "--run" in out.stderr  # not silent: it says what is missing
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Hugging Face export
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["quick", "ar"])
+def test_hf_export_loads_in_transformers_with_the_checkpoints_logits(which, quick, text_runs, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")  # the `hf` extra (in `dev`, so CI runs this)
+    import torch
+
+    from pretrain.checkpoint import load_model_for_inference
+    from pretrain.convert import main as convert
+
+    run = quick if which == "quick" else text_runs[1]["ar"]
+    out = tmp_path / "hf"
+    assert convert([str(run), "--hf", str(out)]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    for name in ("model.safetensors", "config.json", "modeling_dlm.py", "dlm_transformer.py", "dlm_tokenizer"):
+        assert (out / name).exists(), name
+    auto = transformers.AutoModelForCausalLM if which == "ar" else transformers.AutoModelForMaskedLM
+    hf = auto.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert type(hf).__name__ == ("DLMForCausalLM" if which == "ar" else "DLMForMaskedLM")
+    ref, info = load_model_for_inference(run)  # EMA by default, as the export
+    assert info["ema"] == (which == "quick")
+    torch.manual_seed(0)
+    V = info["vocab_size"]
+    x = torch.randint(4, V, (2, 24))
+    x[:, 5:9] = hf.config.mask_token_id
+    with torch.no_grad():
+        got, want = hf(x).logits, ref(x)
+    assert got.shape == (2, 24, V)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # the raw weights differ from their average: the export really carried the average
+    if which == "quick":
+        raw, _ = load_model_for_inference(run, ema=False)
+        with torch.no_grad():
+            assert (raw(x) - want).abs().max() > 1e-4
+    # the saved tokenizer is the run's
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(out / "dlm_tokenizer")
+    assert tok.vocab_size == V and tok.mask_id == hf.config.mask_token_id
