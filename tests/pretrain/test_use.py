@@ -147,3 +147,58 @@ def test_hf_export_loads_in_transformers_with_the_checkpoints_logits(which, quic
 
     tok = load_tokenizer(out / "dlm_tokenizer")
     assert tok.vocab_size == V and tok.mask_id == hf.config.mask_token_id
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. --dry-run and recipe errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_dry_run_shows_size_flops_tokens_and_hub_need(capsys, monkeypatch, tmp_path):
+    from pretrain.launch import main as launch
+
+    monkeypatch.chdir(REPO)
+    assert launch(["--config", "configs/quickstart.yaml", "--dry-run", "--set", f"data.shard_dir={tmp_path / 's'}"]) == 0
+    out = capsys.readouterr().out
+    size = next(line for line in out.splitlines() if line.startswith("size"))
+    params = float(size.split()[1].removesuffix("M")) * 1e6
+    from pretrain.config import load_config
+    from pretrain.model import build_model
+
+    real = build_model(load_config("configs/quickstart.yaml").model, 16, 168)
+    assert params == pytest.approx(sum(p.numel() for p in real.parameters()), abs=600)  # printed to 3 decimals
+    flops = float(size.split("parameters")[1].split(",")[1].split()[0]) * 1e6
+    assert 6 * params < flops < 6 * params + 12 * 4 * 128 * 168 + 1e3  # 6N + attention
+    assert "MFLOPs per training token" in size and "vocabulary 16" in size
+    assert "400 steps x 32 sequences x 168 = 2.15M tokens" in out
+    assert "data hub    no (task source)" in out
+    assert launch(["--config", "configs/lm1b_bell.yaml", "--dry-run", "--set", f"data.shard_dir={tmp_path / 'h'}"]) == 0
+    assert "data hub    yes, to build the shards" in capsys.readouterr().out
+
+
+def test_dry_run_fails_on_a_missing_data_source(capsys, monkeypatch, tmp_path):
+    from pretrain.launch import main as launch
+
+    monkeypatch.chdir(REPO)
+    missing = tmp_path / "nowhere.txt"
+    assert launch(["--config", "configs/quickstart.yaml", "--dry-run", "--set", f"data.source={missing}",
+                   "data.tokenizer=sentencepiece", f"data.shard_dir={tmp_path / 's'}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.source" in err and str(missing) in err
+    assert launch(["--config", "configs/quickstart.yaml", "--dry-run", "--set", "data.source=task:sudokuu",
+                   f"data.shard_dir={tmp_path / 's'}"]) == 2
+    assert "unknown task 'sudokuu'" in capsys.readouterr().err
+
+
+def test_missing_recipe_lists_recipes_and_missing_inherit_names_its_file(capsys, monkeypatch, tmp_path):
+    from pretrain.launch import main as launch
+
+    monkeypatch.chdir(REPO)
+    assert launch(["--config", "configs/quickstar.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean configs/quickstart.yaml" in err and "configs/tasks/sudoku_mdm.yaml" in err
+    child = tmp_path / "child.yaml"
+    child.write_text("inherit: base_gone.yaml\ntrain: {steps: 5}\n")
+    assert launch(["--config", str(child), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "base_gone.yaml") in err and f"in {child}" in err
