@@ -62,14 +62,17 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", ema: bool | No
 
 @torch.no_grad()
 def generate_text(model, cfg, tok, prompt: str = "", max_new_tokens: int = 64, num_samples: int = 1,
-                  sampler_cfg=None, ema: bool = False) -> Generation:
-    """Fill `max_new_tokens` positions after `[BOS] prompt` for `num_samples` rows."""
+                  sampler_cfg=None, ema: bool = False, prompt_ids: list[int] | None = None) -> Generation:
+    """Fill `max_new_tokens` positions after `[BOS] prompt` for `num_samples` rows (`prompt_ids`:
+    the prompt already encoded, instead of `prompt`)."""
     from data_pipeline.stream import trains_on_response
     from pretrain.diffusion.schedules import build_schedule
     from pretrain.sample import SamplerConfig, generate, resolve_sampler
 
     sampler_cfg = sampler_cfg or SamplerConfig()
-    ids = [tok.bos_id, *tok.encode(prompt)] if prompt else [tok.bos_id]
+    if prompt_ids is None:
+        prompt_ids = tok.encode(prompt) if prompt else []
+    ids = [tok.bos_id, *prompt_ids]
     L = len(ids) + max_new_tokens
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

@@ -2,12 +2,14 @@
 Hugging Face, zero-shot NLL on another corpus, lm-eval, extending a finished run; the README's user
 journey on the quickstart's model. Tiny runs are trained once per module through the launcher."""
 
+import json
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79="
@@ -202,3 +204,101 @@ def test_missing_recipe_lists_recipes_and_missing_inherit_names_its_file(capsys,
     assert launch(["--config", str(child), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "base_gone.yaml") in err and f"in {child}" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. lm-evaluation-harness
+# ----------------------------------------------------------------------------------------------
+
+TOY_TASK = """task: dlm_toy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def _toy_task(root: Path) -> Path:
+    rows = [{"context": "the cat sees", "choices": ["a dog", "red red red"], "label": 0},
+            {"context": "a small bird", "choices": ["likes the fish", ". . ."], "label": 0},
+            {"context": "the lazy dog", "choices": ["chases a cat", "old old"], "label": 0}]
+    task_dir = root / "tasks"
+    task_dir.mkdir(exist_ok=True)
+    (task_dir / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (task_dir / "dlm_toy.yaml").write_text(TOY_TASK.format(data=task_dir / "toy.jsonl"))
+    return task_dir
+
+
+@pytest.mark.parametrize("variant", ["ar", "mdm"])
+def test_lm_eval_scores_a_local_task_through_the_dlm_model(variant, text_runs, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")  # the `eval` extra (in `dev`, so CI runs this)
+    from lm_eval.tasks import TaskManager
+
+    import pretrain.lm_eval_harness  # noqa: F401  (registers `dlm`)
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    task_dir = _toy_task(tmp_path)
+    run = text_runs[1][variant]
+    res = lm_eval.simple_evaluate(model="dlm", model_args=f"run={run},mc_samples=16", tasks=["dlm_toy"],
+                                  task_manager=TaskManager(include_path=str(task_dir)), limit=3)
+    acc = res["results"]["dlm_toy"]["acc,none"]
+    # the harness's accuracy is the adapter's own choice, document by document (seeded bound: repeatable)
+    from lm_eval.api.instance import Instance
+
+    from pretrain.lm_eval_harness import DLMEvalHarness
+
+    lm = DLMEvalHarness(run=str(run), mc_samples=16)
+    rows = [json.loads(line) for line in (task_dir / "toy.jsonl").read_text().splitlines()]
+    right = 0
+    for r in rows:
+        lls = [ll for ll, _ in lm.loglikelihood([Instance("loglikelihood", {}, (r["context"], " " + c), 0)
+                                                 for c in r["choices"]])]  # lm-eval's target_delimiter
+        right += int(max(range(len(lls)), key=lls.__getitem__) == r["label"])
+    assert acc == pytest.approx(right / len(rows))
+    if variant == "ar":  # the command line: lm-eval's own, with `dlm` registered
+        from pretrain.lm_eval_harness import main
+
+        monkeypatch.chdir(tmp_path)
+        main(["--model", "dlm", "--model_args", f"run={run}", "--tasks", "dlm_toy", "--include_path",
+              str(task_dir), "--limit", "3", "--output_path", str(tmp_path / "out")])
+        written = list((tmp_path / "out").rglob("results*.json"))
+        assert written and json.loads(written[0].read_text())["results"]["dlm_toy"]["acc,none"] == pytest.approx(acc)
+
+
+def test_lm_eval_loglikelihood_is_exact_for_ar_and_the_elbo_for_diffusion(text_runs):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from pretrain.lm_eval_harness import DLMEvalHarness
+
+    def req(ctx, cont):
+        return Instance("loglikelihood", {}, (ctx, cont), 0)
+
+    ar = DLMEvalHarness(run=str(text_runs[1]["ar"]))
+    tok = ar.tok
+    ctx, cont = tok.encode("the cat sees"), tok.encode(" a red dog")
+    (ll, _), = ar.loglikelihood([req("the cat sees", " a red dog")])
+    x = torch.tensor([[tok.bos_id, *ctx, *cont]])
+    with torch.no_grad():
+        logp = torch.log_softmax(ar.model(x).double(), -1)[0]
+    want = sum(float(logp[len(ctx) + i, c]) for i, c in enumerate(cont))
+    assert ll == pytest.approx(want, abs=1e-6)
+    # diffusion: for a one-token continuation the bound is that token's log-probability with it
+    # masked (every draw that masks it sees the same input), up to the Monte Carlo error
+    mdm = DLMEvalHarness(run=str(text_runs[1]["mdm"]), mc_samples=4096)
+    one = tok.encode(" dog")[-1:]
+    x = torch.tensor([[tok.bos_id, *ctx, tok.mask_id]])
+    with torch.no_grad():
+        logits = mdm.model(x)[0, -1].double()
+    logits[tok.mask_id] = float("-inf")  # SUBS: [MASK] is never predicted
+    want = float(torch.log_softmax(logits, -1)[one[0]])
+    (ll, _), = mdm.loglikelihood([req("the cat sees", tok.decode(one))])
+    assert ll == pytest.approx(want, rel=0.15)
+    assert mdm.loglikelihood([req("the cat sees", tok.decode(one))])[0][0] == ll  # seeded
