@@ -142,6 +142,51 @@ def _vocab_size(cfg: Config) -> tuple[int, str]:
     return 0, "unknown until the tokenizer is loaded"
 
 
+# keys a resumed run may not change: the weights would not load, or would mean something else
+def _fixed_on_resume(key: str) -> bool:
+    return (key.startswith("model.") and key != "model.dropout") or key in ("data.tokenizer", "data.vocab_size")
+
+
+def resume_changes(cfg: Config, run_dir: Path) -> str | None:
+    """What a resume of `run_dir` changes, in one line (None: nothing to resume, or nothing changed).
+
+    Refuses (ConfigError naming every differing key) a resume whose model would not be the one
+    the checkpoint holds; run-length keys (config.RUN_LENGTH_KEYS) and others are reported."""
+    from pretrain.checkpoint import CheckpointError, latest_checkpoint
+    from pretrain.config import RUN_LENGTH_KEYS, flatten
+
+    if not cfg.launch.resume:
+        return None
+    try:
+        latest = latest_checkpoint(run_dir)
+    except CheckpointError:
+        return None  # the trainer reports it
+    if latest is None or not (latest / "config.yaml").is_file():
+        return None
+    try:
+        before = flatten(load_config(latest / "config.yaml"))
+    except ConfigError:
+        return None
+    now = flatten(cfg)
+    diff = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
+            if not k.startswith(("launch.", "tracking.", "parallel.")) and before.get(k) != now.get(k)}
+    fixed = {k: v for k, v in diff.items() if _fixed_on_resume(k)}
+    if fixed:
+        raise ConfigError(
+            f"{run_dir} holds checkpoint {latest.name} of another model; resuming it would not load: "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in fixed.items())
+            + ". Give the new model its own run (drop launch.run_name, or set another), or set launch.resume=false "
+            "to start this directory over")
+    if not diff:
+        return None
+    kind = "extends" if set(diff) <= set(RUN_LENGTH_KEYS) else "resumes with changes:"
+    note = ""
+    if "train.steps" in diff and cfg.train.lr_schedule != "constant":
+        note = (f" (lr_schedule {cfg.train.lr_schedule}: the decay is recomputed for the new length, so the "
+                "learning rate jumps at the resume step)")
+    return f"{kind} {latest.name}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()) + note
+
+
 def plan(cfg: Config) -> str:
     """What will run where, in a few lines (printed by --dry-run and at start)."""
     from data_pipeline.build import resolve_shard_dir
@@ -295,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # DataSourceError: the message names the key and the path
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"# plan\n{plan(cfg)}\n", flush=True)
+        try:
+            change = resume_changes(cfg, run_dir_for(cfg))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"# plan\n{plan(cfg)}\n" + (f"this run {change}\n" if change else ""), flush=True)
         if cfg.launch.backend == "auto":
             print(f"backend auto -> {backend}: {why}\n", flush=True)
         if backend == "slurm":

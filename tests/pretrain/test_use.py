@@ -302,3 +302,32 @@ def test_lm_eval_loglikelihood_is_exact_for_ar_and_the_elbo_for_diffusion(text_r
     (ll, _), = mdm.loglikelihood([req("the cat sees", tok.decode(one))])
     assert ll == pytest.approx(want, rel=0.15)
     assert mdm.loglikelihood([req("the cat sees", tok.decode(one))])[0][0] == ll  # seeded
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. extending a finished run
+# ----------------------------------------------------------------------------------------------
+
+
+def test_more_steps_extend_the_same_run_and_another_model_is_refused(tmp_path, capsys):
+    from pretrain.checkpoint import latest_checkpoint, load_trainer_state
+    from pretrain.launch import main as launch
+
+    recipe = text_recipe(tmp_path)
+    assert launch(["--config", recipe, "--log-level", "WARNING"]) == 0
+    runs = list((tmp_path / "runs" / "text").iterdir())
+    assert len(runs) == 1
+    capsys.readouterr()
+    assert launch(["--config", recipe, "--log-level", "WARNING", "--set", "train.steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert list((tmp_path / "runs" / "text").iterdir()) == runs  # the same run, not a new one
+    assert "this run extends step_0000003: train.steps 3 -> 5" in out
+    assert load_trainer_state(latest_checkpoint(runs[0]))["train_state"]["step"] == 5
+    # the same run directory with another model: refused up front, naming the keys
+    rc = launch(["--config", recipe, "--log-level", "WARNING", "--set", f"launch.run_name={runs[0].name}",
+                 "model.d_model=64", "model.n_layers=2"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "model.d_model 32 -> 64" in err and "model.n_layers 1 -> 2" in err and "launch.resume=false" in err
+    assert "Traceback" not in err and "size mismatch" not in err
+    assert load_trainer_state(latest_checkpoint(runs[0]))["train_state"]["step"] == 5  # untouched
