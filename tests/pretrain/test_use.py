@@ -3,6 +3,7 @@ Hugging Face, zero-shot NLL on another corpus, lm-eval, extending a finished run
 journey on the quickstart's model. Tiny runs are trained once per module through the launcher."""
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -331,3 +332,42 @@ def test_more_steps_extend_the_same_run_and_another_model_is_refused(tmp_path, c
     assert "model.d_model 32 -> 64" in err and "model.n_layers 1 -> 2" in err and "launch.resume=false" in err
     assert "Traceback" not in err and "size mismatch" not in err
     assert load_trainer_state(latest_checkpoint(runs[0]))["train_state"]["step"] == 5  # untouched
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. zero-shot NLL on another corpus
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["ar", "mdm"])
+def test_evaluate_data_scores_another_corpus_with_the_runs_tokenizer(variant, text_runs, tmp_path, monkeypatch, capsys):
+    from pretrain.evaluate import main as evaluate
+
+    root, runs = text_runs
+    run = runs[variant]
+    monkeypatch.chdir(tmp_path)  # the corpus's shards land under ./data/shards
+    r = random.Random(1)
+    other = tmp_path / "other_corpus.txt"  # new sentences of the same words: close to the run's own val/nll
+    other.write_text("\n".join(" ".join(r.choice(WORDS) for _ in range(8)) for _ in range(200)) + "\n")
+    args = ["--run", str(run), "--data", str(other), "--json", str(tmp_path / "z.json"), "--no-mlflow"]
+    assert evaluate(args) == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "z.json").read_text())["metrics"]
+    nll, ppl, tokens = m["zeroshot/other_corpus/nll"], m["zeroshot/other_corpus/ppl"], m["zeroshot/other_corpus/tokens"]
+    assert ppl == pytest.approx(math.exp(nll)) and tokens > 200 * 8
+    val = json.loads((run / "summary.json").read_text())["final_val_nll"]
+    assert nll == pytest.approx(val, abs=0.25)  # the same bound, same tokenizer, same distribution
+    built = sorted(p.stat().st_mtime_ns for p in (tmp_path / "data" / "shards").rglob("*") if p.is_file())
+    assert evaluate(args) == 0
+    assert json.loads((tmp_path / "z.json").read_text())["metrics"] == m  # reused shards, deterministic bound
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "data" / "shards").rglob("*") if p.is_file()) == built
+    capsys.readouterr()
+    assert evaluate(["--run", str(run), "--data", str(tmp_path / "missing.txt"), "--no-mlflow"]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+
+
+def test_evaluate_data_refuses_a_task_tokenizer(quick, tmp_path, capsys):
+    from pretrain.evaluate import main as evaluate
+
+    (tmp_path / "c.txt").write_text("some text\n")
+    assert evaluate(["--run", str(quick), "--data", str(tmp_path / "c.txt"), "--no-mlflow"]) == 2
+    assert "task's own" in capsys.readouterr().err
