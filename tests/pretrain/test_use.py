@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79="
 QUICK = ["train.steps=3", "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.batch_size=8",
          "train.eval_every=3", "train.eval_batches=1", "data.task.num_train=64", "data.task.num_val=8",
-         "tracking.enabled=false", "train.ema=0.9"]
+         "train.ema=0.9", "tracking.log_samples=0"]
 WORDS = "the a cat dog bird fish sees likes chases finds small big red old quick lazy .".split()
 
 
@@ -28,11 +28,13 @@ def _launch(args):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """The quickstart recipe shrunk to seconds (with a weight average): its run directory."""
+    """The quickstart recipe shrunk to seconds (with a weight average), tracked in a local MLflow store
+    in its own directory: its run directory."""
     root = tmp_path_factory.mktemp("quick")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        _launch(["--config", str(REPO / "configs/quickstart.yaml"), "--set", "launch.run_name=q", *QUICK])
+        _launch(["--config", str(REPO / "configs/quickstart.yaml"), "--set", "launch.run_name=q", *QUICK,
+                 f"tracking.uri=sqlite:///{root / 'mlruns.db'}", f"tracking.artifact_location={root / 'mlruns'}"])
     return root / "runs" / "quickstart" / "q"
 
 
@@ -371,3 +373,37 @@ def test_evaluate_data_refuses_a_task_tokenizer(quick, tmp_path, capsys):
     (tmp_path / "c.txt").write_text("some text\n")
     assert evaluate(["--run", str(quick), "--data", str(tmp_path / "c.txt"), "--no-mlflow"]) == 2
     assert "task's own" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's user journey on the quickstart's model: train (the fixture), evaluate, generate,
+# export, compare
+# ----------------------------------------------------------------------------------------------
+
+
+def test_readme_user_journey(quick, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.compare import main as compare
+    from pretrain.convert import main as convert
+    from pretrain.evaluate import main as evaluate
+    from pretrain.generate import main as generate
+
+    readme = (REPO / "README.md").read_text()
+    for command in ("python -m pretrain.evaluate --run RUN", "python -m pretrain.generate --run RUN",
+                    "python -m pretrain.convert RUN --hf", "python -m pretrain.compare --experiment quickstart"):
+        assert command in readme, command
+    root = quick.parents[2]
+    monkeypatch.chdir(root)
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    assert evaluate(["--run", str(quick), "--eval-batches", "1", "--num-samples", "2", "--batch-size", "2"]) == 0
+    assert "logged under eval/" in capsys.readouterr().out
+    run_id = (quick / "mlflow_run_id").read_text().strip()
+    logged = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+    assert "eval/val.nll" in logged and "eval/task.solved" in logged
+    assert generate(["--run", str(quick), "--prompt", PUZZLE, "--max-new-tokens", "81", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith(PUZZLE)
+    assert convert([str(quick), "--hf", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dlm_source"]["step"] == 3
+    assert compare(["--uri", uri, "--experiment", "quickstart", "--out", str(tmp_path / "report")]) == 0
+    assert "q" in (tmp_path / "report" / "report.md").read_text()
