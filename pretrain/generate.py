@@ -27,6 +27,7 @@ import torch
 @dataclass
 class Generation:
     texts: list[str]  # one per sample, cut at the first EOS
+    full_texts: list[str]  # prompt and continuation decoded together (word boundaries kept)
     tokens: torch.Tensor  # Long[N, max_new_tokens]: the generated ids (EOS and after included)
     nfe: int  # model forwards
     sampler: str
@@ -92,12 +93,13 @@ def generate_text(model, cfg, tok, prompt: str = "", max_new_tokens: int = 64, n
     out = generate(model, x, gen, None, mask_id=tok.mask_id, cfg=sampler_cfg, forbid_ids=forbid,
                    schedule=build_schedule(cfg.diffusion.schedule), prompt_mask=prompt_mask)
     new = out.tokens[:, len(ids):].cpu()
-    texts = []
+    texts, full = [], []
     for row in new.tolist():
         if tok.eos_id in row:
             row = row[: row.index(tok.eos_id)]
         texts.append(tok.decode(row))
-    return Generation(texts=texts, tokens=new, nfe=out.nfe, sampler=resolve_sampler(cfg.model.variant, sampler_cfg.name),
+        full.append(tok.decode([*prompt_ids, *row]))
+    return Generation(texts=texts, full_texts=full, tokens=new, nfe=out.nfe, sampler=resolve_sampler(cfg.model.variant, sampler_cfg.name),
                       ema=ema)
 
 
@@ -141,8 +143,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m pretrain.generate
     print(f"# {args.run}  step {info['step']}  variant {cfg.model.variant}  sampler {out.sampler}  "
           f"{'EMA' if out.ema else 'raw'} weights  T={args.temperature}  seed {args.seed}  {out.nfe} forwards",
           file=sys.stderr)
-    for text in out.texts:
-        print(args.prompt + text, flush=True)
+    for text in out.full_texts:
+        print(text, flush=True)
     return 0
 
 
