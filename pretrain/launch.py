@@ -138,7 +138,7 @@ def _vocab_size(cfg: Config) -> tuple[int, str]:
         except Exception:
             pass
     if cfg.data.tokenizer == "sentencepiece":
-        return cfg.data.vocab_size + 1, "data.vocab_size + [MASK], once trained"  # assumption: one added mask id
+        return cfg.data.vocab_size, "data.vocab_size, specials and [MASK] included, once trained"
     return 0, "unknown until the tokenizer is loaded"
 
 
