@@ -9,7 +9,8 @@ plugin entry point), so the bare `lm_eval` command cannot see a model another pa
 
 Requests, for a run of any variant (weights: the moving average when the run kept one; `ema=false`
 for the raw weights; the run's own tokenizer; `[BOS]` is prepended to every context):
-- loglikelihood(context, continuation): `ar`: exact, sum of next-token log-probabilities of the
+- loglikelihood(context, continuation): the continuation's tokens are those that follow the
+  context's in the encoding of the joined text (lm-eval's HFLM convention). `ar`: exact, sum of next-token log-probabilities of the
   continuation. Diffusion variants: minus the run's validation bound (the uniform-t NELBO of
   `objective.eval_nll`, the one `val/nll` reports) on the continuation with `[BOS] context` clean
   and visible as a prompt: a lower bound on log p(continuation | context), estimated with
@@ -100,11 +101,22 @@ class DLMEvalHarness(LM):
     def _needs_prompt_mask(self) -> bool:
         return self.variant in ("scatter", "jigsaw")
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of context and continuation as the text reads them joined (as lm-eval's HFLM does):
+        the continuation's tokens are what follows the context's in encode(context + continuation)."""
+        n_space = len(context) - len(context.rstrip(" "))
+        if n_space:  # trailing spaces belong to the continuation (lm-eval's convention)
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        ctx = self.tok.encode(context) if context else []
+        whole = self.tok.encode(context + continuation)
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            return ctx, whole[len(ctx):]
+        return ctx, self.tok.encode(continuation)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         out = []
         for req in requests:
-            context, continuation = req.args
-            ids, n_prompt = self._row(self.tok.encode(context) if context else [], self.tok.encode(continuation))
+            ids, n_prompt = self._row(*self._encode_pair(*req.args))
             out.append(self._score(ids, n_prompt))
         return out
 
