@@ -239,7 +239,7 @@ def _toy_task(root: Path) -> Path:
     return task_dir
 
 
-@pytest.mark.parametrize("variant", ["ar", "mdm"])
+@pytest.mark.parametrize("variant", [pytest.param("ar", marks=pytest.mark.slow), "mdm"])  # ar: also the CLI
 def test_lm_eval_scores_a_local_task_through_the_dlm_model(variant, text_runs, tmp_path, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")  # the `eval` extra (in `dev`, so CI runs this)
     from lm_eval.tasks import TaskManager
