@@ -52,10 +52,28 @@ def merge_layers(schema: type, layers: list[Layer], prefix: str = "") -> Any:
     return OmegaConf.to_object(merged)
 
 
-def _read_chain(path: Path, seen: tuple[Path, ...]) -> list[Layer]:
+def _missing_file_message(path: Path, inherited_by: Path | None) -> str:
+    """Who names the missing file (an `inherit:`), or which recipes exist (the closest first)."""
+    import difflib
+
+    if inherited_by is not None:
+        return (f"config file not found: {path}, named by `{INHERIT_KEY}:` in {inherited_by} "
+                f"(paths there are relative to {inherited_by.parent})")
+    root = next((d for d in (path.parent, Path("configs")) if d.is_dir() and d != Path(".")), None)
+    if root is None:
+        return f"config file not found: {path}"
+    recipes = sorted(str(p) for p in root.rglob("*.yaml"))
+    close = difflib.get_close_matches(str(path), recipes, n=3, cutoff=0.5)
+    listed = ", ".join(recipes[:40]) + (f" (and {len(recipes) - 40} more)" if len(recipes) > 40 else "")
+    return (f"config file not found: {path}"
+            + (f"; did you mean {' or '.join(close)}?" if close else "")
+            + (f"\nrecipes under {root}: {listed}" if recipes else f"; {root} holds no .yaml recipes"))
+
+
+def _read_chain(path: Path, seen: tuple[Path, ...], inherited_by: Path | None = None) -> list[Layer]:
     path = path.expanduser()
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(_missing_file_message(path, inherited_by))
     resolved = path.resolve()
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
@@ -73,7 +91,7 @@ def _read_chain(path: Path, seen: tuple[Path, ...]) -> list[Layer]:
         raise ConfigError(f"{path}: `{INHERIT_KEY}:` must be a file name or a list of file names")
     layers: list[Layer] = []
     for parent in parents or []:
-        layers.extend(_read_chain(path.parent / parent, seen=(*seen, resolved)))
+        layers.extend(_read_chain(path.parent / parent, seen=(*seen, resolved), inherited_by=path))
     layers.append((str(path), data))
     return layers
 

@@ -290,6 +290,6 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     except Exception:  # the shard directory is gone or elsewhere: the vocabulary size still guards
         fingerprint = None
     info = {"variant": cfg.model.variant, "vocab_size": int(vocab), "seq_len": cfg.data.seq_len,
-            "block_size": cfg.model.block_size, "step": int(state.get("step", 0)), "ema": bool(ema),
+            "block_size": cfg.model.block_size, "step": int(state.get("train_state", {}).get("step", state.get("step", 0))), "ema": bool(ema),
             "tokenizer_fingerprint": fingerprint}
     return model, info

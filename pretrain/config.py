@@ -438,10 +438,19 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return out
 
 
+# How long a run lasts and how often it reports, not what it computes: left out of the run name's
+# hash, so `--set train.steps=...` larger extends the same run (launch resumes it and says so).
+RUN_LENGTH_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
+                   "train.keep_checkpoints", "train.max_nonfinite_steps")
+
+
 def config_hash(cfg: Config, length: int = 8) -> str:
-    """Short stable hash of what the run computes (launch/tracking settings excluded)."""
+    """Short stable hash of what the run computes (launch/tracking settings and RUN_LENGTH_KEYS excluded)."""
     d = to_dict(cfg)
     for section in ("launch", "tracking"):
         d.pop(section)
+    for key in RUN_LENGTH_KEYS:
+        section, name = key.split(".")
+        d[section].pop(name)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:length]

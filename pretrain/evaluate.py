@@ -278,6 +278,73 @@ def log_to_mlflow(run_dir, metrics: dict[str, float], step: int, tags: dict[str,
     return True
 
 
+def zero_shot_data_config(cfg, source: str):
+    """The run's data config pointed at another corpus: the run's tokenizer (the very files its shards
+    hold), packing and sequence length; shards under the default directory for that source and
+    tokenizer (built once, reused after). Local files: held out half and half, both halves scored
+    (the whole file); Hugging Face datasets: their data.val_split (default `test`, MDLM's choice)."""
+    import dataclasses
+    from pathlib import Path
+
+    from data_pipeline.build import resolve_shard_dir
+    from data_pipeline.config import DensityConfig
+    from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from pretrain.config import ConfigError
+
+    d = cfg.data
+    spec = d.tokenizer
+    if spec == "task":
+        raise ConfigError(f"--data: this run's tokenizer is the task's own ({d.source}): it has no words to read "
+                          "another corpus with; zero-shot NLL needs a sentencepiece or hf:NAME run")
+    vocab_size = d.vocab_size
+    if spec == "sentencepiece" or spec.startswith("sentencepiece:"):
+        shard_dir = resolve_shard_dir(d)
+        if not (shard_dir / TOKENIZER_FILE).is_file():
+            raise ConfigError(f"--data: the run's tokenizer is not at {shard_dir} (the shards were moved or deleted); "
+                              "rebuild them with python -m data_pipeline.build --config the run's config.yaml")
+        import json
+
+        meta = json.loads((shard_dir / TOKENIZER_FILE).read_text())
+        spec = f"sentencepiece:{(shard_dir / meta['model_file']).resolve()}"
+        vocab_size = load_tokenizer(shard_dir).vocab_size
+    local = not source.startswith(("hf:", "task:"))
+    if local:
+        source = ",".join(str(Path(p.strip()).expanduser().resolve()) for p in source.split(",") if p.strip())
+    return dataclasses.replace(d, source=source, tokenizer=spec, vocab_size=vocab_size, shard_dir="", mixture=[],
+                               density=DensityConfig(), train_on="all", val_fraction=0.5 if local else d.val_fraction)
+
+
+def zero_shot_nll(model, cfg, source: str, device, batch_size: int = 32, max_batches: int = 0) -> dict[str, float]:
+    """NLL/PPL of the run's model on another corpus (MDLM's zero-shot table): the uniform-t NELBO for
+    diffusion models, exact for `ar` (the same bound as val/nll), keys `zeroshot/<name>/{nll,ppl,tokens}`."""
+    import dataclasses
+    import re
+
+    from data_pipeline.build import ensure_shards
+    from data_pipeline.stream import make_val_loader
+    from data_pipeline.tokenizer import TokenizerError
+    from pretrain.diffusion import build_objective
+
+    dcfg = zero_shot_data_config(cfg, source)
+    info = ensure_shards(dcfg, progress=False)
+    if info.vocab_size != model.vocab_size:
+        raise TokenizerError(f"--data {source}: its shards were tokenized with {info.vocab_size} tokens, the model "
+                             f"has {model.vocab_size}; delete {info.shard_dir} and rerun")
+    objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=info.mask_id,
+                                jigsaw_streams=cfg.model.jigsaw_streams)
+    splits = [info] if source.startswith("hf:") else [info, dataclasses.replace(info, val_dir=info.train_dir)]
+    total = count = 0.0
+    for part in splits:
+        loader = make_val_loader(dcfg, part, batch_size=batch_size)
+        r = validation_nll(model, objective, loader, device, seed=cfg.seed, max_batches=max_batches)
+        total += r["val/nll"] * r["val/tokens"]
+        count += r["val/tokens"]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.removeprefix("hf:").rsplit("/", 1)[-1].rsplit(".", 1)[0]) or "data"
+    nll = total / count
+    return {f"zeroshot/{name}/nll": nll, f"zeroshot/{name}/ppl": math.exp(min(nll, 50.0)),
+            f"zeroshot/{name}/tokens": float(count)}
+
+
 def format_table(rows: dict[str, float]) -> str:
     """The metrics as an aligned two-column table with a header."""
     width = max([len(k) for k in rows] + [len("metric")])
@@ -318,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-ar", help="AR run dir or checkpoint (dir or model.pt) of this framework on the same "
                                           "tokenizer, scoring language samples (gen/ppl)")
     p.add_argument("--eval-batches", type=int, default=0, help="validation batches for val/nll (0 = all; -1 = skip)")
+    p.add_argument("--data", metavar="FILE_OR_HF_NAME",
+                   help="zero-shot NLL/PPL on another corpus (a local file/directory, or hf:NAME[/CONFIG]), with the "
+                        "run's tokenizer and packing; its shards are built once under data/shards and reused. "
+                        "Only this is computed (no sampling, no val/nll)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--show", type=int, default=3, help="print this many decoded examples")
@@ -325,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from data_pipeline.sources import DataSourceUnavailable
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
 
@@ -349,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         ref = load_reference(args.reference_ar, info, device) if args.reference_ar else None
         metrics: dict[str, float] = {}
         step = int(path.name.split("_")[-1]) if path.name.startswith("step_") else 0
-        if args.eval_batches >= 0:
+        if args.data:
+            metrics.update(zero_shot_nll(model, cfg, args.data, device, batch_size=min(cfg.train.batch_size, 64),
+                                         max_batches=max(args.eval_batches, 0)))
+        elif args.eval_batches >= 0:
             from data_pipeline.stream import make_val_loader
             from pretrain.diffusion import build_objective
 
@@ -358,13 +433,16 @@ def main(argv: list[str] | None = None) -> int:
             loader = make_val_loader(cfg.data, info, batch_size=min(cfg.train.batch_size, 64))
             metrics.update(validation_nll(model, objective, loader, device, seed=cfg.seed, max_batches=args.eval_batches))
         shown = []
-        if is_task:
+        if args.data:
+            pass  # the zero-shot NLL alone
+        elif is_task:
             m, shown = task_metrics(model, cfg, info, scfg, args.num_samples, args.batch_size, device,
                                     return_samples=max(args.show, 0) or 1)
             metrics.update(m)
         elif args.num_samples > 0:  # 0: the validation NLL alone (no sampling)
             metrics.update(language_metrics(model, cfg, info, scfg, args.num_samples, args.batch_size, device, ref))
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError, DataSourceUnavailable) as e:
+        # ValueError: also DataSourceError, TokenizerError, ShardFormatError (bad --data)
         print(f"error: {e}", file=sys.stderr)
         return 2
     header = (f"# {path}  variant={cfg.model.variant} sampler={sampler_name} steps={scfg.steps} "

@@ -64,6 +64,131 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.launch.output_dir) / cfg.tracking.experiment / run_name_for(cfg)
 
 
+def check_data_sources(cfg: Config) -> None:
+    """Fail now, not minutes into the run, on a source that cannot be read: a local file or directory
+    that does not exist, an unknown task, a mixture shard directory that is not there. Nothing is
+    checked when the shards are already built (the source is then not read again)."""
+    from data_pipeline.build import is_complete, resolve_shard_dir
+    from data_pipeline.sources import DataSourceError, local_files, parse_hf_source
+
+    d = cfg.data
+    if not is_complete(resolve_shard_dir(d)):
+        if d.source.startswith("task:"):
+            from data_pipeline.tasks import get_task
+
+            try:
+                get_task(d.source.removeprefix("task:"))
+            except ValueError as e:
+                raise DataSourceError(f"data.source={d.source!r}: {e}") from None
+        elif d.source.startswith("hf:"):
+            try:
+                parse_hf_source(d.source)
+            except ValueError as e:
+                raise DataSourceError(f"data.source: {e}") from None
+        else:
+            try:
+                local_files(d.source)
+            except DataSourceError as e:
+                raise DataSourceError(f"data.source: {e}") from None
+    for i, m in enumerate(d.mixture):
+        p = Path(m.shard_dir)
+        if not ((p / "index.json").is_file() or (p / "train" / "index.json").is_file()):
+            raise DataSourceError(f"data.mixture[{i}].shard_dir={m.shard_dir!r} holds no built shards "
+                                  "(index.json or train/index.json); build it first with python -m data_pipeline.build")
+
+
+def model_size(cfg: Config, vocab_size: int) -> tuple[int, int]:
+    """(parameters, training FLOPs per token) of the model, built on the meta device (no memory).
+
+    FLOPs per token: 6 x the parameters that multiply (all but the embedding lookup) for the forward
+    and backward matmuls, plus 12 x n_layers x d_model x seq_len for attention scores and values
+    (PaLM's estimate, appendix B); two-stream passes (block; jigsaw_streams 2) run 2L positions,
+    so both terms double. An estimate: masks are not subtracted and norms/softmax are ignored."""
+    import torch
+
+    from pretrain.model import build_model
+    from pretrain.model.attention_masks import is_two_stream
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, vocab_size, cfg.data.seq_len)
+    params = sum(p.numel() for p in model.parameters())
+    matmul = params - model.tok_emb.weight.numel() * (0 if cfg.model.tie_embeddings else 1)
+    flops = 6 * matmul + 12 * cfg.model.n_layers * cfg.model.d_model * cfg.data.seq_len
+    if is_two_stream(cfg.model.variant, cfg.model.jigsaw_streams):
+        flops *= 2
+    return params, flops
+
+
+def _vocab_size(cfg: Config) -> tuple[int, str]:
+    """The tokenizer's size (and where it came from) without building anything."""
+    from data_pipeline.build import resolve_shard_dir
+
+    shard_dir = resolve_shard_dir(cfg.data)
+    try:
+        from data_pipeline.tokenizer import load_tokenizer
+
+        return load_tokenizer(shard_dir).vocab_size, "the built tokenizer"
+    except Exception:
+        pass
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size, "model.vocab_size"
+    if cfg.data.tokenizer == "task" and cfg.data.source.startswith("task:"):
+        try:
+            from data_pipeline.tokenizer import make_tokenizer
+
+            return make_tokenizer(cfg.data).vocab_size, "the task's tokenizer"
+        except Exception:
+            pass
+    if cfg.data.tokenizer == "sentencepiece":
+        return cfg.data.vocab_size, "data.vocab_size, specials and [MASK] included, once trained"
+    return 0, "unknown until the tokenizer is loaded"
+
+
+# keys a resumed run may not change: the weights would not load, or would mean something else
+def _fixed_on_resume(key: str) -> bool:
+    return (key.startswith("model.") and key != "model.dropout") or key in ("data.tokenizer", "data.vocab_size")
+
+
+def resume_changes(cfg: Config, run_dir: Path) -> str | None:
+    """What a resume of `run_dir` changes, in one line (None: nothing to resume, or nothing changed).
+
+    Refuses (ConfigError naming every differing key) a resume whose model would not be the one
+    the checkpoint holds; run-length keys (config.RUN_LENGTH_KEYS) and others are reported."""
+    from pretrain.checkpoint import CheckpointError, latest_checkpoint
+    from pretrain.config import RUN_LENGTH_KEYS, flatten
+
+    if not cfg.launch.resume:
+        return None
+    try:
+        latest = latest_checkpoint(run_dir)
+    except CheckpointError:
+        return None  # the trainer reports it
+    if latest is None or not (latest / "config.yaml").is_file():
+        return None
+    try:
+        before = flatten(load_config(latest / "config.yaml"))
+    except ConfigError:
+        return None
+    now = flatten(cfg)
+    diff = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
+            if not k.startswith(("launch.", "tracking.", "parallel.")) and before.get(k) != now.get(k)}
+    fixed = {k: v for k, v in diff.items() if _fixed_on_resume(k)}
+    if fixed:
+        raise ConfigError(
+            f"{run_dir} holds checkpoint {latest.name} of another model; resuming it would not load: "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in fixed.items())
+            + ". Give the new model its own run (drop launch.run_name, or set another), or set launch.resume=false "
+            "to start this directory over")
+    if not diff:
+        return None
+    kind = "extends" if set(diff) <= set(RUN_LENGTH_KEYS) else "resumes with changes:"
+    note = ""
+    if "train.steps" in diff and cfg.train.lr_schedule != "constant":
+        note = (f" (lr_schedule {cfg.train.lr_schedule}: the decay is recomputed for the new length, so the "
+                "learning rate jumps at the resume step)")
+    return f"{kind} {latest.name}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()) + note
+
+
 def plan(cfg: Config) -> str:
     """What will run where, in a few lines (printed by --dry-run and at start)."""
     from data_pipeline.build import resolve_shard_dir
@@ -78,6 +203,14 @@ def plan(cfg: Config) -> str:
     except CheckpointError as e:
         resume = f"unusable checkpoint ({e})"
     tokens = t.steps * t.batch_size * d.seq_len
+    vocab, vocab_from = _vocab_size(cfg)
+    params, flops = model_size(cfg, max(vocab, 1))
+    if d.source.startswith("hf:") and not built:
+        from data_pipeline.sources import hub_reachable
+
+        hub = f"yes, to build the shards (hub reachable now: {'yes' if hub_reachable() else 'NO'})"
+    else:
+        hub = "no" + (" (shards built)" if built else f" ({d.source.split(':')[0] if ':' in d.source else 'local'} source)")
     objective = (
         "next-token cross-entropy" if m.variant == "ar" else
         f"{f.schedule} schedule, {f.time_sampler} t on [{max(f.eps, f.t_min)}, {f.t_max}], {f.weighting} weighting, "
@@ -93,9 +226,14 @@ def plan(cfg: Config) -> str:
         + f"{cfg.launch.nproc} process(es), device {t.device}, dtype {t.dtype}",
         f"data        {d.source} (tokenizer {d.tokenizer}, {d.packing} packing, seq_len {d.seq_len})",
         f"shards      {shard_dir} ({'built' if built else 'will be built first'})",
+        f"data hub    {hub}",
         f"model       {m.variant}: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, {m.mlp} MLP",
+        f"size        {params / 1e6:.3f}M parameters "
+        + (f"(vocabulary {vocab}: {vocab_from}), " if vocab else f"without the embeddings ({vocab_from}), ")
+        + 
+        f"{flops / 1e6:.3f} MFLOPs per training token, {flops * tokens / 1e15:.4g} PFLOPs in all",
         f"objective   {objective}",
-        f"train       {t.steps} steps x {t.batch_size} sequences = {tokens / 1e6:.2f}M tokens, lr {t.lr}",
+        f"train       {t.steps} steps x {t.batch_size} sequences x {d.seq_len} = {tokens / 1e6:.2f}M tokens in all, lr {t.lr}",
         f"run dir     {run_dir} ({f'resumes from {resume}' if resume else 'new run'})",
         f"tracking    {cfg.tracking.uri if cfg.tracking.enabled else 'off'}"
         + (f" (experiment {cfg.tracking.experiment!r})" if cfg.tracking.enabled else ""),
@@ -247,7 +385,17 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:  # slurm.cluster.SlurmError
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"# plan\n{plan(cfg)}\n", flush=True)
+        try:
+            check_data_sources(cfg)
+        except ValueError as e:  # DataSourceError: the message names the key and the path
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            change = resume_changes(cfg, run_dir_for(cfg))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"# plan\n{plan(cfg)}\n" + (f"this run {change}\n" if change else ""), flush=True)
         if cfg.launch.backend == "auto":
             print(f"backend auto -> {backend}: {why}\n", flush=True)
         if backend == "slurm":

@@ -524,3 +524,11 @@ def unigram_entropy(samples: torch.Tensor, lengths: torch.Tensor) -> float:
         out.append(float(-(p * p.log()).sum()))
     return sum(out) / max(len(out), 1)
 
+
+
+if __name__ == "__main__":  # the samplers are a library; their command line is pretrain.generate
+    import sys
+
+    from pretrain.generate import main
+
+    sys.exit(main(prog="python -m pretrain.sample"))
