@@ -71,7 +71,11 @@ def test_tp2_checkpoint_resumes_at_dp2_through_the_converter(runs):
     assert sorted(resumed) == [5, 6, 7, 8]  # continued from step 4
     # the next step's loss depends only on the weights, the data position and the draws: all carried over
     assert resumed[5]["train/loss"] == pytest.approx(uninterrupted[5]["train/loss"], rel=1e-4)
-    assert resumed[8]["train/loss"] < read_metrics(runs["tp2"])[1]["train/loss"]
+    # the steps after it stay close to the uninterrupted run: only the optimizer's moments restart (a portable
+    # checkpoint does not carry them; the first update then differs, ~1% in loss here). A single batch's loss
+    # at step 8 vs step 1 was too noisy a progress check: within warmup it barely moves.
+    for step in (6, 7, 8):
+        assert resumed[step]["train/loss"] == pytest.approx(uninterrupted[step]["train/loss"], rel=0.05), step
 
 
 def test_cli_errors_on_a_directory_without_checkpoints(tmp_path):
