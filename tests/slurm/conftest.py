@@ -48,3 +48,29 @@ def slurm_two_nodes():
     """Two slurmd (dlmnode1, dlmnode2, one CPU each) in their own network namespaces, one slurmctld on this
     host; SLURM_CONF points at it for the module (restored after, for the single-node tests)."""
     yield from _use(_start(2))
+
+
+# Shared by the single- and two-node tests (built once a session: the reference run is the slow part).
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """The tiny quickstart task's shards, as the tests' training jobs read them."""
+    from test_slurm_launch import QUICKSTART, TINY
+
+    from data_pipeline.build import ensure_shards
+    from pretrain.config import load_config
+
+    path = tmp_path_factory.mktemp("shards") / "sudoku"
+    cfg = load_config(QUICKSTART, [*TINY, f"data.shard_dir={path}"])
+    ensure_shards(cfg.data, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(shards, tmp_path_factory):
+    """The same 2-rank run, uninterrupted, with the local launcher: what every Slurm training job must match."""
+    from test_slurm_launch import TINY, launch, run_dir_of
+
+    cwd = tmp_path_factory.mktemp("local")
+    r = launch(cwd, *TINY, f"data.shard_dir={shards}", "tracking.enabled=false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir_of(cwd)

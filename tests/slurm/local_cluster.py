@@ -263,7 +263,9 @@ def _make_network(cluster: Cluster, n: int) -> str:
     if shutil.which("ip") is None:
         raise NamespacesUnavailable("`ip` (iproute2) is not installed and apt-get could not install it")
     tag = os.getpid() % 10000
-    subnet = f"10.{200 + tag % 50}.{tag % 250}"
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, timeout=30).stdout
+    subnet = next(f"10.{200 + (tag + i) % 50}.{(tag + i) % 250}" for i in range(1000)  # one no route here uses
+                  if f"10.{200 + (tag + i) % 50}.{(tag + i) % 250}." not in routes)
     cluster.bridge = f"dlmbr{tag}"
     hosts = ["127.0.0.1 localhost", f"{subnet}.1 {cluster.host}"]
     for i in range(1, n + 1):

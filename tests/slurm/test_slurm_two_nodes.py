@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import test_slurm_launch
 from test_slurm_launch import (
     QUICKSTART,
     REPO,
@@ -21,45 +20,17 @@ from test_slurm_launch import (
     STEPS,
     TINY,
     assert_same_trajectory,
+    job_processes,
     launch,
     mlflow_run,
     run_dir_of,
+    usr2_between_steps,
 )
 
 from pretrain.train import read_metrics
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-shards = test_slurm_launch.shards  # the single-node tests' fixtures (module-scoped: built again here)
-reference = test_slurm_launch.reference  # the local 2-rank run
 TWO_NODES = ["launch.nodes=2", "launch.nproc=1"]  # after TINY's launch.nproc=2: one rank per node, world size 2
-
-
-def job_processes(job_id: str) -> dict[int, str]:
-    """pid -> SLURM_NODEID:SLURM_PROCID of every process of the job's tasks, on every node (the namespaces
-    share this machine's process table), without slurmstepd."""
-    out = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if (proc / "comm").read_text().strip() == "slurmstepd":
-                continue
-            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
-        except OSError:
-            continue
-        if env.get("SLURM_JOB_ID") == job_id and "SLURM_PROCID" in env:
-            out[int(proc.name)] = f"{env.get('SLURM_NODEID')}:{env['SLURM_PROCID']}"
-    return out
-
-
-def usr2_pending(pid: int) -> bool:
-    """Whether SIGUSR2 waits for process `pid` (stopped processes keep it pending until SIGCONT)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
-    return any(m & (1 << (signal.SIGUSR2 - 1)) for m in masks)
 
 
 def wait_for_step(run_dir: Path, step: int, job_id: str, timeout: float = 180) -> None:
@@ -89,24 +60,9 @@ def test_one_rank_per_node_trains_like_local_and_resumes_after_usr2(slurm_two_no
     run_dir = run_dir_of(tmp_path)
     job_id = job_id_of(run_dir)
     wait_for_step(run_dir, 5, job_id)
-    # as in the single-node test, the test decides where USR2 lands: every process of the job, on both nodes,
-    # is stopped, the signal sent, then they continue (at most the step in flight completes first)
-    procs = job_processes(job_id)
+    # as in the single-node test, the test decides where USR2 lands, here with the ranks on both nodes
+    signalled_at, procs = usr2_between_steps(job_id, run_dir)
     assert sorted(set(procs.values())) == ["0:0", "1:1"], procs  # rank 0 on node 0, rank 1 on node 1
-    for pid in procs:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        time.sleep(0.2)
-        signalled_at = max(read_metrics(run_dir))
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        # scancel returns before the nodes' slurmstepd deliver it: continue only once every rank holds it
-        deadline = time.monotonic() + 20
-        while {where for pid, where in procs.items() if usr2_pending(pid)} != set(procs.values()):
-            assert time.monotonic() < deadline, "USR2 did not reach every rank of the job"
-            time.sleep(0.05)
-    finally:
-        for pid in procs:
-            os.kill(pid, signal.SIGCONT)
     assert signalled_at < STEPS - 5
 
     deadline = time.monotonic() + 240
