@@ -186,7 +186,7 @@ def test_slurm_refusals_and_start_failures_are_reported_in_slurms_words(slurm_cl
     assert r.returncode == 1
     assert "invalid partition" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "#SBATCH --partition=nosuchpartition" in r.stderr, r.stderr  # what was refused, shown once
-    assert r.stderr.lower().count("invalid partition") == 1, r.stderr
+    assert r.stderr.count("invalid partition specified: nosuchpartition") == 1, r.stderr  # each sbatch line once
     left = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()] if (tmp_path / "runs").exists() else []
     assert not left, left  # no run directory or code snapshot left behind
 
