@@ -23,12 +23,14 @@ lint:
 test: install-dev lint
 	$(PYTHON) -m pytest
 
-# Debian's Slurm and munge for the slurm-marked tests (a single-node cluster the tests start by hand);
-# without apt-get or root this says so and the tests skip with that reason.
-SLURM_PACKAGES = slurmctld slurmd slurm-client munge
+# Debian's Slurm and munge for the slurm-marked tests (single- and two-node clusters the tests start by hand;
+# iproute2's `ip` makes the two nodes' network namespaces); without apt-get or root this says so and the
+# tests skip with that reason.
+SLURM_PACKAGES = slurmctld slurmd slurm-client munge iproute2
 slurm-deps:
-	@if command -v sbatch >/dev/null 2>&1 && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/munged ]; then \
-		echo "slurm-deps: Slurm and munge are installed"; \
+	@if command -v sbatch >/dev/null 2>&1 && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/munged ] && \
+	    command -v ip >/dev/null 2>&1; then \
+		echo "slurm-deps: Slurm, munge and iproute2 are installed"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		{ DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES) >/dev/null && \

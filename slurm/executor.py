@@ -142,12 +142,22 @@ def resource_hint(message: str, slurm, tasks_per_node: int) -> str:
             " CPUs, memory (MB) and GPUs")
 
 
+def _quiet_sbatch():
+    """submitit prints a refused sbatch's stderr itself before raising it: the SlurmError carries those words,
+    so they would be shown twice."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stderr(io.StringIO())
+
+
 def submit(executor, fn, *args):
     """executor.submit, with Slurm's refusal (bad partition, impossible request) as a SlurmError."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     try:
-        return executor.submit(fn, *args)
+        with _quiet_sbatch():
+            return executor.submit(fn, *args)
     except (FailedJobError, FailedSubmissionError) as e:
         raise SlurmError(f"Slurm refused the job: {slurm_message(e)}\n"
                          f"sbatch script: {_last_script(executor)}") from None
@@ -157,7 +167,8 @@ def submit_array(executor, fn, *iterables):
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     try:
-        return executor.map_array(fn, *iterables)
+        with _quiet_sbatch():
+            return executor.map_array(fn, *iterables)
     except (FailedJobError, FailedSubmissionError) as e:
         raise SlurmError(f"Slurm refused the job array: {slurm_message(e)}\n"
                          f"sbatch script: {_last_script(executor)}") from None

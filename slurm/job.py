@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         import pretrain
 
-        log.info("Slurm job %s, task %d of %d on %s; restart %d; code %s; master %s:%s", env.job_id,
-                 env.global_rank, env.num_tasks, env.hostname, restarts, Path(pretrain.__file__).parent.parent,
-                 os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+        where = (f"Slurm job {env.job_id}, task {env.global_rank} of {env.num_tasks} on {env.hostname}; restart "
+                 f"{restarts}; code {Path(pretrain.__file__).parent.parent}; master {os.environ['MASTER_ADDR']}:"
+                 f"{os.environ['MASTER_PORT']}")
+        if env.global_rank == 0:
+            log.info(where)
+        else:  # the other ranks log warnings only, but each task's own log must say where it ran (several nodes)
+            print(f"[rank {env.global_rank}] {where}", file=sys.stderr, flush=True)
         self._shards(env.global_rank)
         from pretrain.train import train
 

@@ -172,20 +172,63 @@ def log_paths(folder: Path, job_id: str, task: int = 0) -> tuple[Path, Path]:
     return folder / f"{job_id}_{task}_log.out", folder / f"{job_id}_{task}_log.err"
 
 
+SRUN_FAILURE = re.compile(r"^srun: error: (\S+): tasks? ([\d,\-]+): (.+)$")
+
+
+def srun_failures(batch_log: Path | str) -> list[tuple[int, str, str]]:
+    """(task, node, how it ended) from srun's own lines in the batch script's log, in the order srun saw the
+    tasks end ("srun: error: dlmnode2: task 1: Killed", "... tasks 0,2-3: Exited with exit code 1")."""
+    try:
+        text = Path(batch_log).read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        m = SRUN_FAILURE.match(line.strip())
+        if m:
+            from slurm.cluster import array_task_ids
+
+            out += [(k, m.group(1), m.group(3).strip()) for k in array_task_ids(m.group(2))]
+    return out
+
+
 def failed_tasks(task_logs: list[Path]) -> list[tuple[int, str]]:
     """(task, the end of its log) for each task whose log ends in a Python error (submitit logs the traceback
-    of a task that raised) or in Slurm's own error line."""
+    of a task that raised) or in an error line of its own (srun's and slurmstepd's lines, which land in task
+    0's log, the batch script's, are not task 0's)."""
     out = []
     for k, path in enumerate(task_logs):
         try:
             text = Path(path).read_text(errors="replace")
         except OSError:
             continue
-        tail = text.strip().splitlines()[-40:]
+        tail = [ln for ln in text.strip().splitlines()[-60:] if not ln.startswith(("srun:", "slurmstepd"))][-40:]
         if any(ln.startswith("Traceback") or "error:" in ln.lower() for ln in tail):
             errors = [ln for ln in tail if ln and not ln.startswith((" ", "\t", "Traceback"))]
             out.append((k, "\n".join(errors[-4:])))
     return out
+
+
+def first_failure(task_logs: list[Path]) -> tuple[int, str] | None:
+    """(task, what to say) for the task that failed first, or None when no log shows a failure.
+
+    srun's lines say which task ended first and on which node: on several nodes a task killed on one
+    node takes down the others, which then log tracebacks of their own (a connection closed by the peer)
+    that would otherwise be taken for the cause."""
+    own = dict(failed_tasks(task_logs))
+    srun = srun_failures(task_logs[0]) if task_logs else []
+    if srun:
+        k, node, how = srun[0]
+        text = f"task {k} (rank {k}) on {node}: {how}" + (f"\n{own[k]}" if k in own else "")
+    elif own:
+        k = min(own)
+        text = f"task {k} (rank {k}):\n{own[k]}"
+    else:
+        return None
+    others = sorted(({t for t, _, _ in srun} | set(own)) - {k})
+    if others:
+        text += f"\n(also failed: task{'s' if len(others) > 1 else ''} {', '.join(str(t) for t in others)})"
+    return k, text
 
 
 def wait_for(job_id: str, log: Path, result=None, poll_s: float = 2.0, task_logs: list[Path] | None = None) -> int:
@@ -212,12 +255,9 @@ def wait_for(job_id: str, log: Path, result=None, poll_s: float = 2.0, task_logs
             if isinstance(value, dict) and "steps" in value:
                 print(f"done: {value['steps']} steps, final validation NLL {value['final_val_nll']:.4f}", flush=True)
         return 0
-    failed = failed_tasks(task_logs or [])
+    failed = first_failure(task_logs or [])
     if failed:
-        k, why = failed[0]
-        log = task_logs[k]
-        print(f"error: task {k} (rank {k}) of job {job_id} failed:\n{why}"
-              + (f"\n(also failed: tasks {', '.join(str(t) for t, _ in failed[1:])})" if failed[1:] else ""),
-              file=sys.stderr)
+        k, why = failed
+        print(f"error: in job {job_id}, the first task to fail was {why}\nits log: {task_logs[k]}", file=sys.stderr)
     print(f"error: {explain_failure(job_id, log)}", file=sys.stderr)
     return 1

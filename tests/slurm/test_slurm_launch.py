@@ -39,25 +39,6 @@ def run_dir_of(cwd: Path) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from data_pipeline.build import ensure_shards
-
-    path = tmp_path_factory.mktemp("shards") / "sudoku"
-    cfg = load_config(QUICKSTART, [*TINY, f"data.shard_dir={path}"])
-    ensure_shards(cfg.data, progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory) -> Path:
-    """The same 2-rank run, uninterrupted, with the local launcher."""
-    cwd = tmp_path_factory.mktemp("local")
-    r = launch(cwd, *TINY, f"data.shard_dir={shards}", "tracking.enabled=false")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run_dir_of(cwd)
-
-
 def assert_same_trajectory(run_dir: Path, ref_dir: Path) -> None:
     got, ref = read_metrics(run_dir), read_metrics(ref_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -75,18 +56,58 @@ def mlflow_run(cwd: Path, run_dir: Path):
     return client, client.get_run(run_id)
 
 
-def job_pids(job_id: str) -> list[int]:
-    """The PIDs Slurm tracks for a job on this node (its tasks and their children), without slurmstepd."""
-    out = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True, check=True).stdout
-    pids = [int(line.split()[0]) for line in out.splitlines()[1:] if line.split() and line.split()[0].isdigit()]
-    alive = []
-    for pid in pids:
+def job_processes(job_id: str) -> dict[int, str]:
+    """pid -> SLURM_NODEID:SLURM_PROCID of every process of the job's tasks, on every node (the namespaces
+    share this machine's process table), without slurmstepd."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
         try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() != "slurmstepd":
-                alive.append(pid)
+            if (proc / "comm").read_text().strip() == "slurmstepd":
+                continue
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
         except OSError:
-            pass
-    return alive
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and "SLURM_PROCID" in env:
+            out[int(proc.name)] = f"{env.get('SLURM_NODEID')}:{env['SLURM_PROCID']}"
+    return out
+
+
+def usr2_pending(pid: int) -> bool:
+    """Whether SIGUSR2 waits for process `pid` (stopped processes keep it pending until SIGCONT)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(m & (1 << (signal.SIGUSR2 - 1)) for m in masks)
+
+
+def usr2_between_steps(job_id: str, run_dir: Path) -> tuple[int, dict[int, str]]:
+    """Send USR2 to a running job where the test, not a race, decides: every process of the job (on every node)
+    is stopped with SIGSTOP, USR2 is sent while they are stopped and, once every rank holds it (scancel returns
+    before the nodes' slurmstepd deliver it), SIGCONT lets it arrive. So the run cannot finish before the
+    signal, and at most the step in flight completes first. (`scontrol suspend` would do the stopping, but
+    Slurm refuses to signal a suspended job.) Returns the last logged step when signalled, and the processes."""
+    from slurm.cluster import job_info
+
+    procs = job_processes(job_id)
+    assert procs, job_info(job_id)
+    for pid in procs:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.2)
+        signalled_at = max(read_metrics(run_dir))
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        deadline = time.monotonic() + 20
+        while {where for pid, where in procs.items() if usr2_pending(pid)} != set(procs.values()):
+            assert time.monotonic() < deadline, "USR2 did not reach every rank of the job"
+            time.sleep(0.05)
+    finally:
+        for pid in procs:
+            os.kill(pid, signal.SIGCONT)
+    return signalled_at, procs
 
 
 def sbatch_lines(text: str) -> list[str]:
@@ -135,22 +156,7 @@ def test_preemption_checkpoints_requeues_and_continues_exactly(slurm_cluster, sh
     while max(read_metrics(run_dir), default=0) < 5:  # mid-training
         assert time.monotonic() < deadline, job_info(job_id)
         time.sleep(0.1)
-    # The test, not a race, decides where the signal lands: every process of the job on this node
-    # (`scontrol listpids`, Slurm's own list, minus its slurmstepd) is stopped with SIGSTOP, USR2 is sent while
-    # they are stopped, and SIGCONT lets it arrive. So the run cannot finish before the signal, and at
-    # most the step in flight completes first. (`scontrol suspend` would do the stopping, but Slurm
-    # refuses to signal a suspended job.)
-    pids = job_pids(job_id)
-    assert pids, job_info(job_id)
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        time.sleep(0.2)
-        signalled_at = max(read_metrics(run_dir))
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+    signalled_at, _ = usr2_between_steps(job_id, run_dir)
     assert signalled_at < STEPS - 5
 
     deadline = time.monotonic() + 240
@@ -180,7 +186,7 @@ def test_slurm_refusals_and_start_failures_are_reported_in_slurms_words(slurm_cl
     assert r.returncode == 1
     assert "invalid partition" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "#SBATCH --partition=nosuchpartition" in r.stderr, r.stderr  # what was refused, shown once
-    assert r.stderr.lower().count("invalid partition") == 1, r.stderr
+    assert r.stderr.count("invalid partition specified: nosuchpartition") == 1, r.stderr  # each sbatch line once
     left = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()] if (tmp_path / "runs").exists() else []
     assert not left, left  # no run directory or code snapshot left behind
 

@@ -100,3 +100,27 @@ def test_requeue_limit_stops_with_the_checkpoint_on_disk(tmp_path):
     assert job._requeue(SimpleNamespace(global_rank=1), stop, step=12, restarts=0) == {"preempted_at": 12}
     job._requeue(SimpleNamespace(global_rank=0), stop, step=12, restarts=1)
     assert len(called) == 1  # submitit's handler: checkpoint(), scontrol requeue, exit
+
+
+def test_the_task_srun_saw_fail_first_is_reported_not_the_one_it_took_down(tmp_path):
+    """Two nodes: task 1 is killed on dlmnode2, task 0 then dies of the closed connection with a traceback in its
+    log. srun's lines in the batch log (task 0's err file) say which task ended first, and where."""
+    from slurm.submit import first_failure, srun_failures
+
+    batch = tmp_path / "7_0_log.err"
+    batch.write_text("Traceback (most recent call last):\nRuntimeError: Connection closed by peer\n"
+                     "srun: error: dlmnode2: task 1: Killed\nsrun: launch/slurm: _step_signal: Terminating\n"
+                     "srun: error: dlmnode1: tasks 0,2-3: Exited with exit code 1\n")
+    other = tmp_path / "7_1_log.err"
+    other.write_text("[rank 1] Slurm job 7, task 1 of 2 on dlmnode2\n")
+    assert srun_failures(batch) == [(1, "dlmnode2", "Killed"), (0, "dlmnode1", "Exited with exit code 1"),
+                                    (2, "dlmnode1", "Exited with exit code 1"),
+                                    (3, "dlmnode1", "Exited with exit code 1")]
+    k, text = first_failure([batch, other])
+    assert k == 1 and "on dlmnode2" in text and "Killed" in text and "also failed: tasks 0, 2, 3" in text, text
+    # a task that raised, with srun's line: its own error is shown
+    batch.write_text("Traceback (most recent call last):\nUnicodeDecodeError: not UTF-8\n"
+                     "srun: error: vm: task 0: Exited with exit code 1\n")
+    k, text = first_failure([batch, other])
+    assert k == 0 and "UnicodeDecodeError" in text and "Exited with exit code 1" in text, text
+    assert first_failure([other]) is None
