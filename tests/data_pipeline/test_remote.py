@@ -34,8 +34,8 @@ class DroppingProxy:
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def drop_after(self, n: int) -> None:
-        self.drop_at = n
+    def drop_after(self, n: int, times: int = 1) -> None:
+        self.drop_at, self.times = n, times
 
     def _accept(self) -> None:
         while True:
@@ -55,7 +55,9 @@ class DroppingProxy:
                     with self.lock:
                         if self.drop_at is not None and sent + len(data) > self.drop_at:
                             dst.sendall(data[:self.drop_at - sent])
-                            self.drop_at, self.drops = None, self.drops + 1
+                            self.drops, self.times = self.drops + 1, self.times - 1
+                            if not self.times:
+                                self.drop_at = None
                             raise ConnectionResetError("dropped by the test proxy")
                 dst.sendall(data)
                 sent += len(data)
