@@ -283,6 +283,8 @@ class ShardCache:
 
     def ensure(self, entry: dict, refetch: bool = False) -> Path:
         """The local path of a shard, downloaded (and checked) first unless already cached."""
+        if self._pid != os.getpid():  # a forked dataloader worker: the parent's threads and locks are not ours
+            self._reset()
         path = self.local(entry)
         name = entry["file"]
         with self._lock:
@@ -364,6 +366,8 @@ class ShardCache:
     def _evict(self) -> None:
         if not self.limit:
             return
+        if self._pid != os.getpid():
+            self._reset()
         with self._lock:
             keep = set(self._protect) | set(self._inflight)
         files = []

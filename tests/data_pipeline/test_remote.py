@@ -192,6 +192,16 @@ def test_streamed_batches_equal_local_ones_and_the_cache_stays_bounded(s3, tmp_p
     assert stats["evicted"] > 0 and stats["downloads"] >= len(sizes)  # every shard came through, the old ones left
 
 
+def test_loader_workers_stream_through_the_cache(s3, tmp_path):
+    url = _remote_build(s3, tmp_path, "workers")
+    local, _, _ = _batches(_cfg(tmp_path / "local", tmp_path / "c0"))
+    streamed, loader, _ = _batches(_cfg(url, tmp_path / "cache", num_workers=2))
+    loader.close()
+    for a, b in zip(local, streamed, strict=True):
+        assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert list((tmp_path / "cache").rglob("shard-*.dlm"))  # the workers downloaded into the shared cache
+
+
 def test_resume_does_not_download_what_is_cached(s3, tmp_path):
     from data_pipeline.build import ensure_shards
     from data_pipeline.stream import make_train_loader
