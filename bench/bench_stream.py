@@ -11,6 +11,11 @@ LM1B setup at L=128) from the same documents, and we count tokens/s:
 - megatron-core IndexedDataset (written with IndexedDatasetBuilder), documents read in a shuffled
   order and packed the same way (what GPTDataset does per sample, without its index build);
 - HF datasets streaming over a parquet file of the same documents, with its shuffle buffer;
+- the same loader reading the shards from S3 (a moto server on 127.0.0.1, the build uploaded there)
+  through its local cache (data_pipeline/remote.py), started cold (empty cache) each repeat, with
+  and without the decoded-shard cache; the disk cache bounded at a quarter of the split, so later
+  epochs download again what was evicted. `x local` is its rate over the same local reader's, in
+  the same run (needs `pip install "moto[server]" s3fs`, else those rows are skipped);
 - what a CPU training step of the quickstart model consumes (tokens/s of its batches, measured here
   with the trainer's step: objective, backward, clipping, AdamW), the base of the 50x goal.
 Each reader is measured `--repeats` times, interleaved (reader A, B, C, A, B, C, ...) so that a
@@ -24,7 +29,7 @@ batches per epoch), so readers loop over it for many epochs: the floor reads fro
 if anything, flattered, and the loader pays its per-epoch work (document shuffle, stream build)
 every 91 batches.
 
-Usage: python bench/bench_stream.py [--quick] [--tokens N] [--repeats 3]
+Usage: python bench/bench_stream.py [--quick] [--tokens N] [--repeats 3] [--readers SUBSTRING ...]
 Writes bench/results/bench_stream.json (gitignored) and prints a table.
 """
 
@@ -116,6 +121,54 @@ def ours(cfg: DataConfig, info, workers: int, packing: str = "wrap", cache: bool
         c = DataConfig(**{**cfg.__dict__, "num_workers": workers, "packing": packing, "wrap_doc_shuffle": doc_shuffle})
         loader = make_train_loader(c, info, batch_size=BATCH, seed=0)
         if not cache:  # the same stream with no decoded shard kept across epochs
+            ds = loader.dataset
+            ds.sources = [SplitSamples(s.dir, s.seq_len, s.packing, s.pad_id, s.bos_id, s.eos_id, seed=s.seed,
+                                       shuffle=s.shuffle, window=s.window, cache_bytes=0,
+                                       wrap_doc_shuffle=s.wrap_doc_shuffle) for s in ds.sources]
+        return loader
+    return run
+
+
+def s3_server() -> tuple[object, str]:
+    """A moto S3 server on 127.0.0.1 and its endpoint (AWS_* variables point s3fs at it)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def remote_build(info) -> str:
+    """The local build uploaded to the S3 server; its URL."""
+    from data_pipeline import remote
+
+    url = "s3://bench/bench_stream_text"
+    fs, _ = remote.url_to_fs(url)
+    fs.mkdir("bench")
+    remote.upload_build(Path(info.shard_dir), url)
+    return url
+
+
+def ours_remote(cfg: DataConfig, url: str, work: Path, cache: bool = True) -> Callable[[], Iterator]:
+    """This loader on the S3 copy, from an empty disk cache bounded at a quarter of the train split."""
+    from data_pipeline.build import ensure_shards as ensure
+
+    def run():
+        root = Path(tempfile.mkdtemp(dir=work))
+        split_bytes = sum(s["bytes"] for s in ShardReader(Path(cfg.shard_dir) / "train").shards)
+        c = DataConfig(**{**cfg.__dict__, "shard_dir": url, "cache_dir": str(root),
+                          "cache_limit_gb": split_bytes / 4 / (1 << 30)})
+        info = ensure(c, progress=False)
+        loader = make_train_loader(c, info, batch_size=BATCH, seed=0)
+        if not cache:
             ds = loader.dataset
             ds.sources = [SplitSamples(s.dir, s.seq_len, s.packing, s.pad_id, s.bos_id, s.eos_id, seed=s.seed,
                                        shuffle=s.shuffle, window=s.window, cache_bytes=0,
@@ -226,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=0, help="interleaved repeats per reader, median reported (default 3)")
     p.add_argument("--train-tokens-per-s", type=float, default=0.0,
                    help="tokens/s of a quickstart training step, instead of measuring it here")
+    p.add_argument("--readers", nargs="+", default=[],
+                   help="run only the readers whose names contain one of these (the floor always runs)")
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results path")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -263,6 +318,16 @@ def main(argv: list[str] | None = None) -> int:
             readers.append(("HF datasets streaming (parquet)", hf_streaming(work, docs, info)))
         except Exception as e:  # noqa: BLE001 - an optional peer; say why it is missing
             print(f"HF datasets streaming skipped: {e}")
+        server = None
+        try:
+            server, _ = s3_server()
+            url = remote_build(info)
+            readers += [("remote S3, wrap, 0 workers", ours_remote(cfg, url, work)),
+                        ("remote S3, wrap, 0 w, no cache", ours_remote(cfg, url, work, cache=False))]
+        except Exception as e:  # noqa: BLE001 - moto/s3fs are optional (the dev extra): say why
+            print(f"remote S3 readers skipped: {type(e).__name__}: {e}")
+        if args.readers:
+            readers = readers[:1] + [r for r in readers[1:] if any(k in r[0] for k in args.readers)]
         runs: dict[str, list[dict]] = {name: [] for name, _ in readers}
         for rep in range(repeats):
             for name, make in readers:
@@ -271,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = measure(make, min(tokens // 8, 2_000_000) if name.startswith("HF") else tokens)
                 runs[name].append(r)
                 print(f"  [{rep + 1}/{repeats}] {name}: {r['tokens_per_s'] / 1e6:.1f} M tokens/s", flush=True)
+        if server is not None:
+            server.stop()
 
     rows = []
     for name, rs in runs.items():
@@ -289,10 +356,21 @@ def main(argv: list[str] | None = None) -> int:
         r["x_floor"] = r["tokens_per_s"] / floor
         r["x_megatron"] = r["tokens_per_s"] / mega
         r["x_train_step"] = r["tokens_per_s"] / train_rate
+        if r["reader"].startswith("remote S3"):  # over the same reader on local disk, this run
+            twin = {"remote S3, wrap, 0 workers": "this loader, wrap, 0 workers",
+                    "remote S3, wrap, 0 w, no cache": "this loader, wrap, 0 w, no cache"}[r["reader"]]
+            base = next((x for x in rows if x["reader"] == twin), None)
+            if base is not None:
+                r["x_local"] = r["tokens_per_s"] / base["tokens_per_s"]
+                r["x_local_incl_startup"] = r["tokens_per_s_incl_startup"] / base["tokens_per_s_incl_startup"]
         print(f"{r['reader']:36s} {r['tokens_per_s'] / 1e6:8.2f} {r['x_floor']:8.3f} {r['x_megatron']:10.2f} "
               f"{r['x_train_step']:8.0f} {r['tokens_per_s_incl_startup'] / 1e6:11.2f} {r['first_batch_s']:11.3f}")
-    one = next(r for r in rows if r["reader"] == "this loader, wrap, 1 worker")
-    goals = {"x_floor >= 0.5": one["x_floor"] >= 0.5, "x_megatron >= 1": one["x_megatron"] >= 1,
+    for r in rows:
+        if "x_local" in r:
+            print(f"{r['reader']}: {r['x_local']:.3f}x the local reader steady state, "
+                  f"{r['x_local_incl_startup']:.3f}x including start-up (cold cache)")
+    one = next((r for r in rows if r["reader"] == "this loader, wrap, 1 worker"), None)
+    goals = {} if one is None else {"x_floor >= 0.5": one["x_floor"] >= 0.5, "x_megatron >= 1": one["x_megatron"] >= 1,
              "x_train_step >= 50": one["x_train_step"] >= 50}
     print("goals (1 worker): " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)

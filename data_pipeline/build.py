@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipeline import remote
 from data_pipeline.config import DataConfig
 from data_pipeline.dedup import (
     FILTER_FILE,
@@ -152,7 +153,12 @@ def default_shard_dir(cfg: DataConfig) -> Path:
 
 
 def resolve_shard_dir(cfg: DataConfig) -> Path:
-    return Path(cfg.shard_dir).expanduser() if cfg.shard_dir else default_shard_dir(cfg)
+    """The local build directory; for a remote data.shard_dir (s3://...), its staging/mirror
+    directory in the cache (data_pipeline.remote), which `build` uploads and the loader reads through."""
+    if remote.is_remote(cfg.shard_dir):
+        remote.configure(cfg)
+        return remote.mirror_dir(cfg.shard_dir)
+    return remote.local_path(cfg.shard_dir) if cfg.shard_dir else default_shard_dir(cfg)
 
 
 def is_complete(shard_dir: Path) -> bool:
@@ -172,6 +178,8 @@ def check_config(cfg: DataConfig) -> None:
             raise ConfigError(f"data.{key}={getattr(cfg, key)}: must be >= 0 (0 = {'no limit' if key[0] == 'm' else 'all cores'})")
     if cfg.shard_size_mb <= 0:
         raise ConfigError(f"data.shard_size_mb={cfg.shard_size_mb}: must be > 0")
+    if cfg.cache_limit_gb < 0:
+        raise ConfigError(f"data.cache_limit_gb={cfg.cache_limit_gb}: must be >= 0 (0 = no bound)")
     if cfg.text_template:
         from data_pipeline.sources import template_fields
 
@@ -309,8 +317,12 @@ def build(cfg: DataConfig, workers: int | None = None, part: int = 0, n_parts: i
           progress: bool = True) -> BuildReport:
     """Prepare, write the shards of `part` of `n_parts` (all when 1), and merge when that is all."""
     check_config(cfg)
+    remote.configure(cfg)
     if not 0 <= part < n_parts:
         raise ValueError(f"--part {part}/{n_parts}: need 0 <= i < K")
+    if remote.is_remote(cfg.shard_dir) and n_parts > 1:
+        raise ValueError(f"data.shard_dir={cfg.shard_dir}: a remote build is staged and uploaded by one invocation; "
+                         "build parts into a shared filesystem (--part/--slurm), then copy the directory there")
     workers = workers or cfg.build_workers or default_workers()
     shard_dir = resolve_shard_dir(cfg)
     t0 = time.monotonic()
@@ -329,6 +341,9 @@ def build(cfg: DataConfig, workers: int | None = None, part: int = 0, n_parts: i
     if n_parts == 1:
         merge(shard_dir)
         report.merged = True
+        if remote.is_remote(cfg.shard_dir):  # indexes last: a remote split with an index is complete
+            remote.upload_build(shard_dir, cfg.shard_dir)
+            remote.mirror_build(cfg.shard_dir)
     report.seconds = time.monotonic() - t0
     return report
 
@@ -380,7 +395,11 @@ def repair(cfg: DataConfig, workers: int | None = None, progress: bool = True) -
 def ensure_shards(cfg: DataConfig, progress: bool = True, workers: int | None = None) -> DatasetInfo:
     """Reuse the complete build at the config's shard dir, or build (or finish) it there first."""
     shard_dir = resolve_shard_dir(cfg)
-    if is_complete(shard_dir):
+    remote.configure(cfg)
+    if remote.is_remote(cfg.shard_dir):
+        if remote.is_complete_remote(cfg.shard_dir):  # stream it: indexes and tokenizer now, shards on demand
+            return _open_build(remote.mirror_build(cfg.shard_dir), cfg, reused=True)
+    elif is_complete(shard_dir):
         return _open_build(shard_dir, cfg, reused=True)
     report = build(cfg, workers=workers, progress=progress)
     log.info("built %s in %.1f s", shard_dir, report.seconds)
@@ -392,7 +411,8 @@ def _open_build(shard_dir: Path, cfg: DataConfig, reused: bool) -> DatasetInfo:
     if meta_path.is_file():
         plan = json.loads(meta_path.read_text())
         _check_fields(shard_dir, plan.get("fields", {}), cfg)
-        _check_source(shard_dir, plan, cfg)
+        if not any(remote.is_remote(p.strip()) for p in cfg.source.split(",")):  # not downloaded just to compare
+            _check_source(shard_dir, plan, cfg)
     tokenizer = load_tokenizer(shard_dir)
     for split in SPLITS:
         reader = ShardReader(shard_dir / split)
@@ -520,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers {args.workers}: must be >= 1")
         shard_dir = resolve_shard_dir(cfg)
+        if remote.is_remote(cfg.shard_dir) and (args.merge or args.prepare or args.repair or args.part):
+            raise ConfigError(f"data.shard_dir={cfg.shard_dir}: --part/--prepare/--merge/--repair work on a local or "
+                              "shared directory; a remote one is built (staged, then uploaded) by a plain invocation")
+        if remote.is_remote(cfg.shard_dir) and remote.is_complete_remote(cfg.shard_dir):
+            print(summary(_open_build(remote.mirror_build(cfg.shard_dir), cfg, reused=True)))
+            return 0
         if args.merge:
             merge(shard_dir)
             info = _open_build(shard_dir, cfg, reused=False)
@@ -540,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(_report_lines(rep)))
             print(summary(_open_build(shard_dir, cfg, reused=False)))
             return 0
-        if is_complete(shard_dir):
+        if is_complete(shard_dir) and not remote.is_remote(cfg.shard_dir):
             print(summary(_open_build(shard_dir, cfg, reused=True)))
             return 0
         part, n_parts = args.part or (0, 1)
@@ -548,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{'built' if report.merged else f'part {part}/{n_parts} of'} {report.shard_dir} in {report.seconds:.1f} s")
+    where = cfg.shard_dir if remote.is_remote(cfg.shard_dir) else report.shard_dir
+    print(f"{'built' if report.merged else f'part {part}/{n_parts} of'} {where} in {report.seconds:.1f} s")
     print("\n".join(_report_lines(report)))
     if report.merged:
         print(summary(_open_build(shard_dir, cfg, reused=False)))

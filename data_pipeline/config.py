@@ -127,7 +127,13 @@ class DataConfig:
     # Counted per shard; the builder reports how many documents it changed.
     max_doc_tokens: int = 0
     long_docs: str = "split"
-    shard_dir: str = ""  # "" = data/shards/<derived from source and tokenizer>
+    shard_dir: str = ""  # "" = data/shards/<derived from source and tokenizer>; or a URL (s3://, gs://): see remote.py
+    # Local cache of remote storage (data_pipeline/remote.py): copies of remote sources, the staging
+    # directory of a build to a remote shard_dir, and the shards a run streams from one. "" = data/cache.
+    cache_dir: str = ""
+    # Bound on the cached shards (all runs sharing cache_dir): least recently used ones are evicted
+    # beyond it and at most this much is downloaded ahead. 0 = no bound. Keep it above a few shards.
+    cache_limit_gb: float = 0.0
     shard_size_mb: float = 64.0  # uncompressed bytes per shard (aimed at: a shard is a fixed document range)
     build_workers: int = 0  # tokenizing processes of the shard build; 0 = all cores (CLI: --workers)
     # Bind each build worker to its own CPU (when there are no more workers than CPUs this process may

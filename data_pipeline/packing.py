@@ -266,6 +266,10 @@ class SplitSamples:
             return self._shards[key]
         order, _ = self._plan(epoch)
         k = int(order[pos])
+        if self.reader.remote is not None:  # download the next shards of the order while this one decodes
+            from data_pipeline.remote import AHEAD
+
+            self.reader.prefetch(order[pos + 1:pos + 1 + AHEAD])
         try:
             cols = self._columns(k)
         except CorruptShardError as e:

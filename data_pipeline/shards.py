@@ -415,6 +415,11 @@ class ShardReader:
         self._first_doc = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._cache: dict[int, ShardFile] = {}  # the most recently opened shard
         self._verified: set[int] = set()  # shards whose checksum this reader has already checked
+        # a mirror of a remote split (data_pipeline.remote): shards come through the bounded local cache
+        from data_pipeline.remote import ShardCache, remote_origin
+
+        origin = remote_origin(self.dir)
+        self.remote: ShardCache | None = ShardCache(self.dir, origin) if origin else None
 
     def __getstate__(self) -> dict:
         # Dataloader workers get a copy of the reader: send the index, not the cached shard bytes.
@@ -449,6 +454,9 @@ class ShardReader:
         return self.num_docs
 
     def shard(self, k: int) -> ShardFile:
+        if k not in self._cache and self.remote is not None:
+            self._cache = {k: self._remote_shard(k)}
+            self._verified.add(k)
         if k not in self._cache:
             entry = self.shards[k]
             path = self.dir / entry["file"]
@@ -460,6 +468,26 @@ class ShardReader:
             self._cache = {k: ShardFile(path, sha, entry["bytes"])}
             self._verified.add(k)
         return self._cache[k]
+
+    def _remote_shard(self, k: int) -> ShardFile:
+        """Shard k of a remote split, through the cache: a cached copy that fails its checksum (or was
+        evicted by another process meanwhile) is downloaded again; a download is checked as it arrives."""
+        entry = self.shards[k]
+        for attempt in range(3):
+            path = self.remote.ensure(entry, refetch=attempt > 0)
+            try:
+                return ShardFile(path, None if k in self._verified else entry["sha256"], entry["bytes"])
+            except FileNotFoundError:
+                continue
+            except CorruptShardError as e:
+                log.warning("cached shard %s is damaged (%s); downloading it again", path, e)
+        raise CorruptShardError(f"shard {self.remote.url}/{entry['file']}: its cached copy at {path} stays unreadable")
+
+    def prefetch(self, ks) -> None:
+        """Remote splits: download shards `ks` (the next in the reading order) in the background."""
+        if self.remote is not None and len(ks):
+            reading = max((self.shards[k]["bytes"] for k in self._cache), default=0)
+            self.remote.prefetch([self.shards[int(k)] for k in ks], reading)
 
     def load_shard(self, k: int, with_density: bool = False) -> ShardData:
         sf = self.shard(k)

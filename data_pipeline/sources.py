@@ -267,7 +267,10 @@ def is_val_id(doc_id: str, val_fraction: float) -> bool:
 
 def local_roots(source: str) -> list[Path]:
     """The paths of a local source: one file or directory, or several joined by commas."""
-    return [Path(part.strip()).expanduser() for part in source.split(",") if part.strip()]
+    from data_pipeline.remote import is_remote, local_copy, local_path
+
+    # a URL (s3://, gs://) is read from its copy in the cache (data_pipeline.remote); file:// is local
+    return [local_copy(p) if is_remote(p) else local_path(p) for p in (x.strip() for x in source.split(",")) if p]
 
 
 def local_files(source: str) -> list[tuple[Path, str]]:

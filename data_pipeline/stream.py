@@ -462,7 +462,14 @@ def _tokenizer_fingerprint(info: DatasetInfo) -> str | None:
 
 def _train_split(shard_dir: str | Path) -> Path:
     """A mixture entry names a built shard directory (its train/ split) or a split directory."""
-    p = Path(shard_dir).expanduser()
+    from data_pipeline import remote
+
+    if remote.is_remote(shard_dir):  # a remote build: its local mirror (shards fetched on demand)
+        if not remote.is_complete_remote(shard_dir):
+            raise ShardFormatError(f"data.mixture entry {shard_dir}: not a complete build (no train/index.json, "
+                                   "val/index.json and tokenizer.json there); build it with `python -m data_pipeline.build`")
+        shard_dir = remote.mirror_build(shard_dir)
+    p = remote.local_path(shard_dir)
     for d in (p / "train", p):
         if (d / INDEX_FILE).is_file():
             return d
@@ -488,9 +495,14 @@ def check_shards_before_training(data_cfg: DataConfig, info: DatasetInfo) -> Non
         if full:
             bad += [f"{d / f}: {why.split(' is corrupt: ')[-1].split('. Rebuild')[0]}" for f, why in reader.problems()]
             continue
+        remote_sizes = reader.remote.remote_sizes() if reader.remote is not None else None
         for entry in reader.shards:
             path = d / entry["file"]
-            size = path.stat().st_size if path.is_file() else None
+            if remote_sizes is not None:  # a remote split: its objects, not the cache (fetched on demand)
+                path = f"{reader.remote.url}/{entry['file']}"
+                size = remote_sizes.get(entry["file"])
+            else:
+                size = path.stat().st_size if path.is_file() else None
             if size != entry["bytes"]:
                 bad.append(f"{path}: " + ("missing" if size is None else f"{size} bytes, index.json says {entry['bytes']}"))
     if not bad:
