@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -217,10 +218,15 @@ def test_a_rank_that_fails_at_start_ends_the_job_at_once_with_its_reason(slurm_c
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "task 0 (rank 0)" in r.stderr and "UTF-8" in r.stderr and "_0_log.err" in r.stderr, r.stderr[-3000:]
     assert elapsed < 120, f"the failed job took {elapsed:.0f} s to end (parallel.timeout_s is 600)"
+    from slurm.cluster import job_info
+
+    info = job_info((run_dir_of(tmp_path) / "slurm_job_id").read_text().strip())
+    ran = datetime.fromisoformat(info["EndTime"]) - datetime.fromisoformat(info["StartTime"])
+    assert ran.total_seconds() < 60, f"the job ran {ran} after its rank 0 failed at start: {info}"
 
     # and what the local path checks is checked before submitting: nothing is submitted for a missing source
     r = launch(tmp_path, *sets[:-3], f"data.source={tmp_path / 'missing.txt'}", "data.tokenizer=sentencepiece")
-    assert r.returncode == 1 and "not submitted" in r.stderr and "missing.txt" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "data.source" in r.stderr and "missing.txt" in r.stderr, r.stderr[-2000:]
     assert "submitted Slurm job" not in r.stdout
 
 

@@ -124,3 +124,20 @@ def test_the_task_srun_saw_fail_first_is_reported_not_the_one_it_took_down(tmp_p
     k, text = first_failure([batch, other])
     assert k == 0 and "UnicodeDecodeError" in text and "Exited with exit code 1" in text, text
     assert first_failure([other]) is None
+
+
+def test_preflight_refuses_what_the_job_would_fail_on_before_submitting(tmp_path):
+    # checked on the login node, before sbatch: a source that is not there, a sentencepiece model that is not there
+    from slurm.cluster import SlurmError
+    from slurm.submit import preflight
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one line\n")
+    ok = load_config(None, [f"data.source={corpus}", "data.tokenizer=sentencepiece", f"data.shard_dir={tmp_path / 's'}"])
+    preflight(ok)  # nothing wrong: no error
+    for sets, named in ((["data.tokenizer=sentencepiece:/nonexistent/sp.model"], "sp.model"),
+                        ([f"data.source={tmp_path / 'gone.txt'}"], "gone.txt")):
+        cfg = load_config(None, [f"data.source={corpus}", "data.tokenizer=sentencepiece",
+                                 f"data.shard_dir={tmp_path / 's'}", *sets])
+        with pytest.raises(SlurmError, match=f"not submitted.*{named}"):
+            preflight(cfg)
