@@ -236,7 +236,7 @@ def main() -> int:
     from data_pipeline.build import resolve_shard_dir
 
     math_tok = load_tokenizer(resolve_shard_dir(load_config(REPO / "configs/density/math_base.yaml",
-                                                               ["data.density.normalize=rank"]).data))
+                                                               size).data))
     wiki = _texts("wikitext-2", args.docs)
     wiki_tok = make_tokenizer(DataConfig(tokenizer="sentencepiece", vocab_size=2048),
                               (Document(str(i), t) for i, t in enumerate(wiki)))
