@@ -170,6 +170,13 @@ def main() -> int:
     ap.add_argument("--sudoku-only", action="store_true",
                     help="run only the sudoku part and add it to an existing bench_density.json")
     ap.add_argument("--sudoku-samples", type=int, default=64, help="validation puzzles decoded per sudoku run")
+    ap.add_argument("--recipe", default="math", choices=("math", "text"),
+                    help="configs/density/<recipe>_{uniform,density_priority,complementary}.yaml")
+    ap.add_argument("--normalize", default="",
+                    help="override data.density.normalize (the first report used rank; default: the recipe's)")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the annotation throughput part")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds of the effect runs")
+    ap.add_argument("--json", default=str(RESULTS), help="where to write the results")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_density-"))
     result: dict = {"host": platform.node(), "cpus": os.cpu_count(), "steps": args.steps, "effect": [],
@@ -188,17 +195,29 @@ def main() -> int:
     # 2. effect (first: its uniform run's checkpoint also serves the model annotator's throughput)
     runs = Path(args.runs_dir) if args.runs_dir else tmp / "runs"
     size = ["model.n_layers=2", "model.d_model=64", "train.batch_size=16", "train.eval_batches=8"] if args.small else []
-    size.append("data.density.normalize=rank")  # the effect runs of the first report used rank normalisation
-    result["overrides"] = size
-    for policy in POLICIES:
-        s = launch(f"configs/density/math_{policy}.yaml", f"bench-{policy}", runs, args.steps, size)
-        result["effect"].append({"policy": policy, "annotator": "structure", "val_nll": s["final_val_nll"],
-                                 "initial_val_nll": s["initial_val_nll"], "tokens": s["tokens"],
-                                 "train_s": s["elapsed_s"]})
-        print(f"  {policy}: val NLL {s['final_val_nll']:.4f} ({s['elapsed_s']:.0f} s)", flush=True)
-    ckpt = str(next(runs.rglob("bench-uniform")))
+    if args.normalize:
+        size.append(f"data.density.normalize={args.normalize}")
+    result["overrides"], result["recipe"] = size, args.recipe
+    from pretrain.config import load_config
+
+    annotator = load_config(REPO / f"configs/density/{args.recipe}_base.yaml").data.density.annotator
+    out_json = Path(args.json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    # seed-major: a sweep cut short still has all three policies of the first seeds
+    for seed in args.seeds:
+        for policy in POLICIES:
+            name = f"bench-{args.recipe}-{policy}" + (f"-s{seed}" if seed else "")
+            s = launch(f"configs/density/{args.recipe}_{policy}.yaml", name, runs, args.steps,
+                       size + [f"seed={seed}"])
+            result["effect"].append({"policy": policy, "annotator": annotator, "seed": seed,
+                                     "val_nll": s["final_val_nll"], "initial_val_nll": s["initial_val_nll"],
+                                     "tokens": s["tokens"], "train_s": s["elapsed_s"], "wall_s": s.get("wall_s")})
+            print(f"  seed {seed} {policy}: val NLL {s['final_val_nll']:.4f} ({s['elapsed_s']:.0f} s)", flush=True)
+            out_json.write_text(json.dumps(result, indent=1))
+    ckpt = str(next(runs.rglob(f"bench-{args.recipe}-uniform")))
     if not args.no_model_run:
-        s = launch("configs/density/math_density_priority.yaml", "bench-model-priority", runs, args.steps,
+        s = launch(f"configs/density/{args.recipe}_density_priority.yaml", f"bench-{args.recipe}-model-priority",
+                   runs, args.steps,
                    ["data.density.annotator=model", f"data.density.checkpoint={ckpt}", "data.density.device=cpu",
                     "data.build_workers=1", *size])
         result["effect"].append({"policy": "density_priority", "annotator": "model (uniform run)",
@@ -208,12 +227,16 @@ def main() -> int:
     result["sudoku_accuracy"] = "not measured: pretrain/sample.py (a sampler) is not available yet" \
         if not sample_available else "not in this invocation: run with --sudoku-only (adds 'sudoku' to this JSON)"
 
+    if args.no_throughput:
+        print_effect(result, args)
+        out_json.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out_json}")
+        return 0
     # 1. throughput
     from data_pipeline.build import resolve_shard_dir
-    from pretrain.config import load_config
 
     math_tok = load_tokenizer(resolve_shard_dir(load_config(REPO / "configs/density/math_base.yaml",
-                                                               ["data.density.normalize=rank"]).data))
+                                                               size).data))
     wiki = _texts("wikitext-2", args.docs)
     wiki_tok = make_tokenizer(DataConfig(tokenizer="sentencepiece", vocab_size=2048),
                               (Document(str(i), t) for i, t in enumerate(wiki)))
@@ -226,16 +249,35 @@ def main() -> int:
         fp = f"+{r['first_pass_extra_pct']:.0f}% once" if "first_pass_extra_pct" in r else ""
         print(f"{r['corpus']:11s} {r['annotator']:18s} {r['tokens']:8d} {r['tok_per_s']:11,.0f} "
               f"{r['extra_pct']:+7.1f}%  {fp}")
-    print(f"\neffect: GSM8K answers, MDM {'2x64, batch 16' if args.small else '4x128, batch 32'}, {args.steps} steps"
-          f" of 128-token rows, same data tokens per run; val NLL = uniform-mask NELBO (nats/token)")
-    print(f"{'policy':18s} {'density from':22s} {'val NLL':>8s} {'train s':>8s} {'sudoku acc':>12s}")
-    for r in result["effect"]:
-        print(f"{r['policy']:18s} {r['annotator']:22s} {r['val_nll']:8.4f} {r['train_s']:8.0f} {'skipped':>12s}")
+    print_effect(result, args)
     print(f"sudoku accuracy: {result['sudoku_accuracy']}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
-    print(f"wrote {RESULTS}")
+    out_json.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out_json}")
     return 0
+
+
+def print_effect(result: dict, args) -> None:
+    print(f"\neffect: {args.recipe} recipe, block diffusion {'2x64, batch 16' if args.small else '4x128, batch 32'}, "
+          f"{args.steps} steps of 128-token rows, same data tokens per run; val NLL = uniform-mask block NELBO "
+          "(nats/token)")
+    print(f"{'policy':18s} {'density from':22s} {'seed':>4s} {'init NLL':>8s} {'val NLL':>8s} {'train s':>8s}")
+    for r in result["effect"]:
+        print(f"{r['policy']:18s} {r['annotator']:22s} {r.get('seed', 0):4d} {r['initial_val_nll']:8.4f} "
+              f"{r['val_nll']:8.4f} {r['train_s']:8.0f}")
+    import statistics
+
+    base = {r.get("seed", 0): r["val_nll"] for r in result["effect"] if r["policy"] == "uniform"}
+    for policy in POLICIES:
+        rs = [r for r in result["effect"] if r["policy"] == policy and r["annotator"] != "model (uniform run)"]
+        if not rs:
+            continue
+        v = [r["val_nll"] for r in rs]
+        d = [100.0 * (r["val_nll"] - base[r.get("seed", 0)]) / base[r.get("seed", 0)] for r in rs
+             if r.get("seed", 0) in base]
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        sdd = statistics.stdev(d) if len(d) > 1 else 0.0
+        print(f"{policy:18s} val NLL {statistics.fmean(v):.4f} +- {sd:.4f} over {len(v)} seeds; "
+              f"vs uniform (paired): {statistics.fmean(d):+.2f}% +- {sdd:.2f}%")
 
 
 def print_sudoku(result: dict) -> None:

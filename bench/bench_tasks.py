@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             if r.get("budget_tokens") == args.tokens:
                 done[(r["task"], r["variant"], r["seed"])] = r
     results = []
-    for task in args.tasks:
-        for variant in args.variants:
-            for seed in args.seeds:
+    # Seed-major order: a sweep cut short (a time limit) still has every variant of the first seeds.
+    for seed in args.seeds:
+        for task in args.tasks:
+            for variant in args.variants:
                 if (task, variant, seed) in done:
                     results.append(done[(task, variant, seed)])
                     continue
