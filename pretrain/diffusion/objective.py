@@ -307,6 +307,19 @@ class AutoregressiveObjective:
         return float(nll), int(n)
 
 
+def diffusion_kwargs(cfg: DiffusionConfig, mask_id: int) -> dict:
+    """What every masked-diffusion objective is built from: schedule, time sampler, weighting, SUBS, eval draws."""
+    return {
+        "schedule": build_schedule(cfg.schedule),
+        "sampler": build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified, cfg.t_min, cfg.t_max),
+        "mask_id": mask_id,
+        "weighting": cfg.weighting,
+        "eval_t_samples": cfg.eval_t_samples,
+        "loss_buckets": cfg.loss_buckets,
+        "parameterization": cfg.parameterization,
+    }
+
+
 def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int, jigsaw_streams: int = 1):
     """The objective of a model variant: AutoregressiveObjective (`ar`), MaskedDiffusionObjective
     (`mdm`, and `scatter`, whose difference is only its attention mask), BlockDiffusionObjective
@@ -317,30 +330,12 @@ def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int, jigsaw_str
     if variant == "ar":
         return AutoregressiveObjective(loss_buckets=cfg.loss_buckets)
     if variant == "jigsaw":
-        return JigsawObjective(
-            schedule=build_schedule(cfg.schedule),
-            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified, cfg.t_min, cfg.t_max),
-            mask_id=mask_id,
-            weighting=cfg.weighting,
-            eval_t_samples=cfg.eval_t_samples,
-            loss_buckets=cfg.loss_buckets,
-            parameterization=cfg.parameterization,
-            streams=jigsaw_streams,
-        )
+        return JigsawObjective(**diffusion_kwargs(cfg, mask_id), streams=jigsaw_streams)
     if cfg.masking == "reverse_order":  # seed 003's blockwise reverse-order training (reverse_order.py)
         from pretrain.diffusion.reverse_order import build_reverse_order_objective
 
         return build_reverse_order_objective(cfg, variant, mask_id)
     if variant in ("mdm", "scatter", "block"):
         cls = BlockDiffusionObjective if variant == "block" else MaskedDiffusionObjective
-        return cls(
-            schedule=build_schedule(cfg.schedule),
-            sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified, cfg.t_min, cfg.t_max),
-            mask_id=mask_id,
-            weighting=cfg.weighting,
-            masking=masking_from_config(cfg),
-            eval_t_samples=cfg.eval_t_samples,
-            loss_buckets=cfg.loss_buckets,
-            parameterization=cfg.parameterization,
-        )
+        return cls(**diffusion_kwargs(cfg, mask_id), masking=masking_from_config(cfg))
     raise ValueError(f"no objective for model variant {variant!r}; expected ar, mdm, block, jigsaw or scatter")

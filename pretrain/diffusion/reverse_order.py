@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from pretrain.diffusion.blockwise import _loss_stats, _masked_ce_per_token
-from pretrain.diffusion.objective import MaskedDiffusionObjective
+from pretrain.diffusion.objective import MaskedDiffusionObjective, prompt_kwargs, targets_of
 from pretrain.diffusion.rng import StepRNG, eval_rng
 
 
@@ -112,23 +112,25 @@ class ReverseOrderObjective(MaskedDiffusionObjective):
             w = w / self.sampler.pdf(t)
         return torch.where(plan["n_active"] > 0, w, torch.zeros_like(w))
 
-    def _pass(self, model, input_ids, real, t, rng: StepRNG, importance: bool | None = None):
-        """(weighted active-block CE per sequence [B], masked, scored) for times t [B]."""
+    def _pass(self, model, batch, t, rng: StepRNG, importance: bool | None = None):
+        """(weighted active-block CE per sequence [B], masked, scored) for times t [B]. With a prompt
+        (task data) only the response's tokens are planned, masked and scored; the prompt stays clean."""
+        input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
         device, L = input_ids.device, input_ids.shape[1]
-        plan = self._masking_for(model, L).plan(real, self.schedule.alpha(t), rng)
+        plan = self._masking_for(model, L).plan(targets_of(batch), self.schedule.alpha(t), rng)
         masked = plan["masked"].to(device)
         scored = masked & plan["active"].to(device)
         x_t = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
-        logits = model(x_t, t.to(device=device, dtype=torch.float32), key_padding_mask=real)
+        logits = model(x_t, t.to(device=device, dtype=torch.float32), key_padding_mask=real, **prompt_kwargs(batch))
         ce = _masked_ce_per_token(logits, input_ids, scored, self.exclude).sum(dim=1)  # [B] float32 (SUBS)
         w = self.plan_weight(t, plan, importance).to(device=device, dtype=torch.float32)
         return w * ce, masked, scored
 
     def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
-        input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
+        input_ids, target = batch["input_ids"], targets_of(batch)
         t = self.sampler.sample(input_ids.shape[0], rng)  # float64, CPU
-        weighted, masked, _ = self._pass(model, input_ids, real, t, rng)
-        n_real_seq = real.sum(dim=1)
+        weighted, masked, _ = self._pass(model, batch, t, rng)
+        n_real_seq = target.sum(dim=1)
         n_real = n_real_seq.sum().clamp(min=1)
         loss = weighted.sum() / n_real
         with torch.no_grad():
@@ -140,32 +142,23 @@ class ReverseOrderObjective(MaskedDiffusionObjective):
     def eval_nll(self, model, batch: dict, generator) -> tuple[float, int]:
         """(sum over sequences of the semi-AR bound in nats, target tokens): uniform t stratified,
         t_bk = eps + (1 - eps)(u_b + k)/K, weight with q = 1/(1 - eps); whatever trained it."""
-        input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
+        input_ids, target = batch["input_ids"], targets_of(batch)
         B, K = input_ids.shape[0], self.eval_t_samples
         rng = eval_rng(generator)  # per-sample draws under validation: the same number on any layout
         u = rng.rand(B)
         total = torch.zeros(B, dtype=torch.float64)
         for k in range(K):
             t = self.eps + (1.0 - self.eps) * (u + k) / K
-            weighted, _, _ = self._pass(model, input_ids, real, t, rng, importance=False)
+            weighted, _, _ = self._pass(model, batch, t, rng, importance=False)
             total += weighted.cpu().double() * (1.0 - self.eps)  # / q_uniform(t)
-        return float(total.sum() / K), int(real.sum())
+        return float(total.sum() / K), int(target.sum())
 
 
 def build_reverse_order_objective(cfg, variant: str, mask_id: int) -> ReverseOrderObjective:
     """The objective for `diffusion.masking: reverse_order` (mdm only: config validation says so)."""
-    from pretrain.diffusion.schedules import build_schedule
-    from pretrain.diffusion.time_samplers import build_time_sampler
+    from pretrain.diffusion.objective import diffusion_kwargs
 
     if variant != "mdm":
         raise ValueError(f"diffusion.masking=reverse_order needs model.variant=mdm (got {variant!r}): the "
                          "blockwise variants have their own block orders")
-    return ReverseOrderObjective(
-        schedule=build_schedule(cfg.schedule),
-        sampler=build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified, cfg.t_min, cfg.t_max),
-        mask_id=mask_id,
-        weighting=cfg.weighting,
-        eval_t_samples=cfg.eval_t_samples,
-        loss_buckets=cfg.loss_buckets,
-        parameterization=cfg.parameterization,
-    )
+    return ReverseOrderObjective(**diffusion_kwargs(cfg, mask_id))
