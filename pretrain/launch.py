@@ -334,6 +334,10 @@ def spawn_local(argv: list[str], nproc: int, timeout_s: float) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
     codes = [first_failure[1]] if first_failure is not None else [p.returncode for p in procs]
+    if first_failure is None and signals and all(c in (0, *STOPPED_CODES) for c in codes):
+        # stopped on request: the status of the signal this launcher got (130 for Ctrl-C), whichever of the
+        # terminal's SIGINT or the forwarded SIGTERM each rank handled first
+        return 128 + signals[0]
     code = next((c for c in codes if c != 0), 0)
     return 128 - code if code < 0 else code  # a rank a signal ended: 128 + its number, as a shell says
 

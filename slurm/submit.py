@@ -175,6 +175,11 @@ def log_paths(folder: Path, job_id: str, task: int = 0) -> tuple[Path, Path]:
 SRUN_FAILURE = re.compile(r"^srun: error: (\S+): tasks? ([\d,\-]+): (.+)$")
 
 
+# what a rank logs when a peer it was talking to disappeared (gloo, NCCL, the TCP store)
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+             "remote process exited", "NCCL communicator was aborted")
+
+
 def srun_failures(batch_log: Path | str) -> list[tuple[int, str, str]]:
     """(task, node, how it ended) from srun's own lines in the batch script's log, in the order srun saw the
     tasks end ("srun: error: dlmnode2: task 1: Killed", "... tasks 0,2-3: Exited with exit code 1")."""
@@ -219,6 +224,11 @@ def first_failure(task_logs: list[Path]) -> tuple[int, str] | None:
     srun = srun_failures(task_logs[0]) if task_logs else []
     if srun:
         k, node, how = srun[0]
+        # a task whose own error is the lost connection to a peer is a consequence: when srun saw another task
+        # die of a signal (killed, out of memory, segfault), that one is the cause, whatever srun reported first
+        signalled = [f for f in srun if not f[2].startswith("Exited with exit code")]
+        if signalled and k in own and any(m in own[k] for m in LOST_PEER):
+            k, node, how = signalled[0]
         text = f"task {k} (rank {k}) on {node}: {how}" + (f"\n{own[k]}" if k in own else "")
     elif own:
         k = min(own)

@@ -3,6 +3,7 @@ KILLED; a failed resume or a crash at start-up leaves it FAILED, never RUNNING; 
 launcher; a dying rank takes the others down. Real runs (subprocesses) against a real sqlite store."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,11 +81,12 @@ def test_signal_stops_at_a_step_boundary_with_checkpoint_and_mlflow_killed(sig, 
         assert again.returncode == 0, again.stderr[-3000:]
         assert f"resumed from runs/quickstart/r/checkpoints/{latest.name} at step {stopped_at}" in again.stderr
         assert mlflow_statuses(tmp_path) == ["FINISHED"]
-    else:  # a resume that fails (the model changed under the same run name) ends the run FAILED
+    else:  # a resume under the same run name with another model is refused before any run starts
         again = subprocess.run(command(shards, ["train.steps=100000", "model.d_model=48"]), cwd=tmp_path,
                                env=env(), capture_output=True, text=True, timeout=300)
-        assert again.returncode == 1 and "does not fit this model" in again.stderr, again.stderr[-3000:]
-        assert mlflow_statuses(tmp_path) == ["FAILED"]
+        assert again.returncode != 0 and "of another model" in again.stderr and "model.d_model" in again.stderr, \
+            again.stderr[-3000:]
+        assert mlflow_statuses(tmp_path) == ["KILLED"]  # no second MLflow run, none left RUNNING
 
 
 def test_crash_at_start_up_ends_the_mlflow_run_failed(shards, tmp_path, monkeypatch):
@@ -176,5 +178,6 @@ def test_ctrl_c_in_a_terminal_stops_every_rank_with_one_checkpoint(shards, tmp_p
     finally:
         kill_group(launcher)
     assert launcher.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and err.count("stopped by SIGINT at step") == 1
+    # each rank stops for the terminal's SIGINT or the launcher's forwarded SIGTERM, whichever it handles first
+    assert "Traceback" not in err and len(re.findall(r"stopped by SIG(?:INT|TERM) at step", err)) == 1, err[-3000:]
     assert ckpt.latest_checkpoint(run_dir).name == f"step_{max(read_metrics(run_dir)):07d}"

@@ -124,6 +124,13 @@ def test_the_task_srun_saw_fail_first_is_reported_not_the_one_it_took_down(tmp_p
     k, text = first_failure([batch, other])
     assert k == 0 and "UnicodeDecodeError" in text and "Exited with exit code 1" in text, text
     assert first_failure([other]) is None
+    # under load srun may report the task that lost its peer first: its own error (a reset connection) says it
+    # is a consequence, and the task killed by a signal is named instead
+    batch.write_text("Traceback (most recent call last):\nRuntimeError: Read error: Connection reset by peer\n"
+                     "srun: error: dlmnode1: task 0: Exited with exit code 1\n"
+                     "srun: error: dlmnode2: task 1: Killed\n")
+    k, text = first_failure([batch, other])
+    assert k == 1 and "on dlmnode2" in text and "Killed" in text and "also failed: task 0" in text, text
 
 
 def test_preflight_refuses_what_the_job_would_fail_on_before_submitting(tmp_path):
