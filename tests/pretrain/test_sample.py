@@ -37,14 +37,21 @@ def memorised(variant: str) -> torch.nn.Module:
     """A tiny model of `variant` trained with its own objective on SEQ alone (cached per session)."""
     if variant not in _MEMORISED:
         model = tiny(variant)
-        objective = build_objective(DiffusionConfig(time_sampler="antithetic"), variant, mask_id=MASK)
+        # Jigsaw's model is trained with the plain softmax here: under SUBS (the default) the single-stream
+        # Jigsaw did not memorise the all-masked case even in 3000 steps, while plain does in 1500 (seen
+        # after the SUBS merge, not diagnosed yet: issue 17's open items). This test is about the samplers,
+        # which forbid [MASK] either way; SUBS's Jigsaw loss is checked against a reference in test_subs.
+        param = "plain" if variant == "jigsaw" else "subs"
+        objective = build_objective(DiffusionConfig(time_sampler="antithetic", parameterization=param), variant,
+                                    mask_id=MASK)
         # a bidirectional model must learn every position from the others (RoPE gives no absolute
         # position): it needs more steps than AR to memorise the sequence
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         batch = {"input_ids": SEQ.repeat(16, 1), "loss_mask": torch.ones(16, L, dtype=torch.bool)}
         if variant == "jigsaw":
             batch["prompt_mask"] = bos_prompt(16)
-        for step in range(1500):
+        # Scatter sees less of the sequence per prediction (its lower offsets only): it takes longer
+        for step in range(3000 if variant == "scatter" else 1500):
             loss, _ = objective.training_loss(model, batch, step_rng(0, step))
             opt.zero_grad()
             loss.backward()
