@@ -92,14 +92,9 @@ class StopFlag:
 
 def _agree(code: int, trainer) -> int:
     """The largest `code` over all ranks (one tiny all-reduce per step; no-op on one process)."""
-    if trainer.topology.world_size == 1:
-        return code
-    import torch
-    import torch.distributed as dist
+    from parallel import comm
 
-    t = torch.tensor([float(code)], device=trainer.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(comm.all_reduce_max(code))
 
 
 def make_stop_callback(flags: list[StopFlag]):

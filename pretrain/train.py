@@ -33,6 +33,7 @@ from data_pipeline.stream import (
     make_val_loader,
     skipped_rows,
 )
+from parallel import comm
 from parallel.engine import PlainEngine
 from parallel.topology import Topology
 from pretrain import checkpoint as ckpt
@@ -220,12 +221,7 @@ class Trainer:
         """Sum over the data-parallel group (tensor-parallel peers hold identical values)."""
         if self.topology.dp_size == 1:
             return values
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        out = values.to(torch.float64).clone()
-        dist.all_reduce(out, group=ps.get_data_parallel_group())
-        return out
+        return comm.dp_sum(values)
 
     def _global_totals(self, loss: torch.Tensor, stats: dict, extra: tuple[float, ...] = ()) -> torch.Tensor:
         """One micro-batch's [loss x tokens, tokens, per-t-bucket loss sums, bucket counts, *extra],
@@ -238,10 +234,7 @@ class Trainer:
         ]))
 
     def _barrier(self) -> None:
-        if self.topology.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        comm.barrier()
 
     # ------------------------------------------------------------------ checkpoints
     def _portable_checkpoint(self) -> Path | None:
@@ -326,12 +319,9 @@ class Trainer:
                 reduce=self._dp_sum, dp_rank=self.topology.dp_rank, dp_size=self.topology.dp_size,
             )
         if self.engine.kind == "pipeline":  # only the last stage saw real logits: its numbers for all
-            import torch.distributed as dist
-            from megatron.core import parallel_state as ps
-
             keys = sorted(metrics)
-            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-            dist.broadcast(values, src=self.engine.last_stage_rank, group=ps.get_pipeline_model_parallel_group())
+            values = comm.from_last_stage(torch.tensor([metrics[k] for k in keys], dtype=torch.float64),
+                                          self.engine.last_stage_rank)
             metrics = dict(zip(keys, values.tolist(), strict=True))
         self.state.elapsed_s = self._elapsed_base + (time.perf_counter() - self._fit_start)
         metrics["val/tokens_seen"] = float(self.state.tokens)
@@ -435,10 +425,7 @@ class Trainer:
         if results:  # the last stage; the others receive its sums below
             summed = torch.stack(results).sum(dim=0)
             summed[-1] = results[-1][-1] / dp  # masked fraction: the last micro-batch's, mean over dp
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        dist.broadcast(summed, src=self.engine.last_stage_rank, group=ps.get_pipeline_model_parallel_group())
+        summed = comm.from_last_stage(summed, self.engine.last_stage_rank)
         if not stepped:
             return None
         self.scheduler.step()
