@@ -51,7 +51,7 @@ models trained on responses (data.train_on), so Scatter and Jigsaw see the promp
 blocks from the response start as in training.
 
 Token draws: `temperature` 0 = greedy (argmax); otherwise Gumbel-max over the tempered, top-k /
-top-p filtered distribution, in float64 by default (`float64`; DESIGN.md: fp32 categorical sampling
+top-p filtered distribution, in float64 by default (`float64`; docs/ARCHITECTURE.md: fp32 categorical sampling
 lowers the effective temperature and flatters generative perplexity). The mask token and
 `forbid_ids` (e.g. PAD, BOS) are never drawn, and every ordering score (including jigsaw's entropy
 probe) is computed on the distribution without them: MDLM's SUBS "zero masking probabilities" (a
