@@ -114,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown corpus {', '.join(unknown)}; known: {', '.join(CORPORA)}", file=sys.stderr)
         return 2
-    try:
-        for name in args.names or CORPORA:
+    failed = 0
+    for name in args.names or CORPORA:  # one failed download does not keep the others from being fetched
+        try:
             print(f"{fetch(CORPORA[name], args.dest)}  ok")
-    except CorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        except CorpusError as e:
+            failed += 1
+            print(f"error: {e}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
