@@ -68,7 +68,7 @@ def validation_nll(
 
 
 # ---------------------------------------------------------------------------------------------
-# Post-training evaluation: `python -m pretrain.evaluate --run DIR | --checkpoint PATH`
+# Post-training evaluation: `python -m pretrain.evaluate --run DIR | --checkpoint PATH [--no-ema]`
 # ---------------------------------------------------------------------------------------------
 # - val/nll: `validation_nll` over the run's validation split (the bound the trainer logs);
 # - task runs (data.source task:NAME): the val split's examples are regenerated from the task's
@@ -77,6 +77,8 @@ def validation_nll(
 # - language runs: unconditional samples ([BOS] + seq_len - 1 generated tokens, float64 draws) scored
 #   by generative perplexity under a reference AR checkpoint of this framework (`--reference-ar`,
 #   gen/ppl; tokens up to the first EOS) and their unigram entropy (gen/unigram_entropy).
+# - the weights: the moving average (train.ema) when the run kept one, the weights the trainer's own
+#   validation scores (`--no-ema`: the raw weights), loaded from any layout's checkpoint;
 # Results print as a table, optionally go to a JSON file, and are logged under `eval/` to the run's
 # MLflow record (the run dir's `mlflow_run_id`) when the run was tracked.
 
@@ -84,11 +86,10 @@ EVAL_SAMPLE_SEED = 20_011
 
 
 def load_model(checkpoint, device: torch.device | str = "cpu", ema: bool | None = None):
-    """(model in eval mode, its Config, the dataset info, the loader's info: checkpoint, step, ema, ...) of
-    a checkpoint or run directory, any layout,
-    loaded by `pretrain.checkpoint.load_model_for_inference` (the moving average of the weights when
-    the run kept one, unless `ema` is False); the dataset info (tokenizer, special ids, splits) is the
-    run's shards', built again when they are gone."""
+    """(model in eval mode, its Config, the dataset info, the loader's info: checkpoint, step, ema, ...)
+    of a checkpoint or run directory, any layout, loaded by `pretrain.checkpoint.load_model_for_inference`
+    (the moving average of the weights when the run kept one, unless `ema` is False); the dataset info
+    (tokenizer, special ids, splits) is the run's shards', built again when they are gone."""
     from data_pipeline.build import ensure_shards
     from pretrain.checkpoint import CheckpointError, load_model_for_inference
 
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Evaluate a trained run: validation NLL, task metrics or sample quality.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (its latest checkpoint is evaluated)")
-    src.add_argument("--checkpoint", help="a checkpoint directory (checkpoints/step_*) or its model.pt")
+    src.add_argument("--checkpoint", help="a checkpoint directory (checkpoints/step_*, any layout) or a file in it")
     p.add_argument("--sampler", default="auto", choices=SAMPLERS, help="decoding (auto = the variant's own)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps (per block for block/semi-AR; 0 = one token per step)")
     p.add_argument("--tokens-per-step", type=int, default=0, help="tokens revealed per step (instead of --steps)")

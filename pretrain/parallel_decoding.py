@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                     "between marginal and chain-rule likelihood of the committed tokens, vs tokens per step.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (its latest checkpoint)")
-    src.add_argument("--checkpoint", help="a checkpoint directory (checkpoints/step_*) or its model.pt")
+    src.add_argument("--checkpoint", help="a checkpoint directory (checkpoints/step_*, any layout) or a file in it")
     p.add_argument("--k", default="1,2,4,8,16,32,all", help="tokens per step, comma separated; 'all' = one step")
     p.add_argument("--block-size", default="0",
                    help="semi-AR block sizes, comma separated (0 = the whole answer; block models use their own)")
