@@ -258,7 +258,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise CheckpointError(f"checkpoint {path} is damaged: {why}; use an earlier one")
         return path
     if not checkpoint_root(path).is_dir():
-        raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with one")
+        raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with one (no checkpoints/ "
+                              f"in it): train the run first, or name a checkpoint directory")
     latest = latest_checkpoint(path)
     if latest is None:
         raise CheckpointError(f"{path} holds no checkpoint (checkpoints/latest); train it first")
