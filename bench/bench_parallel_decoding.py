@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pretrain.evaluate import load_model, resolve_checkpoint
+    from pretrain.evaluate import load_model
     from pretrain.parallel_decoding import format_rows, parallel_decoding_metrics, parse_ks
 
     ks = parse_ks(args.k)
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     results, tables = [], []
     for run_dir, train_s in runs:
-        path, _ = resolve_checkpoint(str(run_dir), None)
-        model, cfg, info = load_model(path, device)
+        model, cfg, info, meta = load_model(run_dir, device)
+        path = meta["checkpoint"]
         t0 = time.perf_counter()
         rows = parallel_decoding_metrics(model, cfg, info, ks, block_sizes, args.order, args.num_samples,
                                          args.batch_size, device)

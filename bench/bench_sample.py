@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from data_pipeline.device import resolve_device  # noqa: E402
 from pretrain.config import ModelConfig  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
 from pretrain.sample import SamplerConfig, generate  # noqa: E402
@@ -63,8 +64,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="1 round, smaller cases (smoke run)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "bench_sample.json"))
     args = p.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device, "--device")
     rounds, cases = (1, QUICK_CASES) if args.quick else (args.rounds, CASES)
     if args.threads:
         torch.set_num_threads(args.threads)

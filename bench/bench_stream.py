@@ -115,16 +115,21 @@ def memmap_floor(work: Path, docs, info) -> Callable[[], Iterator]:
     return run
 
 
+def uncached(loader) -> None:
+    """The same stream with no decoded shard kept across epochs."""
+    ds = loader.dataset
+    ds.sources = [SplitSamples(s.dir, s.seq_len, s.packing, s.pad_id, s.bos_id, s.eos_id, seed=s.seed,
+                               shuffle=s.shuffle, window=s.window, cache_bytes=0,
+                               wrap_doc_shuffle=s.wrap_doc_shuffle) for s in ds.sources]
+
+
 def ours(cfg: DataConfig, info, workers: int, packing: str = "wrap", cache: bool = True,
          doc_shuffle: bool = False) -> Callable[[], Iterator]:
     def run():
         c = DataConfig(**{**cfg.__dict__, "num_workers": workers, "packing": packing, "wrap_doc_shuffle": doc_shuffle})
         loader = make_train_loader(c, info, batch_size=BATCH, seed=0)
-        if not cache:  # the same stream with no decoded shard kept across epochs
-            ds = loader.dataset
-            ds.sources = [SplitSamples(s.dir, s.seq_len, s.packing, s.pad_id, s.bos_id, s.eos_id, seed=s.seed,
-                                       shuffle=s.shuffle, window=s.window, cache_bytes=0,
-                                       wrap_doc_shuffle=s.wrap_doc_shuffle) for s in ds.sources]
+        if not cache:
+            uncached(loader)
         return loader
     return run
 
@@ -169,10 +174,7 @@ def ours_remote(cfg: DataConfig, url: str, work: Path, cache: bool = True) -> Ca
         info = ensure(c, progress=False)
         loader = make_train_loader(c, info, batch_size=BATCH, seed=0)
         if not cache:
-            ds = loader.dataset
-            ds.sources = [SplitSamples(s.dir, s.seq_len, s.packing, s.pad_id, s.bos_id, s.eos_id, seed=s.seed,
-                                       shuffle=s.shuffle, window=s.window, cache_bytes=0,
-                                       wrap_doc_shuffle=s.wrap_doc_shuffle) for s in ds.sources]
+            uncached(loader)
         return loader
     return run
 

@@ -282,9 +282,10 @@ def local_files(source: str) -> list[tuple[Path, str]]:
     out: list[tuple[Path, str]] = []
     for root in roots:
         if not root.exists():
-            raise DataSourceError(
-                f"data source {str(root)!r} is neither task:NAME, hf:NAME nor an existing file or directory"
-            )
+            from data_pipeline.corpora import fetch_hint
+
+            raise DataSourceError(f"data source {str(root)!r} is neither task:NAME, hf:NAME nor an existing file or "
+                                  f"directory{fetch_hint(root)}")
         if root.is_file():
             if root.suffix not in LOCAL_SUFFIXES:
                 raise DataSourceError(f"{root}: unsupported file type; expected one of {LOCAL_SUFFIXES}")

@@ -126,6 +126,19 @@ def destroy(process_group: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def _megatron(name: str):
+    """A method of DeepSpeedMpu that returns megatron-core's `parallel_state.<name>()` (named one by one,
+    not through __getattr__: DeepSpeed asks hasattr(mpu, ...) to choose code paths)."""
+
+    def getter(self):
+        from megatron.core import parallel_state as ps
+
+        return getattr(ps, name)()
+
+    getter.__name__ = name
+    return getter
+
+
 class DeepSpeedMpu:
     """What DeepSpeed 0.19.8 calls on `deepspeed.initialize(mpu=...)`, backed by megatron-core.
 
@@ -142,54 +155,25 @@ class DeepSpeedMpu:
     a DeepSpeed-Ulysses mpu and then ignores the data-parallel group.
     """
 
-    @staticmethod
-    def _ps():
-        from megatron.core import parallel_state as ps
-
-        return ps
+    # tensor, pipeline and data parallel: megatron-core's own getters, under the same names
+    get_tensor_model_parallel_group = _megatron("get_tensor_model_parallel_group")
+    get_tensor_model_parallel_rank = _megatron("get_tensor_model_parallel_rank")
+    get_tensor_model_parallel_world_size = _megatron("get_tensor_model_parallel_world_size")
+    get_tensor_model_parallel_src_rank = _megatron("get_tensor_model_parallel_src_rank")
+    get_pipeline_model_parallel_group = _megatron("get_pipeline_model_parallel_group")
+    get_pipeline_model_parallel_rank = _megatron("get_pipeline_model_parallel_rank")
+    get_pipeline_model_parallel_world_size = _megatron("get_pipeline_model_parallel_world_size")
+    get_data_parallel_group = _megatron("get_data_parallel_group")
+    get_data_parallel_rank = _megatron("get_data_parallel_rank")
+    get_data_parallel_world_size = _megatron("get_data_parallel_world_size")
+    get_model_parallel_group = _megatron("get_model_parallel_group")
 
     # model parallel = tensor x pipeline
-    def get_model_parallel_group(self):
-        return self._ps().get_model_parallel_group()
-
     def get_model_parallel_rank(self) -> int:
         return dist.get_rank(group=self.get_model_parallel_group())
 
     def get_model_parallel_world_size(self) -> int:
         return dist.get_world_size(group=self.get_model_parallel_group())
-
-    # tensor parallel
-    def get_tensor_model_parallel_group(self):
-        return self._ps().get_tensor_model_parallel_group()
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self._ps().get_tensor_model_parallel_rank()
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self._ps().get_tensor_model_parallel_world_size()
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self._ps().get_tensor_model_parallel_src_rank()
-
-    # pipeline parallel
-    def get_pipeline_model_parallel_group(self):
-        return self._ps().get_pipeline_model_parallel_group()
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self._ps().get_pipeline_model_parallel_rank()
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self._ps().get_pipeline_model_parallel_world_size()
-
-    # data parallel
-    def get_data_parallel_group(self):
-        return self._ps().get_data_parallel_group()
-
-    def get_data_parallel_rank(self) -> int:
-        return self._ps().get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self._ps().get_data_parallel_world_size()
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return dist.get_process_group_ranks(self.get_data_parallel_group())

@@ -244,26 +244,50 @@ def load_rank_state(path: str | Path, rank: int) -> dict[str, Any] | None:
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
-def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu", ema: bool | None = None):
-    """(model in eval mode on `device`, info) from a checkpoint directory (.../checkpoints/step_*) or
-    a run directory (its latest checkpoint), any layout (weights consolidated by pretrain.convert).
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory that `path` names: a checkpoint directory (.../checkpoints/step_*), a
+    file inside one (its model.pt), or a run directory (its latest intact checkpoint). Refused, with
+    what to do, when there is none or it is damaged."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_file():
+        path = path.parent
+    if (path / "trainer_state.pt").is_file() or (path / MANIFEST).is_file():
+        if (why := damage(path)) is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {why}; use an earlier one")
+        return path
+    if not checkpoint_root(path).is_dir():
+        raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with one (no checkpoints/ "
+                              f"in it): train the run first, or name a checkpoint directory")
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path} holds no checkpoint (checkpoints/latest); train it first")
+    return latest
 
-    info: variant, vocab_size, seq_len, block_size, step, ema (whether the weights are the moving
-    average), and tokenizer_fingerprint when the run's shard directory is still there (None
-    otherwise). `ema` None: the moving average when the run kept one (train.ema > 0), as MDLM evaluates. The public entry point through which
+
+def run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The run directory a checkpoint directory belongs to (None for one copied elsewhere)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu", ema: bool | None = None):
+    """(model in eval mode on `device`, info) from a checkpoint directory (.../checkpoints/step_*), a
+    file inside one, or a run directory (its latest checkpoint), any layout (weights consolidated by
+    pretrain.convert): the one loader of every inference tool (evaluate, generate, convert --hf,
+    parallel_decoding, the lm-eval adapter, the density `model` annotator).
+
+    info: checkpoint (its directory), config (the run's Config), variant, vocab_size, seq_len,
+    block_size, step, ema (whether the weights are the moving average), and tokenizer_fingerprint
+    when the run's shard directory is still there (None otherwise). `ema` None: the moving average
+    when the run kept one (train.ema > 0), as MDLM evaluates. The public entry point through which
     `data_pipeline` (the density `model` annotator) may load a trained model."""
     from pretrain.config import load_config
     from pretrain.convert import consolidated_state_dict
     from pretrain.model import build_model
 
-    path = Path(path)
-    if not (path / "trainer_state.pt").is_file() and not (path / MANIFEST).is_file():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with one")
-        path = latest
-    elif (why := damage(path)) is not None:
-        raise CheckpointError(f"checkpoint {path} is damaged: {why}; use an earlier one")
+    path = resolve_checkpoint(path)
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"{path}: config.yaml is missing, so the model cannot be rebuilt")
     cfg = load_config(path / "config.yaml")
@@ -289,7 +313,8 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
             fingerprint = json.loads(tok_file.read_text()).get("fingerprint")
     except Exception:  # the shard directory is gone or elsewhere: the vocabulary size still guards
         fingerprint = None
-    info = {"variant": cfg.model.variant, "vocab_size": int(vocab), "seq_len": cfg.data.seq_len,
-            "block_size": cfg.model.block_size, "step": int(state.get("train_state", {}).get("step", state.get("step", 0))), "ema": bool(ema),
+    step = int(state.get("train_state", {}).get("step", state.get("step", 0)))
+    info = {"checkpoint": path, "config": cfg, "variant": cfg.model.variant, "vocab_size": int(vocab),
+            "seq_len": cfg.data.seq_len, "block_size": cfg.model.block_size, "step": step, "ema": bool(ema),
             "tokenizer_fingerprint": fingerprint}
     return model, info

@@ -158,16 +158,12 @@ def export_hf(src: str | Path, out: str | Path, ema: bool | None = None) -> Path
         from safetensors.torch import save_file
     except ImportError:
         raise CheckpointError("the Hugging Face export needs safetensors: pip install 'dlm-pretrain[hf]'") from None
-    from pretrain.checkpoint import latest_checkpoint, load_model_for_inference
-    from pretrain.config import load_config
+    from pretrain.checkpoint import load_model_for_inference
     from pretrain.generate import load_tokenizer_for
 
-    src, out = Path(src), Path(out)
-    ckpt = src if (src / "trainer_state.pt").is_file() else latest_checkpoint(src)
-    if ckpt is None:
-        raise CheckpointError(f"{src} is neither a checkpoint nor a run directory with one")
-    model, info = load_model_for_inference(ckpt, ema=ema)
-    cfg = load_config(ckpt / "config.yaml")
+    out = Path(out)
+    model, info = load_model_for_inference(src, ema=ema)
+    ckpt, cfg = info["checkpoint"], info["config"]
     tok = load_tokenizer_for(cfg)
     out.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share memory (tied embeddings)
@@ -219,15 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ema", action="store_true", help="with --out: the moving average of the weights (train.ema)")
     p.add_argument("--no-ema", action="store_true", help="with --hf: the raw weights, not their moving average")
     args = p.parse_args(argv)
-    src = Path(args.checkpoint)
     try:
-        if not (src / "trainer_state.pt").is_file():
-            from pretrain.checkpoint import latest_checkpoint
+        from pretrain.checkpoint import resolve_checkpoint
 
-            latest = latest_checkpoint(src)
-            if latest is None:
-                raise CheckpointError(f"{src} is neither a checkpoint nor a run directory with one")
-            src = latest
+        src = resolve_checkpoint(args.checkpoint)
         if args.hf:
             dst = export_hf(src, args.hf, ema=False if args.no_ema else None)
             print(f"wrote Hugging Face model {dst}; load it with from_pretrained({str(dst)!r}, trust_remote_code=True)")

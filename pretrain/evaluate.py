@@ -68,7 +68,7 @@ def validation_nll(
 
 
 # ---------------------------------------------------------------------------------------------
-# Post-training evaluation: `python -m pretrain.evaluate --run DIR | --checkpoint PATH`
+# Post-training evaluation: `python -m pretrain.evaluate --run DIR | --checkpoint PATH [--no-ema]`
 # ---------------------------------------------------------------------------------------------
 # - val/nll: `validation_nll` over the run's validation split (the bound the trainer logs);
 # - task runs (data.source task:NAME): the val split's examples are regenerated from the task's
@@ -77,51 +77,29 @@ def validation_nll(
 # - language runs: unconditional samples ([BOS] + seq_len - 1 generated tokens, float64 draws) scored
 #   by generative perplexity under a reference AR checkpoint of this framework (`--reference-ar`,
 #   gen/ppl; tokens up to the first EOS) and their unigram entropy (gen/unigram_entropy).
+# - the weights: the moving average (train.ema) when the run kept one, the weights the trainer's own
+#   validation scores (`--no-ema`: the raw weights), loaded from any layout's checkpoint;
 # Results print as a table, optionally go to a JSON file, and are logged under `eval/` to the run's
 # MLflow record (the run dir's `mlflow_run_id`) when the run was tracked.
 
 EVAL_SAMPLE_SEED = 20_011
 
 
-def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None):
-    """(checkpoint dir holding model.pt and config.yaml, run dir or None). `checkpoint` may also
-    name a run directory (its latest checkpoint is taken)."""
-    from pathlib import Path
-
-    from pretrain.checkpoint import CheckpointError, checkpoint_root, latest_checkpoint
-
-    if checkpoint and Path(checkpoint).is_dir() and checkpoint_root(checkpoint).is_dir():
-        run, checkpoint = checkpoint, None  # a run directory
-    if checkpoint:
-        path = Path(checkpoint)
-        if not path.exists():
-            raise CheckpointError(f"{path} does not exist")
-        path = path.parent if path.is_file() else path
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    else:
-        run_dir = Path(run)
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise CheckpointError(f"{run_dir} holds no checkpoint (checkpoints/latest); train it first")
-    if not (path / "model.pt").is_file():
-        raise CheckpointError(f"{path} has no model.pt (a DeepSpeed checkpoint? convert it to a single-process one)")
-    return path, run_dir
-
-
-def load_model(checkpoint: str, device: torch.device | str = "cpu"):
-    """(model in eval mode, its Config, the dataset info) of a single-process checkpoint directory."""
-    from pathlib import Path
-
+def load_model(checkpoint, device: torch.device | str = "cpu", ema: bool | None = None):
+    """(model in eval mode, its Config, the dataset info, the loader's info: checkpoint, step, ema, ...)
+    of a checkpoint or run directory, any layout, loaded by `pretrain.checkpoint.load_model_for_inference`
+    (the moving average of the weights when the run kept one, unless `ema` is False); the dataset info
+    (tokenizer, special ids, splits) is the run's shards', built again when they are gone."""
     from data_pipeline.build import ensure_shards
-    from pretrain.config import load_config
-    from pretrain.model import build_model
+    from pretrain.checkpoint import CheckpointError, load_model_for_inference
 
-    path = Path(checkpoint)
-    cfg = load_config(path / "config.yaml")
+    model, meta = load_model_for_inference(checkpoint, device=device, ema=ema)
+    cfg = meta["config"]
     info = ensure_shards(cfg.data, progress=False)
-    model = build_model(cfg.model, info.vocab_size, cfg.data.seq_len)
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    return model.to(device).eval(), cfg, info
+    if info.vocab_size != meta["vocab_size"]:
+        raise CheckpointError(f"{meta['checkpoint']}: the model has {meta['vocab_size']} tokens, the shards of "
+                              f"{cfg.data.source} {info.vocab_size}: they were rebuilt with another tokenizer")
+    return model, cfg, info, meta
 
 
 def _prompt_batch(prompts: list[list[int]], answer_lens: list[int], info, seq_len: int):
@@ -218,14 +196,15 @@ def language_metrics(model, cfg, info, sampler_cfg, num_samples: int = 64, batch
     return metrics
 
 
-def load_reference(reference: str, info, device: torch.device | str = "cpu"):
+def load_reference(reference: str, info, device: torch.device | str = "cpu", ema: bool | None = None):
     """The AR reference model scoring generative perplexity: a checkpoint (dir or model.pt) or a run
     dir of this framework. Refused up front (before any sampling) unless it is an `ar` model on the
     same vocabulary as the evaluated run: its likelihoods of other token ids would mean nothing."""
+    from pretrain.checkpoint import resolve_checkpoint
     from pretrain.config import ConfigError
 
-    path, _ = resolve_checkpoint(checkpoint=reference)
-    ref, ref_cfg, ref_info = load_model(path, device)
+    path = resolve_checkpoint(reference)
+    ref, ref_cfg, ref_info, _ = load_model(path, device, ema=ema)
     if ref_cfg.model.variant != "ar":
         raise ConfigError(f"--reference-ar {path} is a {ref_cfg.model.variant!r} model; generative perplexity "
                           f"needs an autoregressive reference (a run trained with model.variant=ar)")
@@ -365,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Evaluate a trained run: validation NLL, task metrics or sample quality.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (its latest checkpoint is evaluated)")
-    src.add_argument("--checkpoint", help="a checkpoint directory (checkpoints/step_*) or its model.pt")
+    src.add_argument("--checkpoint", help="a checkpoint directory (checkpoints/step_*, any layout) or a file in it")
     p.add_argument("--sampler", default="auto", choices=SAMPLERS, help="decoding (auto = the variant's own)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps (per block for block/semi-AR; 0 = one token per step)")
     p.add_argument("--tokens-per-step", type=int, default=0, help="tokens revealed per step (instead of --steps)")
@@ -389,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="zero-shot NLL/PPL on another corpus (a local file/directory, or hf:NAME[/CONFIG]), with the "
                         "run's tokenizer and packing; its shards are built once under data/shards and reused. "
                         "Only this is computed (no sampling, no val/nll)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="the raw weights, not their moving average (train.ema; the default when the run kept one)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--show", type=int, default=3, help="print this many decoded examples")
@@ -396,15 +377,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from data_pipeline.device import resolve_device
     from data_pipeline.sources import DataSourceUnavailable
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.checkpoint import CheckpointError, run_dir_of
     from pretrain.config import ConfigError
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
     try:
-        path, run_dir = resolve_checkpoint(args.run, args.checkpoint)
-        model, cfg, info = load_model(path, device)
+        device = resolve_device(args.device, "--device")
+        ema = False if args.no_ema else None
+        model, cfg, info, meta = load_model(args.run or args.checkpoint, device, ema=ema)
+        path = meta["checkpoint"]
+        run_dir = run_dir_of(path)
         is_task = cfg.data.source.startswith("task:")
         temperature = args.temperature if args.temperature is not None else (0.0 if is_task else 1.0)
         scfg = SamplerConfig(name=args.sampler, steps=args.steps, tokens_per_step=args.tokens_per_step,
@@ -418,9 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--reference-ar scores unconditional language samples; this is a task run "
                               f"({cfg.data.source}), scored by the task's own metrics")
         # the reference is loaded and checked before any evaluation work
-        ref = load_reference(args.reference_ar, info, device) if args.reference_ar else None
+        ref = load_reference(args.reference_ar, info, device, ema=ema) if args.reference_ar else None
         metrics: dict[str, float] = {}
-        step = int(path.name.split("_")[-1]) if path.name.startswith("step_") else 0
+        step = meta["step"]
         if args.data:
             metrics.update(zero_shot_nll(model, cfg, args.data, device, batch_size=min(cfg.train.batch_size, 64),
                                          max_batches=max(args.eval_batches, 0)))
@@ -445,14 +428,15 @@ def main(argv: list[str] | None = None) -> int:
         # ValueError: also DataSourceError, TokenizerError, ShardFormatError (bad --data)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    header = (f"# {path}  variant={cfg.model.variant} sampler={sampler_name} steps={scfg.steps} "
+    header = (f"# {path}  {'EMA' if meta['ema'] else 'raw'} weights variant={cfg.model.variant} "
+              f"sampler={sampler_name} steps={scfg.steps} "
               f"T={scfg.temperature} float64={scfg.float64} device={device.type} seed={scfg.seed}")
     print(header)
     for prompt, text, ref_text in shown[: args.show]:
         print(f"  prompt {prompt[-40:]!r}\n    got  {text!r}\n    want {ref_text!r}")
     print(format_table(metrics))
-    record = {"checkpoint": str(path), "variant": cfg.model.variant, "sampler": sampler_name, "steps": scfg.steps,
-              "temperature": scfg.temperature, "float64": scfg.float64, "device": device.type, "seed": scfg.seed,
+    record = {"checkpoint": str(path), "ema": meta["ema"], "variant": cfg.model.variant, "sampler": sampler_name,
+              "steps": scfg.steps, "temperature": scfg.temperature, "float64": scfg.float64, "device": device.type, "seed": scfg.seed,
               "metrics": metrics}
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
@@ -460,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             tags = {"eval.sampler": sampler_name, "eval.steps": str(scfg.steps), "eval.temperature": str(scfg.temperature),
                     "eval.float64": str(scfg.float64), "eval.device": device.type, "eval.seed": str(scfg.seed),
-                    "eval.dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+                    "eval.ema": str(meta["ema"]), "eval.dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
             if args.reference_ar:
                 tags["eval.reference_ar"] = str(args.reference_ar)
             if log_to_mlflow(run_dir, metrics, step, tags=tags):

@@ -47,13 +47,10 @@ def load_tokenizer_for(cfg):
 
 def load_run(run: str | Path, device: str | torch.device = "cpu", ema: bool | None = None):
     """(model, info, Config, tokenizer) of a run or checkpoint directory, for inference."""
-    from pretrain.checkpoint import latest_checkpoint, load_model_for_inference
-    from pretrain.config import load_config
+    from pretrain.checkpoint import load_model_for_inference
 
-    path = Path(run)
-    ckpt = path if (path / "trainer_state.pt").is_file() else latest_checkpoint(path)
-    model, info = load_model_for_inference(path, device=device, ema=ema)
-    cfg = load_config(Path(ckpt) / "config.yaml")
+    model, info = load_model_for_inference(run, device=device, ema=ema)
+    cfg = info["config"]
     tok = load_tokenizer_for(cfg)
     if tok.vocab_size != info["vocab_size"]:
         raise ValueError(f"the tokenizer of {cfg.data.source} has {tok.vocab_size} tokens, the model "
@@ -125,14 +122,14 @@ def build_parser(prog: str = "python -m pretrain.generate") -> argparse.Argument
 
 def main(argv: list[str] | None = None, prog: str = "python -m pretrain.generate") -> int:
     args = build_parser(prog).parse_args(argv)
+    from data_pipeline.device import resolve_device
     from data_pipeline.tokenizer import TokenizerError
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
     from pretrain.sample import SamplerConfig
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
     try:
+        device = resolve_device(args.device, "--device")
         model, info, cfg, tok = load_run(args.run, device, ema=False if args.no_ema else None)
         scfg = SamplerConfig(name=args.sampler, steps=args.steps, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, block_size=args.block_size, seed=args.seed)

@@ -41,17 +41,18 @@ class DLMEvalHarness(LM):
                  sampler: str = "auto", steps: int | str = 0, temperature: float | str = 0.0,
                  device: str | None = None, batch_size: int | str | None = None, **_ignored):
         super().__init__()
+        from data_pipeline.device import resolve_device
         from pretrain.diffusion import build_objective
         from pretrain.generate import load_run
 
         if isinstance(ema, str):
             ema = ema.lower() in ("1", "true", "yes")
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = device or "auto"
         if dev.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's command line defaults to cuda
             print(f"warning: device {dev} requested but CUDA is not available; running on cpu", file=sys.stderr)
             dev = "cpu"
-        self.model, self.info, self.cfg, self.tok = load_run(run, dev, ema=ema)
-        self._device = torch.device(dev)
+        self._device = resolve_device(dev, "device")
+        self.model, self.info, self.cfg, self.tok = load_run(run, self._device, ema=ema)
         self.variant = self.cfg.model.variant
         self.mc_samples = int(mc_samples)
         if self.mc_samples < 1:

@@ -40,15 +40,12 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.model import unwrap
 from pretrain.sample import MDM_SAMPLERS, SamplerConfig, _select_top, draw, order_scores, transfer_counts
 
 PARALLEL_VARIANTS = ("mdm", "scatter", "block")
 ORDERS = tuple(s for s in MDM_SAMPLERS if s != "ancestral")  # fixed-count samplers: k per step
 ALL = 0  # k = 0: every masked token of the block (or sequence) in one step
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
 
 
 @dataclass
@@ -104,7 +101,7 @@ def decode_parallel(
 ) -> ParallelDecode:
     """Fill `gen_mask` with k tokens per step (k = 0: all at once), measuring the marginal-joint gap
     of every step (module docstring); `joint=False` skips the chain-rule forwards (gap = 0)."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     variant = inner.cfg.variant
     if variant not in PARALLEL_VARIANTS:
         raise ValueError(f"parallel decoding measures the masked-diffusion samplers ({', '.join(PARALLEL_VARIANTS)}); "
@@ -298,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                     "between marginal and chain-rule likelihood of the committed tokens, vs tokens per step.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (its latest checkpoint)")
-    src.add_argument("--checkpoint", help="a checkpoint directory (checkpoints/step_*) or its model.pt")
+    src.add_argument("--checkpoint", help="a checkpoint directory (checkpoints/step_*, any layout) or a file in it")
     p.add_argument("--k", default="1,2,4,8,16,32,all", help="tokens per step, comma separated; 'all' = one step")
     p.add_argument("--block-size", default="0",
                    help="semi-AR block sizes, comma separated (0 = the whole answer; block models use their own)")
@@ -308,23 +305,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-joint", action="store_true", help="skip the chain-rule forwards (no gap; faster)")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights, not their moving average (train.ema)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", help="also write the rows (and what was run) to this JSON file")
     args = p.parse_args(argv)
 
+    from data_pipeline.device import resolve_device
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
-    from pretrain.evaluate import load_model, resolve_checkpoint
+    from pretrain.evaluate import load_model
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
     try:
+        device = resolve_device(args.device, "--device")
         ks = parse_ks(args.k)
         block_sizes = [int(b) for b in args.block_size.split(",")]
         if any(b < 0 for b in block_sizes):
             raise ValueError(f"--block-size {args.block_size}: sizes must be >= 0")
-        path, _ = resolve_checkpoint(args.run, args.checkpoint)
-        model, cfg, info = load_model(path, device)
+        model, cfg, info, meta = load_model(args.run or args.checkpoint, device, ema=False if args.no_ema else None)
+        path = meta["checkpoint"]
         rows = parallel_decoding_metrics(model, cfg, info, ks, block_sizes, args.order, args.num_samples,
                                          args.batch_size, device, joint=not args.no_joint,
                                          temperature=args.temperature, seed=args.seed)
@@ -335,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
           f"seed={args.seed} examples={rows[0]['examples']}")
     print(format_rows(rows))
     if args.json:
-        record = {"checkpoint": str(path), "variant": cfg.model.variant, "masking": cfg.diffusion.masking,
+        record = {"checkpoint": str(path), "ema": meta["ema"], "variant": cfg.model.variant, "masking": cfg.diffusion.masking,
                   "order": args.order, "temperature": args.temperature, "device": device.type, "seed": args.seed,
                   "rows": rows}
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")

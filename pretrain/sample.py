@@ -51,7 +51,7 @@ models trained on responses (data.train_on), so Scatter and Jigsaw see the promp
 blocks from the response start as in training.
 
 Token draws: `temperature` 0 = greedy (argmax); otherwise Gumbel-max over the tempered, top-k /
-top-p filtered distribution, in float64 by default (`float64`; DESIGN.md: fp32 categorical sampling
+top-p filtered distribution, in float64 by default (`float64`; docs/ARCHITECTURE.md: fp32 categorical sampling
 lowers the effective temperature and flatters generative perplexity). The mask token and
 `forbid_ids` (e.g. PAD, BOS) are never drawn, and every ordering score (including jigsaw's entropy
 probe) is computed on the distribution without them: MDLM's SUBS "zero masking probabilities" (a
@@ -71,6 +71,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.model import unwrap
 from pretrain.model.attention_masks import check_prompt_prefix, max_blocks, response_blocks, response_index
 from pretrain.model.kv_cache import KVCache, cache_support
 
@@ -118,10 +119,6 @@ class SampleResult:
     nfe: int  # model forwards that predict tokens (KV-cache prefills of committed tokens are not counted)
     positions: int = 0  # token positions run through the model, summed over forwards (batch x length)
     kv_cache: bool = False  # whether the clean-prefix KV cache was used
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
 
 
 def resolve_sampler(variant: str, name: str) -> str:
@@ -231,7 +228,7 @@ class _Ctx:
         self.schedule, self.gen = schedule, generator
         self.nfe = 0
         self.positions = 0
-        self.time_cond = bool(getattr(_unwrap(model).cfg, "time_conditioning", False))
+        self.time_cond = bool(getattr(unwrap(model).cfg, "time_conditioning", False))
         self.cache: KVCache | None = None  # set by the samplers that decode a clean prefix left to right
 
     def t_of(self, masked: torch.Tensor, upto: int) -> torch.Tensor | None:
@@ -262,7 +259,7 @@ class _Ctx:
         lo = self.cache.length
         if upto > lo:  # not a function evaluation of the sampler (no prediction): not in nfe
             self.positions += x.shape[0] * (upto - lo)
-            _unwrap(self.model).prefill(x[:, lo:upto], self.cache, key_padding_mask=self.kpm[:, lo:upto])
+            unwrap(self.model).prefill(x[:, lo:upto], self.cache, key_padding_mask=self.kpm[:, lo:upto])
 
     def draw(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return draw(logits, self.cfg, self.gen, self.forbid)
@@ -441,7 +438,7 @@ def generate(
     """Fill `gen_mask` positions of x (see the module docstring); x is not modified. prompt_mask
     Bool[B, L]: the prompt prefix of each row, for models trained on responses (data.train_on)."""
     cfg = cfg or SamplerConfig()
-    inner_model = _unwrap(model)
+    inner_model = unwrap(model)
     variant = inner_model.cfg.variant
     name = resolve_sampler(variant, cfg.name)
     if schedule is None:
@@ -504,7 +501,7 @@ def sample_lengths(samples: torch.Tensor, eos_id: int) -> torch.Tensor:
 def generative_nll(ref_model, samples: torch.Tensor, lengths: torch.Tensor) -> tuple[float, int]:
     """(sum of -log p_ref over tokens 1..len-1 of each sample, float64; token count) under an AR
     reference model (variant ar). Log-probabilities are taken in float64."""
-    if _unwrap(ref_model).cfg.variant != "ar":
+    if unwrap(ref_model).cfg.variant != "ar":
         raise ValueError("the reference model for generative perplexity must be an AR model (variant ar)")
     L = samples.shape[1]
     real = torch.arange(L, device=samples.device)[None, :] < lengths[:, None]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from data_pipeline.build import ensure_shards
+from data_pipeline.device import resolve_device
 from data_pipeline.stream import (
     check_shards_before_training,
     make_train_loader,
@@ -62,14 +63,6 @@ class TrainState:
     initial_val_nll: float = math.nan
     last_val_nll: float = math.nan
     elapsed_s: float = 0.0  # wall-clock seconds of training so far, across resumes (evaluation included)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -133,7 +126,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.topology = topology
         self.callbacks = callbacks
-        self.device = resolve_device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, "train.device")
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         self.autocast = autocast_for(self.device, self.dtype)
 

@@ -11,6 +11,7 @@ header a submission would write.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import shutil
 import sys
@@ -145,33 +146,33 @@ def resource_hint(message: str, slurm, tasks_per_node: int) -> str:
 def _quiet_sbatch():
     """submitit prints a refused sbatch's stderr itself before raising it: the SlurmError carries those words,
     so they would be shown twice."""
-    import contextlib
     import io
 
     return contextlib.redirect_stderr(io.StringIO())
 
 
-def submit(executor, fn, *args):
-    """executor.submit, with Slurm's refusal (bad partition, impossible request) as a SlurmError."""
+@contextlib.contextmanager
+def _refusal(executor, what: str):
+    """sbatch quiet; Slurm's refusal (bad partition, impossible request) of `what` as a SlurmError."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     try:
         with _quiet_sbatch():
-            return executor.submit(fn, *args)
+            yield
     except (FailedJobError, FailedSubmissionError) as e:
-        raise SlurmError(f"Slurm refused the job: {slurm_message(e)}\n"
+        raise SlurmError(f"Slurm refused the {what}: {slurm_message(e)}\n"
                          f"sbatch script: {_last_script(executor)}") from None
+
+
+def submit(executor, fn, *args):
+    """executor.submit, with Slurm's refusal (bad partition, impossible request) as a SlurmError."""
+    with _refusal(executor, "job"):
+        return executor.submit(fn, *args)
 
 
 def submit_array(executor, fn, *iterables):
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
-
-    try:
-        with _quiet_sbatch():
-            return executor.map_array(fn, *iterables)
-    except (FailedJobError, FailedSubmissionError) as e:
-        raise SlurmError(f"Slurm refused the job array: {slurm_message(e)}\n"
-                         f"sbatch script: {_last_script(executor)}") from None
+    with _refusal(executor, "job array"):
+        return executor.map_array(fn, *iterables)
 
 
 def _last_script(executor) -> str:

@@ -226,13 +226,11 @@ class ModelAnnotator(Annotator):
     def __init__(self, checkpoint: str, tokenizer, device: str = "auto", batch_size: int = 32,
                  context_masks: int = 4, normalize: str = "minmax"):
         super().__init__(normalize)
-        import torch
 
+        from data_pipeline.device import resolve_device
         from pretrain.checkpoint import load_model_for_inference  # the one public entry into pretrain
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device, "density.device")
         self.model, info = load_model_for_inference(checkpoint, device=self.device)
         if info["vocab_size"] != tokenizer.vocab_size:
             raise ValueError(f"data.density.checkpoint {checkpoint}: its vocabulary has {info['vocab_size']} ids, "

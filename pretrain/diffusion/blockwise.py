@@ -114,11 +114,8 @@ from pretrain.diffusion.objective import (
 from pretrain.diffusion.rng import SampleRNG, StepRNG, eval_rng
 from pretrain.diffusion.schedules import Schedule
 from pretrain.diffusion.time_samplers import TimeSampler
+from pretrain.model import unwrap
 from pretrain.model.attention_masks import max_blocks, response_blocks, response_index
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)  # DDP / DeepSpeed engines keep the model in .module
 
 
 def _masked_ce_per_token(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor,
@@ -154,7 +151,7 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
     """BD3-LM's block-diffusion NELBO, one t per (sequence, block); see the module docstring."""
 
     def _blocks(self, model, L: int) -> tuple[int, int]:
-        bl = _unwrap(model).block_len(L)
+        bl = unwrap(model).block_len(L)
         return bl, L // bl
 
     def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
@@ -338,7 +335,7 @@ class JigsawObjective:
         """(response blocks per row Long[B] CPU, columns of the block tensors); sets self._bl."""
         input_ids = batch["input_ids"]
         B, L = input_ids.shape
-        self._bl = _unwrap(model).block_len(L)
+        self._bl = unwrap(model).block_len(L)
         return response_blocks(batch.get("prompt_mask"), B, L, self._bl), max_blocks(L, self._bl)
 
     def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:

@@ -42,10 +42,7 @@ import torch
 from pretrain.diffusion.blockwise import _loss_stats, _masked_ce_per_token
 from pretrain.diffusion.objective import MaskedDiffusionObjective, prompt_kwargs, targets_of
 from pretrain.diffusion.rng import StepRNG, eval_rng
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
+from pretrain.model import unwrap
 
 
 class ReverseOrderMasking:
@@ -100,7 +97,7 @@ class ReverseOrderObjective(MaskedDiffusionObjective):
         super().__init__(*args, masking=ReverseOrderMasking(0), **kwargs)
 
     def _masking_for(self, model, L: int) -> ReverseOrderMasking:
-        bl = _unwrap(model).block_len(L)
+        bl = unwrap(model).block_len(L)
         return ReverseOrderMasking(0 if bl >= L else bl)
 
     def plan_weight(self, t: torch.Tensor, plan: dict, importance: bool | None = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Per-step random generators for the diffusion draws, correct under data/tensor/pipeline parallelism.
 
-Rules (DESIGN.md, "Correctness rules for diffusion under parallelism"):
+Rules (docs/ARCHITECTURE.md, "Correctness rules under parallelism"):
 - `shared` depends on (seed, step) only: identical on every rank. It draws what must agree across
   the global batch, e.g. the offset of the stratified ("antithetic") t grid.
 - Per-sample draws (each sequence's t, each token's mask) come from `rand(...)`: one draw for the

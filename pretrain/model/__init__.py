@@ -7,7 +7,7 @@ from pretrain.model.attention_masks import attention_mask, base_mask
 from pretrain.model.kv_cache import KVCache, cache_support
 from pretrain.model.transformer import DiffusionTransformer
 
-__all__ = ["DiffusionTransformer", "KVCache", "attention_mask", "base_mask", "build_model", "cache_support"]
+__all__ = ["DiffusionTransformer", "KVCache", "attention_mask", "base_mask", "build_model", "cache_support", "unwrap"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> DiffusionTransformer:
@@ -20,3 +20,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> Diffusio
             f"set model.vocab_size=0 (take it from the tokenizer) or use the matching tokenizer"
         )
     return DiffusionTransformer(cfg, vocab_size=vocab_size, max_seq_len=max_seq_len)
+
+
+def unwrap(model):
+    """The plain model inside an engine's wrapper (DDP and DeepSpeed keep it in `.module`), for what
+    only the plain model has: its config, `block_len`, `prefill`."""
+    return getattr(model, "module", model)

@@ -1,6 +1,6 @@
 """The attention-mask family: which positions a query may attend to, per model variant.
 
-One backbone serves every variant (DESIGN.md "Model family"); what differs is the mask. Each
+One backbone serves every variant (docs/ARCHITECTURE.md, "Model family"); what differs is the mask. Each
 variant has a *base* mask over positions, built once per (variant, seq_len, block_size, device)
 and cached, and `attention_mask` combines it with a per-batch key-padding mask.
 

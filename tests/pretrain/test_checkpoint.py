@@ -210,3 +210,23 @@ def test_every_file_of_a_real_deepspeed_checkpoint_is_guarded(tmp_path):
         assert ckpt.latest_checkpoint(run_dir).name == "step_0000002"
         f.write_bytes(data)
     assert ckpt.latest_checkpoint(run_dir).name == "step_0000004"
+
+
+def test_inference_paths_resolve_to_one_checkpoint_or_say_what_is_wrong(tmp_path):
+    run = tmp_path / "run"
+    for step in (10, 20):
+        save(run, step, float(step))
+    newest = run / "checkpoints" / "step_0000020"
+    older = run / "checkpoints" / "step_0000010"
+    assert ckpt.resolve_checkpoint(run) == newest  # a run directory: its latest
+    assert ckpt.resolve_checkpoint(older) == older  # a checkpoint directory: itself
+    assert ckpt.resolve_checkpoint(older / "model.pt") == older  # a file in one: its directory
+    assert ckpt.run_dir_of(older) == run
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.resolve_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint nor a run directory.*train the run first"):
+        ckpt.resolve_checkpoint(tmp_path / "empty")
+    (older / "model.pt").write_bytes(b"flipped")
+    with pytest.raises(ckpt.CheckpointError, match="step_0000010 is damaged"):
+        ckpt.resolve_checkpoint(older)

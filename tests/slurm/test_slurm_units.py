@@ -148,3 +148,22 @@ def test_preflight_refuses_what_the_job_would_fail_on_before_submitting(tmp_path
                                  f"data.shard_dir={tmp_path / 's'}", *sets])
         with pytest.raises(SlurmError, match=f"not submitted.*{named}"):
             preflight(cfg)
+
+
+def test_a_refused_submission_is_a_slurm_error_naming_the_job_and_script(tmp_path):
+    from submitit.core.utils import FailedSubmissionError
+
+    from slurm.cluster import SlurmError
+    from slurm.executor import submit, submit_array
+
+    class Refusing:  # what submitit raises when sbatch refuses (here without a Slurm controller)
+        folder = tmp_path
+
+        def submit(self, *a):
+            raise FailedSubmissionError("sbatch: error: invalid partition specified: nope")
+
+        map_array = submit
+
+    for fn, what in ((submit, "job"), (submit_array, "job array")):
+        with pytest.raises(SlurmError, match=f"Slurm refused the {what}: .*invalid partition"):
+            fn(Refusing(), print, [1])
