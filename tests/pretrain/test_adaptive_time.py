@@ -80,6 +80,36 @@ def test_warmup_keeps_uniform_and_updates_come_every_update_every_steps():
     assert s.updates == 2 and int(s.mass.argmax()) == 3
 
 
+@pytest.mark.parametrize("stratified", [False, True])
+def test_two_ranks_summing_their_statistics_draw_what_one_rank_draws(stratified):
+    """dp=2 in-process: each rank draws its own rows of the global batch and observes only those; with
+    `reduce` summing both ranks' statistics, both learn one rank's density and draw its t exactly
+    (tests/parallel/test_adaptive_time_layouts.py does the same through real launched ranks). It
+    fails if a rank learns from its own draws only (reduce=None)."""
+    def make():
+        return AdaptiveTimeSampler(EPS, stratified=stratified, buckets=6, floor=0.1, warmup_steps=2, update_every=2)
+
+    one, ranks = make(), [make(), make()]
+    g = torch.Generator().manual_seed(5)
+    for step in range(1, 13):
+        t = one.sample(8, step_rng(0, step))
+        for r, s in enumerate(ranks):
+            # the same t to rounding (the ranks add their sums in another order than one rank does)
+            assert torch.allclose(s.sample(4, step_rng(0, step, dp_rank=r, dp_size=2)), t[r::2], rtol=1e-12,
+                                  atol=0), (step, r)
+        f = torch.exp(-3 * t) * (1 + torch.randn(8, generator=g, dtype=torch.float64))  # varies most at small t
+        one.observe(t, f)
+        for r, s in enumerate(ranks):
+            s.observe(t[r::2], f[r::2])
+        summed = ranks[0]._local.flatten() + ranks[1]._local.flatten()  # what dp_sum returns on each rank
+        one.sync_and_update(step)
+        for s in ranks:
+            s.sync_and_update(step, reduce=lambda x, total=summed: total.clone())
+    assert float(one.mass.max() / one.mass.min()) > 2  # it moved
+    for s in ranks:
+        assert torch.allclose(s.mass, one.mass, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("case", ["one_bucket_huge", "all_zero_but_one", "nonfinite", "unseen_buckets"])
 def test_floor_holds_for_adversarial_statistics(case):
     K, floor = 10, 0.1
