@@ -62,6 +62,21 @@ class BellConfig:
 
 
 @dataclass
+class AdaptiveConfig:
+    """diffusion.time_sampler=adaptive: q learned online from the per-t-bucket loss (ours, no anchor paper
+    has one; pretrain/diffusion/adaptive_time.py). Defaults are our choice, not a paper's."""
+
+    buckets: int = 10  # K: q is piecewise constant over K equal buckets of [max(eps, t_min), t_max]
+    floor: float = 0.2  # each bucket keeps >= floor / K of the mass (importance weights <= 1 / floor; 1 = uniform)
+    decay: float = 0.9  # EMA decay of the bucket statistics, per update
+    warmup_steps: int = 100  # q is uniform before this optimizer step (statistics are gathered meanwhile)
+    update_every: int = 10  # optimizer steps between updates of q (statistics are summed every step)
+    # what q_k follows: rms (minimum variance of iid draws) | std (Neyman: minimum variance of stratified
+    # draws) | auto (std with diffusion.stratified, rms without)
+    statistic: str = "auto"
+
+
+@dataclass
 class DiffusionConfig:
     schedule: str = "loglinear"  # linear | loglinear | cosine: alpha_t, the unmasked probability
     eps: float = 1e-3  # t is drawn from [eps, 1] (MDLM's sampling_eps)
@@ -70,7 +85,7 @@ class DiffusionConfig:
     # over that range only; validation NLL stays the full [eps, 1] NELBO (time_samplers.py)
     t_min: float = 0.0
     t_max: float = 1.0
-    time_sampler: str = "uniform"  # uniform | antithetic | bell
+    time_sampler: str = "uniform"  # uniform | antithetic | bell | adaptive (ours: learned online, `adaptive`)
     # draw t by the inverse CDF of uniforms stratified over the global batch (MDLM's "antithetic"
     # sampling, for any density; `antithetic` = uniform + stratified); marginals unchanged
     stratified: bool = False
@@ -80,6 +95,7 @@ class DiffusionConfig:
     # vocabulary, [MASK] included (this framework before SUBS). Masked-diffusion variants only.
     parameterization: str = "subs"
     bell: BellConfig = field(default_factory=BellConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     # which tokens get masked at a given t: uniform | density_priority | complementary (seed 002;
     # the last two read the shards' density column: set data.density.annotator; see masking.py)
     # | reverse_order (seed 003, mdm: blocks of model.block_size masked last-first; reverse_order.py)
@@ -184,7 +200,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mlp": ("swiglu", "gelu"),
     "model.norm": ("rmsnorm", "layernorm"),
     "diffusion.schedule": ("linear", "loglinear", "cosine"),
-    "diffusion.time_sampler": ("uniform", "antithetic", "bell"),
+    "diffusion.time_sampler": ("uniform", "antithetic", "bell", "adaptive"),
+    "diffusion.adaptive.statistic": ("auto", "rms", "std"),
     "diffusion.weighting": ("elbo", "reweighted"),
     "diffusion.parameterization": ("subs", "plain"),
     "diffusion.bell.family": ("logit_normal", "beta"),
@@ -275,6 +292,20 @@ def validate(cfg: Config) -> None:
     if f.weighting == "elbo" and f.time_sampler == "bell" and m.variant != "ar" and not problems:
         problems.extend(_elbo_weight_problems(cfg))
     need(f.loss_buckets >= 1, "diffusion.loss_buckets", "must be >= 1")
+    if f.time_sampler == "adaptive":  # pretrain/diffusion/adaptive_time.py
+        a = f.adaptive
+        need(a.buckets >= 1, "diffusion.adaptive.buckets", "must be >= 1")
+        need(0.0 < a.floor <= 1.0, "diffusion.adaptive.floor",
+             "must be in (0, 1]: every bucket keeps >= floor / buckets of the mass (1 = uniform t)")
+        need(0.0 <= a.decay < 1.0, "diffusion.adaptive.decay", "must be in [0, 1)")
+        need(a.warmup_steps >= 0, "diffusion.adaptive.warmup_steps", "must be >= 0")
+        need(a.update_every >= 1, "diffusion.adaptive.update_every", "must be >= 1")
+        need(m.variant in ("mdm", "scatter"), "diffusion.time_sampler",
+             f"adaptive works with model.variant mdm or scatter (one t per sequence), not {m.variant}")
+        need(f.masking in ("uniform", "density_priority"), "diffusion.time_sampler",
+             f"adaptive works with diffusion.masking uniform or density_priority, not {f.masking}")
+        need(p.pp == 1, "diffusion.time_sampler",
+             "adaptive needs parallel.pp = 1: only the last pipeline stage sees the loss it learns from")
     need(f.density_strength >= 0, "diffusion.density_strength", "must be >= 0 (0 = uniform masking)")
     need(f.density_ratio > 0, "diffusion.density_ratio", "must be > 0 (1 = uniform masking; the paper's best is 2)")
     need(f.syntactic_ratio > 0, "diffusion.syntactic_ratio", "must be > 0 (the paper's 0.5)")

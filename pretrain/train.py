@@ -229,6 +229,13 @@ class Trainer:
     def _barrier(self) -> None:
         comm.barrier()
 
+    @property
+    def adaptive_sampler(self):
+        """The time sampler if it learns from the loss (diffusion.time_sampler=adaptive), else None: its
+        state is updated after every step on every rank and checkpointed (pretrain/diffusion/adaptive_time.py)."""
+        sampler = getattr(self.objective, "sampler", None)
+        return sampler if hasattr(sampler, "sync_and_update") else None
+
     # ------------------------------------------------------------------ checkpoints
     def _portable_checkpoint(self) -> Path | None:
         """The run's latest checkpoint if it is a portable one (pretrain.convert --portable)."""
@@ -245,6 +252,8 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "layout": self.layout,
         }
+        if self.adaptive_sampler is not None:
+            trainer_state["time_sampler"] = self.adaptive_sampler.state_dict()
         rank_state = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
@@ -281,6 +290,10 @@ class Trainer:
                 ) from None
         self.scheduler.load_state_dict(s["scheduler"])
         self.train_loader.load_state_dict(s["loader"])
+        if self.adaptive_sampler is not None:
+            if "time_sampler" not in s:
+                raise ckpt.CheckpointError(f"checkpoint {path} has no state of the adaptive time sampler")
+            self.adaptive_sampler.load_state_dict(s["time_sampler"])
         r = ckpt.load_rank_state(path, self.topology.rank)
         if r is not None:
             torch.set_rng_state(r["torch_rng"].cpu())
@@ -477,6 +490,9 @@ class Trainer:
                 self.state.step += 1
                 self.state.tokens += tokens
                 metrics = self._step_metrics(stats, tokens, step_s, load_s)
+                if self.adaptive_sampler is not None:  # the same update on every rank, before any checkpoint
+                    self.adaptive_sampler.sync_and_update(self.state.step, reduce=self._dp_sum)
+                    metrics.update(self.adaptive_sampler.metrics())
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
                 if self.state.step % cfg.eval_every == 0 or self.state.step == cfg.steps:

@@ -173,9 +173,13 @@ class MaskedDiffusionObjective:
         self.eps = sampler.eps
 
     def sequence_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """float64 [B]: w(t)/q(t) for `elbo`, w(t) for `reweighted`."""
+        """float64 [B]: w(t)/q(t) for `elbo`, w(t) for `reweighted` (times u(t)/q(t) for a sampler
+        with `reweighted_correction`, the adaptive one: its moving q must not reshape the objective)."""
         w = self.schedule.weight(t)
-        return w / self.sampler.pdf(t) if self.weighting == "elbo" else w
+        if self.weighting == "elbo":
+            return w / self.sampler.pdf(t)
+        correction = getattr(self.sampler, "reweighted_correction", None)
+        return w if correction is None else w * correction(t)
 
     def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
         """batch: input_ids Long[B, L], loss_mask Bool[B, L] (True = real token), optionally
@@ -197,6 +201,9 @@ class MaskedDiffusionObjective:
         loss = weighted.sum() / n_real
         with torch.no_grad():
             per_token = (weighted / n_real_seq.clamp(min=1)).cpu().double()
+            if hasattr(self.sampler, "observe"):  # the adaptive sampler learns q from the loss (adaptive_time.py)
+                scored = (n_real_seq > 0).cpu()
+                self.sampler.observe(t[scored], per_token[scored])
             bucket = (t * self.loss_buckets).long().clamp(0, self.loss_buckets - 1)
             stats = {
                 "loss": float(loss.detach()),
@@ -311,7 +318,8 @@ def diffusion_kwargs(cfg: DiffusionConfig, mask_id: int) -> dict:
     """What every masked-diffusion objective is built from: schedule, time sampler, weighting, SUBS, eval draws."""
     return {
         "schedule": build_schedule(cfg.schedule),
-        "sampler": build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified, cfg.t_min, cfg.t_max),
+        "sampler": build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified, cfg.t_min, cfg.t_max,
+                                      cfg.adaptive),
         "mask_id": mask_id,
         "weighting": cfg.weighting,
         "eval_t_samples": cfg.eval_t_samples,

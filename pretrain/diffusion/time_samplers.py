@@ -287,8 +287,9 @@ def elbo_variance_ratio(schedule, sampler: TimeSampler, n: int = 200_000) -> flo
 
 
 def build_time_sampler(name: str, eps: float, bell=None, stratified: bool = False, t_min: float = 0.0,
-                       t_max: float = 1.0) -> TimeSampler:
+                       t_max: float = 1.0, adaptive=None) -> TimeSampler:
     """`bell` is a config.BellConfig (family, mu, sigma, a, b); used only when name == "bell".
+    `adaptive` is a config.AdaptiveConfig; used only when name == "adaptive" (adaptive_time.py).
     `stratified`: draw by the inverse CDF of globally stratified uniforms (`antithetic` always is).
     t_min/t_max truncate the sampler to [max(eps, t_min), t_max] (module docstring)."""
     clip = {"t_min": t_min, "t_max": t_max}
@@ -305,4 +306,8 @@ def build_time_sampler(name: str, eps: float, bell=None, stratified: bool = Fals
             return BetaBellSampler(eps, a=getattr(bell, "a", 2.0), b=getattr(bell, "b", 2.0), stratified=stratified,
                                    **clip)
         raise ValueError(f"unknown bell family {family!r}; expected logit_normal or beta")
-    raise ValueError(f"unknown time sampler {name!r}; expected uniform, antithetic or bell")
+    if name == "adaptive":  # ours: q learned online from the loss (adaptive_time.py)
+        from pretrain.diffusion.adaptive_time import AdaptiveTimeSampler
+
+        return AdaptiveTimeSampler.from_config(eps, adaptive, stratified, **clip)
+    raise ValueError(f"unknown time sampler {name!r}; expected uniform, antithetic, bell or adaptive")
