@@ -20,9 +20,11 @@ mask, trained by its own objective and decoded by its own samplers. Its `Variant
 Config validation (the allowed variants, masking policies, the `elbo` check), the sampler refusals
 (`resolve_sampler`), the objective choice (`build_objective`) and the evaluate path read this table.
 A new variant is one `register_variant(VariantSpec(...))` entry plus its mask and its objective.
-The model itself still dispatches on its own per-variant tables (attention_masks.BASE_MASKS,
-is_two_stream, kv_cache.CACHEABLE_VARIANTS): the registry imports the model, so the model cannot
-import the registry; tests/pretrain/test_variant_registry.py checks that both say the same.
+The model dispatches on its own per-variant tables (attention_masks.BASE_MASKS,
+kv_cache.CACHEABLE_VARIANTS, is_two_stream): this module imports the model, so the model cannot
+import it; `register_variant` installs a new entry's base mask and cacheability there, and
+tests/pretrain/test_variant_registry.py checks that the tables and the entries agree. (A new
+two-stream variant also needs its [x_t | x_0] mask in attention_masks.two_stream_mask.)
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from pretrain.diffusion.time_samplers import (
     elbo_variance_ratio,
 )
 from pretrain.model import attention_masks as masks
+from pretrain.model.kv_cache import CACHEABLE_VARIANTS
 
 if TYPE_CHECKING:
     from pretrain.config import Config, DiffusionConfig
@@ -83,8 +86,14 @@ VARIANTS: dict[str, VariantSpec] = {}
 
 
 def register_variant(spec: VariantSpec) -> VariantSpec:
+    """Add `spec` to the table, and its base mask and cacheability to the model's own tables (which
+    the model dispatches on: it cannot import this module, which imports it)."""
     if spec.name in VARIANTS:
         raise ValueError(f"model variant {spec.name!r} is already registered")
+    if masks.BASE_MASKS.setdefault(spec.name, spec.mask) is not spec.mask:
+        raise ValueError(f"variant {spec.name!r}: attention_masks.BASE_MASKS holds another base mask for it")
+    if spec.kv_cache:
+        CACHEABLE_VARIANTS.add(spec.name)
     VARIANTS[spec.name] = spec
     return spec
 

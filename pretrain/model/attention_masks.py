@@ -165,9 +165,10 @@ def block_diagonal_causal_mask(seq_len: int, block_size: int, device: torch.devi
     return (blk[None, :] == blk[:, None]) & (pos[None, :] <= pos[:, None])
 
 
-# variant -> builder of its single-stream [L, L] base mask (None = all-to-all). The variant
-# registry (pretrain/variants.py) names the same builders; tests/pretrain/test_variant_registry.py
-# checks that the two agree (the model cannot import the registry: the registry imports the model).
+# variant -> builder of its single-stream [L, L] base mask (None = all-to-all). The variant table
+# (pretrain/variants.py) names the same builders, and its register_variant installs a new variant's
+# here (the model cannot import the table: the table imports the model; test_variant_registry.py
+# checks that the two agree).
 BASE_MASKS: dict[str, Callable[[int, int, torch.device], torch.Tensor | None]] = {
     "ar": causal_mask,
     "mdm": bidirectional_mask,

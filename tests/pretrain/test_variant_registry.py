@@ -24,7 +24,8 @@ from pretrain.diffusion import (
 )
 from pretrain.diffusion.reverse_order import ReverseOrderObjective
 from pretrain.model import build_model, cache_support
-from pretrain.model.attention_masks import BASE_MASKS, is_two_stream
+from pretrain.model.attention_masks import BASE_MASKS, block_causal_mask, causal_mask, is_two_stream
+from pretrain.model.kv_cache import CACHEABLE_VARIANTS
 from pretrain.sample import SAMPLERS, SamplerConfig, generate
 from pretrain.variants import VARIANTS, build_objective, register_variant, resolve_sampler, samplers
 
@@ -123,7 +124,8 @@ def test_loss_stats_keep_the_keys_the_trainer_reads():
 
 @pytest.fixture
 def restore_registries():
-    saved = [(r, dict(r)) for r in (VARIANTS, TIME_SAMPLERS, MASKING_POLICIES, SCHEDULES)]
+    saved = [(r, r.copy()) for r in (VARIANTS, TIME_SAMPLERS, MASKING_POLICIES, SCHEDULES, BASE_MASKS,
+                                     CACHEABLE_VARIANTS)]
     yield
     for registry, content in saved:
         registry.clear()
@@ -155,3 +157,26 @@ def test_registering_an_entry_makes_the_config_accept_it(restore_registries):
     assert type(objective.schedule) is LinearSchedule
     with pytest.raises(ValueError, match="already registered"):
         register_time_sampler("dummy_t")(dummy_sampler)
+
+
+def test_a_new_variant_is_one_entry_plus_its_mask_and_objective(restore_registries):
+    """A causal-inside-blocks variant that nothing else knows of: the model builds and attends with its
+    mask, its objective trains, its sampler decodes, the KV cache follows its entry."""
+
+    def blockwise_causal(seq_len, block_size, device):
+        return block_causal_mask(seq_len, block_size, device) & causal_mask(seq_len, block_size, device)
+
+    register_variant(dataclasses.replace(VARIANTS["ar"], name="dummy_v", mask=blockwise_causal))
+    assert BASE_MASKS["dummy_v"] is blockwise_causal and cache_support("dummy_v", BL, False) is None
+    model = tiny("dummy_v")
+    x = batch()
+    loss, stats = build_objective(DiffusionConfig(), "dummy_v", MASK).training_loss(model, x, step_rng(0, 0))
+    loss.backward()
+    assert math.isfinite(stats.loss) and model.tok_emb.weight.grad is not None
+    gen = torch.zeros(3, L, dtype=torch.bool)
+    gen[:, 6:] = True
+    out = generate(model, x["input_ids"], gen, mask_id=MASK, cfg=SamplerConfig(name="auto"))
+    assert out.kv_cache and torch.equal(out.tokens[~gen], x["input_ids"][~gen])
+    BASE_MASKS["conflict"] = causal_mask
+    with pytest.raises(ValueError, match="another base mask"):
+        register_variant(dataclasses.replace(VARIANTS["mdm"], name="conflict"))
