@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
-    from pretrain.sample import SAMPLERS, SamplerConfig
+    from pretrain.sample import JIGSAW_ORDERS, SAMPLERS, SamplerConfig
 
     p = argparse.ArgumentParser(prog="python -m pretrain.evaluate",
                                 description="Evaluate a trained run: validation NLL, task metrics or sample quality.")
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-step", type=int, default=0, help="tokens revealed per step (instead of --steps)")
     p.add_argument("--block-size", type=int, default=0, help="semi-AR block size for the masked-diffusion samplers")
     p.add_argument("--inner", default="confidence", help="block variant: the sampler inside a block")
-    p.add_argument("--jigsaw-order", default="entropy", choices=["entropy", "ltr"], help="jigsaw: block order")
+    p.add_argument("--jigsaw-order", default="entropy", choices=JIGSAW_ORDERS, help="jigsaw: block order")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default for tasks); language runs default to 1")
     p.add_argument("--top-k", type=int, default=0, help="top-k filtering (0 = off)")

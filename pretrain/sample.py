@@ -79,6 +79,7 @@ from pretrain.variants import ANY_ORDER_SAMPLERS, resolve_sampler, samplers
 # table's (pretrain/variants.py); the names here are derived from it.
 SAMPLERS = ("auto", *samplers())
 MDM_SAMPLERS = ANY_ORDER_SAMPLERS  # the masked-diffusion samplers, also `inner` of block decoding
+JIGSAW_ORDERS = ("entropy", "ltr")  # jigsaw's block order: lowest mean entropy first (the authors') | left to right
 
 
 @dataclass
@@ -333,8 +334,8 @@ def _jigsaw(ctx: _Ctx, x, masked, bl: int, order: str, streams: int) -> None:
     input (mask tokens at the positions still to generate); two-stream: x is the x_0 stream and
     x_t shows the revealed blocks and mask tokens elsewhere."""
     B, L = x.shape
-    if order not in ("entropy", "ltr"):
-        raise ValueError(f"unknown jigsaw_order {order!r}; expected entropy or ltr")
+    if order not in JIGSAW_ORDERS:
+        raise ValueError(f"unknown jigsaw_order {order!r}; expected one of {', '.join(JIGSAW_ORDERS)}")
     blk, _ = response_index(ctx.prompt, L, bl, x.device)
     blk = blk.expand(B, -1)
     nb = max_blocks(L, bl)

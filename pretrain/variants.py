@@ -9,8 +9,8 @@ mask, trained by its own objective and decoded by its own samplers. Its `Variant
     objective     the builder of its training loss and eval NLL (pretrain/diffusion/), from the diffusion
                   config, the mask id and the model config
     samplers      the decoding samplers (pretrain/sample.py) that sample the model it trains
-                  (`default_sampler`, or the first, is `auto`'s choice). Any other sampler is refused, with `refusal` as the reason
-                  where there is more to say than "another variant's decoding"
+                  (`default_sampler`, or the first, is `auto`'s choice). Any other sampler is refused,
+                  with `refusal` as the reason where there is more to say than "not this model's decoding"
     kv_cache      whether a clean-prefix KV cache is exact for it (pretrain/model/kv_cache.py)
     masking       the `diffusion.masking` policies it trains with (pretrain/diffusion/masking.py)
     elbo_variance how the config validator measures the variance of `elbo`'s importance weights under a
