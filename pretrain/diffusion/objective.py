@@ -58,7 +58,7 @@ The objective reads `batch["density"]` (the stream's per-token density) into tok
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,7 @@ class LossStats:
         return getattr(self, key) if key in self.__dataclass_fields__ else default
 
 
+@runtime_checkable
 class Objective(Protocol):
     """What the trainer, validation and the pipeline engine call (every objective here is one)."""
 

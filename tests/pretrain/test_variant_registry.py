@@ -16,6 +16,7 @@ from pretrain.diffusion import (
     LinearSchedule,
     LossStats,
     MaskingSpec,
+    Objective,
     UniformMasking,
     UniformSampler,
     register_masking,
@@ -98,6 +99,7 @@ def test_every_allowed_masking_policy_trains_and_every_other_is_refused(variant)
             continue
         assert load_config(None, overrides).diffusion.masking == policy
         objective = build_objective(cfg, variant, MASK)
+        assert isinstance(objective, Objective)
         if MASKING_POLICIES[policy].objective is not None:
             assert type(objective) is MASKING_POLICIES[policy].objective
         loss, stats = objective.training_loss(model, batch(), step_rng(0, 1))
