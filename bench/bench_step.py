@@ -34,10 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pretrain.config import DiffusionConfig, load_config  # noqa: E402
-from pretrain.diffusion import build_objective, step_rng  # noqa: E402
+from pretrain.diffusion import step_rng  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
 from pretrain.throughput import device_peak_flops  # noqa: E402
 from pretrain.train import param_groups  # noqa: E402
+from pretrain.variants import build_objective  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -102,7 +103,7 @@ def framework_step(model, objective, opt, batch, step: int, autocast, grad_clip:
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    stats["grad_norm"] = float(grad_norm)
+    stats = {**stats.to_dict(), "grad_norm": float(grad_norm)}  # as the trainer's step statistics
     return stats["loss"]
 
 

@@ -248,8 +248,9 @@ def measure(make: Callable[[], Iterator], tokens: int) -> dict:
 def train_step_tokens_per_s(steps: int = 6) -> tuple[float, str]:
     """Tokens/s of the quickstart model's training step (Trainer.train_step's work), torch's threads."""
     from pretrain.config import load_config
-    from pretrain.diffusion import build_objective, step_rng
+    from pretrain.diffusion import step_rng
     from pretrain.model import build_model
+    from pretrain.variants import build_objective
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "quickstart.yaml")

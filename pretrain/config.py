@@ -21,6 +21,11 @@ from omegaconf import OmegaConf
 
 from data_pipeline.config import DataConfig, SudokuTaskConfig, TaskConfig  # noqa: F401  (re-exported)
 from data_pipeline.config_file import ConfigError, merge_layers, read_layers
+from pretrain.diffusion.masking import DENSITY_FORMS, MASKING_POLICIES, SYNTACTIC_FORMS
+from pretrain.diffusion.objective import PARAMETERIZATIONS, WEIGHTINGS
+from pretrain.diffusion.schedules import SCHEDULES
+from pretrain.diffusion.time_samplers import BELL_FAMILIES, TIME_SAMPLERS, BellConfig
+from pretrain.variants import VARIANTS, elbo_weight_problems, variant_problems
 from slurm.config import SlurmConfig, slurm_problems
 
 # --------------------------------------------------------------------------------------------
@@ -31,7 +36,7 @@ from slurm.config import SlurmConfig, slurm_problems
 @dataclass
 class ModelConfig:
     # ar (causal, next token) | mdm (bidirectional masked diffusion) | block (BD3-LM block diffusion)
-    # | jigsaw, scatter (seed 000's locality-aware blockwise models); see pretrain/model/attention_masks.py
+    # | jigsaw, scatter (seed 000's locality-aware blockwise models); the table is pretrain/variants.py
     variant: str = "mdm"
     n_layers: int = 4
     d_model: int = 128
@@ -51,16 +56,6 @@ class ModelConfig:
 
 
 @dataclass
-class BellConfig:
-    """Shape of the bell-shaped time density (seed 001): t concentrated away from 0 and 1."""
-
-    family: str = "logit_normal"  # logit_normal | beta
-    mu: float = 0.0  # logit_normal location (0 centres the bell at t = 0.5)
-    sigma: float = 1.0  # logit_normal scale
-    a: float = 2.0  # beta shape a
-    b: float = 2.0  # beta shape b
-
-
 @dataclass
 class AdaptiveConfig:
     """diffusion.time_sampler=adaptive: q learned online from the per-t-bucket loss (ours, no anchor paper
@@ -85,7 +80,7 @@ class DiffusionConfig:
     # over that range only; validation NLL stays the full [eps, 1] NELBO (time_samplers.py)
     t_min: float = 0.0
     t_max: float = 1.0
-    time_sampler: str = "uniform"  # uniform | antithetic | bell | adaptive (ours: learned online, `adaptive`)
+    time_sampler: str = "uniform"  # uniform | antithetic | bell | adaptive (registry: pretrain/diffusion/time_samplers.py)
     # draw t by the inverse CDF of uniforms stratified over the global batch (MDLM's "antithetic"
     # sampling, for any density; `antithetic` = uniform + stratified); marginals unchanged
     stratified: bool = False
@@ -94,8 +89,8 @@ class DiffusionConfig:
     # from the cross-entropy; unmasked tokens are carried over) | plain: softmax over the full
     # vocabulary, [MASK] included (this framework before SUBS). Masked-diffusion variants only.
     parameterization: str = "subs"
-    bell: BellConfig = field(default_factory=BellConfig)
-    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    bell: BellConfig = field(default_factory=BellConfig)  # defined next to the bell sampler (time_samplers.py)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)  # time_sampler=adaptive only
     # which tokens get masked at a given t: uniform | density_priority | complementary (seed 002;
     # the last two read the shards' density column: set data.density.annotator; see masking.py)
     # | reverse_order (seed 003, mdm: blocks of model.block_size masked last-first; reverse_order.py)
@@ -192,28 +187,38 @@ class Config:
 
 
 # Keys whose value must be one of a fixed set. Kept next to the schema so `--help`-style messages
-# and validation agree.
+# and validation agree. Where a registry defines the set (variants, time samplers, schedules, masking
+# policies), the allowed values are its keys, read when a config is validated: registering an entry
+# makes the config accept it.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.packing": ("pad", "wrap"),
     "data.train_on": ("auto", "all", "response"),
-    "model.variant": ("ar", "mdm", "block", "jigsaw", "scatter"),
     "model.mlp": ("swiglu", "gelu"),
     "model.norm": ("rmsnorm", "layernorm"),
-    "diffusion.schedule": ("linear", "loglinear", "cosine"),
-    "diffusion.time_sampler": ("uniform", "antithetic", "bell", "adaptive"),
+    "diffusion.weighting": WEIGHTINGS,
+    "diffusion.parameterization": PARAMETERIZATIONS,
+    "diffusion.density_form": DENSITY_FORMS,
+    "diffusion.syntactic": SYNTACTIC_FORMS,
     "diffusion.adaptive.statistic": ("auto", "rms", "std"),
-    "diffusion.weighting": ("elbo", "reweighted"),
-    "diffusion.parameterization": ("subs", "plain"),
-    "diffusion.bell.family": ("logit_normal", "beta"),
-    "diffusion.masking": ("uniform", "density_priority", "complementary", "reverse_order"),
-    "diffusion.density_form": ("ratio", "logit_tilt"),
-    "diffusion.syntactic": ("priority", "complement"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
     "train.optimizer": ("adamw", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "launch.backend": ("auto", "local", "slurm"),
 }
+REGISTRIES: dict[str, dict] = {
+    "model.variant": VARIANTS,
+    "diffusion.schedule": SCHEDULES,
+    "diffusion.time_sampler": TIME_SAMPLERS,
+    "diffusion.bell.family": BELL_FAMILIES,
+    "diffusion.masking": MASKING_POLICIES,
+}
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every key with a fixed set of allowed values: CHOICES plus the registries' current keys."""
+    return {**CHOICES, **{key: tuple(registry) for key, registry in REGISTRIES.items()}}
+
 
 # --------------------------------------------------------------------------------------------
 # Loading (the mechanics are shared with the shard builder: data_pipeline/config_file.py)
@@ -249,7 +254,8 @@ def validate(cfg: Config) -> None:
         if not ok:
             problems.append(f"`{key}` = {_get(cfg, key)!r}: {allowed}")
 
-    for key, allowed in CHOICES.items():
+    allowed_values = choices()
+    for key, allowed in allowed_values.items():
         need(_get(cfg, key) in allowed, key, f"must be one of {', '.join(allowed)}")
 
     d, m, f, t, p, lc = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.parallel, cfg.launch
@@ -289,8 +295,8 @@ def validate(cfg: Config) -> None:
     need(f.bell.a > 0, "diffusion.bell.a", "must be > 0")
     need(f.bell.b > 0, "diffusion.bell.b", "must be > 0")
     need(f.eval_t_samples >= 1, "diffusion.eval_t_samples", "must be >= 1")
-    if f.weighting == "elbo" and f.time_sampler == "bell" and m.variant != "ar" and not problems:
-        problems.extend(_elbo_weight_problems(cfg))
+    if not problems:  # the variant's measure of `elbo`'s weight variance (pretrain/variants.py)
+        problems.extend(elbo_weight_problems(cfg))
     need(f.loss_buckets >= 1, "diffusion.loss_buckets", "must be >= 1")
     if f.time_sampler == "adaptive":  # pretrain/diffusion/adaptive_time.py
         a = f.adaptive
@@ -315,15 +321,8 @@ def validate(cfg: Config) -> None:
     need(0.0 < f.t_max <= 1.0, "diffusion.t_max", "must be in (0, 1]")
     need(max(f.eps, f.t_min) < f.t_max, "diffusion.t_max",
          f"must exceed max(diffusion.eps, diffusion.t_min) = {max(f.eps, f.t_min)} (t is drawn from between them)")
-    if f.masking == "reverse_order":  # seed 003 (pretrain/diffusion/reverse_order.py): no density needed
-        need(m.variant == "mdm", "diffusion.masking",
-             f"reverse_order works with model.variant mdm only (not {m.variant}); its blocks are model.block_size")
-    elif f.masking != "uniform":
-        allowed_variants = ("mdm", "scatter", "block")
-        need(m.variant in allowed_variants, "diffusion.masking",
-             f"works with model.variant in {', '.join(allowed_variants)} (not {m.variant})")
-        need(getattr(getattr(d, "density", None), "annotator", "none") != "none", "diffusion.masking",
-             "needs per-token density: set data.density.annotator (unigram, tfidf, structure or model)")
+    if all(_get(cfg, key) in allowed_values[key] for key in REGISTRIES):
+        problems.extend(variant_problems(cfg))  # masking policy, density, the variant's own constraints
 
     need(t.steps >= 1, "train.steps", "must be >= 1")
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -382,48 +381,6 @@ def validate(cfg: Config) -> None:
          f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size or '?'} x {dp}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-
-
-def _elbo_weight_problems(cfg: Config) -> list[str]:
-    """`elbo` importance-weights each draw by w(t)/q(t); with a bell q that vanishes where w does not
-    (near eps or t = 1) the weights reach ~6e10 (logit-normal(0, 1), eps 1e-3) and their variance
-    is infinite or far above uniform t's (time_samplers.elbo_variance_ratio). Refused above
-    ELBO_VARIANCE_LIMIT x uniform's, naming what to change. Jigsaw's weights 1/(m P_q(m)) are
-    discrete: the same ratio is taken over the masked-block counts m."""
-    import math
-
-    from pretrain.diffusion.schedules import build_schedule
-    from pretrain.diffusion.time_samplers import ELBO_VARIANCE_LIMIT, build_time_sampler, elbo_variance_ratio
-
-    f, m = cfg.diffusion, cfg.model
-    schedule = build_schedule(f.schedule)
-    sampler = build_time_sampler("bell", f.eps, f.bell, t_min=f.t_min, t_max=f.t_max)
-    shape = (f"logit_normal(mu {f.bell.mu}, sigma {f.bell.sigma})" if f.bell.family == "logit_normal"
-             else f"beta(a {f.bell.a}, b {f.bell.b})")
-    if m.variant == "jigsaw":
-        from pretrain.diffusion.blockwise import JigsawObjective
-
-        n = cfg.data.seq_len // m.block_size if m.block_size else 1
-        p_q = JigsawObjective(schedule, sampler, 0).count_probabilities(n)
-        p_u = JigsawObjective(schedule, build_time_sampler("uniform", f.eps), 0).count_probabilities(n)
-        ratio = math.inf if bool((p_q <= 0).any()) else float((1.0 / p_q).sum() / (1.0 / p_u).sum())
-        where = f"1/(m P_q(m)) over the {n} masked-block counts"
-    else:
-        import torch
-
-        ratio = elbo_variance_ratio(schedule, sampler)
-        t = torch.tensor([max(f.eps, 1e-12)], dtype=torch.float64)
-        w_eps = float(schedule.weight(t)[0] / sampler.pdf(t)[0])
-        where = f"w(t)/q(t) = {w_eps:.3g} at t = eps (uniform t: {float(schedule.weight(t)[0]) * (1 - f.eps):.3g})"
-    if ratio <= ELBO_VARIANCE_LIMIT:
-        return []
-    size = "infinite" if math.isinf(ratio) else f"{ratio:.3g}x uniform t's"
-    return [f"`diffusion.weighting` = 'elbo' with diffusion.time_sampler = bell ({shape}, diffusion.eps {f.eps}, "
-            f"schedule {f.schedule}): the variance of the importance weights ({where}) is {size} "
-            f"(limit {ELBO_VARIANCE_LIMIT:g}x): the bell has almost no mass where the NELBO's weight does. "
-            "Use diffusion.weighting=reweighted (the bell reshapes training; validation stays the unbiased "
-            "uniform-t NELBO), or diffusion.bell.family=beta with diffusion.bell.b < 2 (a larger "
-            "diffusion.eps also helps), or diffusion.time_sampler=uniform or antithetic"]
 
 
 def _mlp_hidden(m: ModelConfig) -> int:

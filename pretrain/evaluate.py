@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from pretrain.diffusion.objective import Objective
 from pretrain.diffusion.rng import SampleRNG
+from pretrain.variants import objective_for, resolve_sampler
 
 EVAL_SEED_OFFSET = 10_007  # eval draws never coincide with training draws of the same seed
 
@@ -23,7 +25,7 @@ EVAL_SEED_OFFSET = 10_007  # eval draws never coincide with training draws of th
 @torch.no_grad()
 def validation_nll(
     model: torch.nn.Module,
-    objective,
+    objective: Objective,
     batches: Iterable[dict[str, torch.Tensor]],
     device: torch.device,
     seed: int,
@@ -302,15 +304,13 @@ def zero_shot_nll(model, cfg, source: str, device, batch_size: int = 32, max_bat
     from data_pipeline.build import ensure_shards
     from data_pipeline.stream import make_val_loader
     from data_pipeline.tokenizer import TokenizerError
-    from pretrain.diffusion import build_objective
 
     dcfg = zero_shot_data_config(cfg, source)
     info = ensure_shards(dcfg, progress=False)
     if info.vocab_size != model.vocab_size:
         raise TokenizerError(f"--data {source}: its shards were tokenized with {info.vocab_size} tokens, the model "
                              f"has {model.vocab_size}; delete {info.shard_dir} and rerun")
-    objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=info.mask_id,
-                                jigsaw_streams=cfg.model.jigsaw_streams)
+    objective = objective_for(cfg, info.mask_id)
     splits = [info] if source.startswith("hf:") else [info, dataclasses.replace(info, val_dir=info.train_dir)]
     total = count = 0.0
     for part in splits:
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
-    from pretrain.sample import SAMPLERS, SamplerConfig
+    from pretrain.sample import JIGSAW_ORDERS, SAMPLERS, SamplerConfig
 
     p = argparse.ArgumentParser(prog="python -m pretrain.evaluate",
                                 description="Evaluate a trained run: validation NLL, task metrics or sample quality.")
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-step", type=int, default=0, help="tokens revealed per step (instead of --steps)")
     p.add_argument("--block-size", type=int, default=0, help="semi-AR block size for the masked-diffusion samplers")
     p.add_argument("--inner", default="confidence", help="block variant: the sampler inside a block")
-    p.add_argument("--jigsaw-order", default="entropy", choices=["entropy", "ltr"], help="jigsaw: block order")
+    p.add_argument("--jigsaw-order", default="entropy", choices=JIGSAW_ORDERS, help="jigsaw: block order")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default for tasks); language runs default to 1")
     p.add_argument("--top-k", type=int, default=0, help="top-k filtering (0 = off)")
@@ -394,8 +394,6 @@ def main(argv: list[str] | None = None) -> int:
                              temperature=temperature, top_k=args.top_k, top_p=args.top_p, block_size=args.block_size,
                              inner=args.inner, jigsaw_order=args.jigsaw_order, float64=not args.fp32_sampling,
                              seed=args.seed, kv_cache=not args.no_kv_cache)
-        from pretrain.sample import resolve_sampler
-
         sampler_name = resolve_sampler(cfg.model.variant, args.sampler)
         if args.reference_ar and is_task:
             raise ConfigError("--reference-ar scores unconditional language samples; this is a task run "
@@ -409,10 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                                          max_batches=max(args.eval_batches, 0)))
         elif args.eval_batches >= 0:
             from data_pipeline.stream import make_val_loader
-            from pretrain.diffusion import build_objective
 
-            objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=info.mask_id,
-                                        jigsaw_streams=cfg.model.jigsaw_streams)
+            objective = objective_for(cfg, info.mask_id)
             loader = make_val_loader(cfg.data, info, batch_size=min(cfg.train.batch_size, 64))
             metrics.update(validation_nll(model, objective, loader, device, seed=cfg.seed, max_batches=args.eval_batches))
         shown = []

@@ -42,8 +42,8 @@ class DLMEvalHarness(LM):
                  device: str | None = None, batch_size: int | str | None = None, **_ignored):
         super().__init__()
         from data_pipeline.device import resolve_device
-        from pretrain.diffusion import build_objective
         from pretrain.generate import load_run
+        from pretrain.variants import objective_for
 
         if isinstance(ema, str):
             ema = ema.lower() in ("1", "true", "yes")
@@ -58,8 +58,7 @@ class DLMEvalHarness(LM):
         if self.mc_samples < 1:
             raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
         self.seed = int(seed)
-        self.objective = build_objective(self.cfg.diffusion, self.variant, mask_id=self.tok.mask_id,
-                                         jigsaw_streams=self.cfg.model.jigsaw_streams)
+        self.objective = objective_for(self.cfg, self.tok.mask_id)
         self.sampler, self.steps, self.temperature = sampler, int(steps), float(temperature)
         self.seq_len = self.cfg.data.seq_len
 

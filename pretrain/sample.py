@@ -74,30 +74,18 @@ import torch
 from pretrain.model import unwrap
 from pretrain.model.attention_masks import check_prompt_prefix, max_blocks, response_blocks, response_index
 from pretrain.model.kv_cache import KVCache, cache_support
+from pretrain.variants import ANY_ORDER_SAMPLERS, resolve_sampler, samplers
 
-SAMPLERS = ("auto", "ar", "ancestral", "confidence", "entropy", "margin", "random", "block", "jigsaw", "scatter")
-MDM_SAMPLERS = ("ancestral", "confidence", "entropy", "margin", "random")
-DEFAULT_SAMPLER = {"ar": "ar", "mdm": "confidence", "block": "block", "jigsaw": "jigsaw", "scatter": "scatter"}
-# which samplers each model variant supports (others are out of the distribution it was trained on)
-COMPATIBLE = {
-    "ar": ("ar",),
-    "mdm": MDM_SAMPLERS,
-    "scatter": ("scatter",),
-    "block": ("block",),
-    "jigsaw": ("jigsaw",),
-}
-# why a sampler does not fit a variant, where there is more to say than "another model's decoding"
-WHY_NOT = {
-    "scatter": ("Scatter's denoiser at offset o sees only offsets <= o, so a sampler that may reveal a "
-                "position before its lower offsets ignores tokens already committed at higher offsets "
-                "and does not sample the model's factorisation; Scatter decodes offset by offset "
-                "(sampler scatter)"),
-}
+# Which samplers fit which model variant, `auto`'s choice and the reasons for refusals are the variant
+# table's (pretrain/variants.py); the names here are derived from it.
+SAMPLERS = ("auto", *samplers())
+MDM_SAMPLERS = ANY_ORDER_SAMPLERS  # the masked-diffusion samplers, also `inner` of block decoding
+JIGSAW_ORDERS = ("entropy", "ltr")  # jigsaw's block order: lowest mean entropy first (the authors') | left to right
 
 
 @dataclass
 class SamplerConfig:
-    name: str = "auto"  # see SAMPLERS; auto = the variant's own decoding
+    name: str = "auto"  # see SAMPLERS; auto = the variant's own decoding (pretrain/variants.py)
     steps: int = 0  # denoising forwards (per block for block / semi-AR); 0 = one token per step
     tokens_per_step: int = 0  # alternative to steps for the fixed-count samplers (0 = use steps)
     temperature: float = 0.0  # 0 = greedy
@@ -121,15 +109,6 @@ class SampleResult:
     kv_cache: bool = False  # whether the clean-prefix KV cache was used
 
 
-def resolve_sampler(variant: str, name: str) -> str:
-    name = DEFAULT_SAMPLER[variant] if name == "auto" else name
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
-    if name not in COMPATIBLE[variant]:
-        why = f" ({WHY_NOT[variant]})" if variant in WHY_NOT else ""
-        raise ValueError(f"sampler {name!r} does not fit a {variant!r} model{why}; use one of "
-                         f"{', '.join(COMPATIBLE[variant])}")
-    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +333,8 @@ def _jigsaw(ctx: _Ctx, x, masked, bl: int, order: str, streams: int) -> None:
     input (mask tokens at the positions still to generate); two-stream: x is the x_0 stream and
     x_t shows the revealed blocks and mask tokens elsewhere."""
     B, L = x.shape
-    if order not in ("entropy", "ltr"):
-        raise ValueError(f"unknown jigsaw_order {order!r}; expected entropy or ltr")
+    if order not in JIGSAW_ORDERS:
+        raise ValueError(f"unknown jigsaw_order {order!r}; expected one of {', '.join(JIGSAW_ORDERS)}")
     blk, _ = response_index(ctx.prompt, L, bl, x.device)
     blk = blk.expand(B, -1)
     nb = max_blocks(L, bl)

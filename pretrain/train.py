@@ -39,10 +39,11 @@ from parallel.engine import PlainEngine
 from parallel.topology import Topology
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config, flatten, to_yaml
-from pretrain.diffusion import build_objective, step_rng
+from pretrain.diffusion import step_rng
 from pretrain.evaluate import validation_nll
 from pretrain.model import build_model
 from pretrain.throughput import device_peak_flops, mfu
+from pretrain.variants import build_objective
 
 if TYPE_CHECKING:
     from pretrain.stop import StopFlag

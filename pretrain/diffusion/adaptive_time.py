@@ -53,7 +53,7 @@ from collections.abc import Callable
 
 import torch
 
-from pretrain.diffusion.time_samplers import TimeSampler
+from pretrain.diffusion.time_samplers import TimeSampler, register_time_sampler
 
 STATISTICS = ("auto", "rms", "std")
 
@@ -209,3 +209,9 @@ class AdaptiveTimeSampler(TimeSampler):
         self.updates = int(state["updates"])
         self._local.zero_()
         self._set_cumulative()
+
+
+@register_time_sampler("adaptive")
+def _adaptive(eps, stratified, t_min, t_max, options):
+    """`options`: the diffusion config; its `adaptive` section holds the sampler's settings."""
+    return AdaptiveTimeSampler.from_config(eps, getattr(options, "adaptive", None), stratified, t_min, t_max)

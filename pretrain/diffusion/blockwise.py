@@ -2,8 +2,8 @@
 
 All three split the sequence into contiguous blocks of B = model.block_len(L) tokens (config
 `model.block_size`, 0 = one block); the objective reads B from the model, so the trainer's
-`build_objective(cfg.diffusion, variant, mask_id)` call is the same for every variant (plus
-`jigsaw_streams`). With a prompt (task data, `prompt_mask`; objective.py) every objective leaves
+`build_objective(cfg.diffusion, variant, mask_id)` call (pretrain/variants.py, the variant table) is
+the same for every variant (plus `jigsaw_streams`). With a prompt (task data, `prompt_mask`; objective.py) every objective leaves
 the prompt clean and scores the response only; `block` keeps absolute blocks (the prompt's tokens
 in a block are simply never noised), jigsaw and scatter count blocks from the response start.
 
@@ -103,6 +103,7 @@ import torch.nn.functional as F
 
 from pretrain.diffusion.masking import UniformMasking
 from pretrain.diffusion.objective import (
+    LossStats,
     MaskedDiffusionObjective,
     _masked_ce_per_sequence,
     prompt_kwargs,
@@ -127,26 +128,6 @@ def _masked_ce_per_token(logits: torch.Tensor, targets: torch.Tensor, where: tor
     return torch.zeros(targets.shape, dtype=torch.float32, device=logits.device).index_put_(rows, ce)
 
 
-def _bucket_stats(t: torch.Tensor, per_token: torch.Tensor, keep: torch.Tensor, buckets: int) -> dict:
-    """Loss by t bucket over the entries where keep is True (t, per_token float64 CPU)."""
-    t, per_token = t[keep], per_token[keep]
-    bucket = (t * buckets).long().clamp(0, buckets - 1)
-    return {
-        "t_bucket_loss_sum": torch.zeros(buckets, dtype=torch.float64).index_add_(0, bucket, per_token),
-        "t_bucket_count": torch.bincount(bucket, minlength=buckets),
-    }
-
-
-def _loss_stats(loss, masked, n_real, t, per_token, valid, buckets: int) -> dict:
-    """The trainer's per-step statistics: loss, masked fraction, token count, loss by t bucket."""
-    return {
-        "loss": float(loss.detach()),
-        "masked_fraction": float(masked.sum() / n_real),
-        "n_tokens": int(n_real),
-        **_bucket_stats(t, per_token, valid, buckets),
-    }
-
-
 class BlockDiffusionObjective(MaskedDiffusionObjective):
     """BD3-LM's block-diffusion NELBO, one t per (sequence, block); see the module docstring."""
 
@@ -154,7 +135,7 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         bl = unwrap(model).block_len(L)
         return bl, L // bl
 
-    def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
+    def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, LossStats]:
         input_ids, real = batch["input_ids"], batch["loss_mask"].bool()
         target = targets_of(batch)  # the prompt (if any) is never noised nor scored
         device, (B, L) = input_ids.device, input_ids.shape
@@ -176,7 +157,7 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         with torch.no_grad():
             n_real_blk = target.view(B, nb, bl).sum(dim=2).cpu()
             per_token = weighted.detach().cpu().double() / n_real_blk.clamp(min=1)
-            stats = _loss_stats(loss, masked, n_real, t, per_token, n_real_blk > 0, self.loss_buckets)
+            stats = LossStats.of(loss, masked, n_real, t, per_token, self.loss_buckets, keep=n_real_blk > 0)
         return loss, stats
 
     def _complementary_block_loss(self, model, batch, input_ids, real, target, t, bl: int, rng: StepRNG, info: dict):
@@ -208,7 +189,7 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         with torch.no_grad():
             n_real_blk = target.repeat_interleave(2, dim=0).view(2 * B, nb, bl).sum(dim=2).cpu()
             per_token = 2.0 * weighted.detach().cpu().double() / n_real_blk.clamp(min=1)
-            stats = _loss_stats(loss, masked[0::2], n_real, t2, per_token, n_real_blk > 0, self.loss_buckets)
+            stats = LossStats.of(loss, masked[0::2], n_real, t2, per_token, self.loss_buckets, keep=n_real_blk > 0)
         return loss, stats
 
     @torch.no_grad()
@@ -338,7 +319,7 @@ class JigsawObjective:
         self._bl = unwrap(model).block_len(L)
         return response_blocks(batch.get("prompt_mask"), B, L, self._bl), max_blocks(L, self._bl)
 
-    def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
+    def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, LossStats]:
         input_ids = batch["input_ids"]
         target = targets_of(batch)
         device, B = input_ids.device, input_ids.shape[0]
@@ -353,8 +334,7 @@ class JigsawObjective:
         loss = weighted.sum() / n_real
         with torch.no_grad():
             per_token = (weighted / n_real_seq.clamp(min=1)).cpu().double()
-            stats = _loss_stats(loss, masked, n_real, t, per_token, torch.ones(B, dtype=torch.bool),
-                                self.loss_buckets)
+            stats = LossStats.of(loss, masked, n_real, t, per_token, self.loss_buckets)
         return loss, stats
 
     @torch.no_grad()

@@ -69,6 +69,10 @@ How the objective weights the losses, and which is an ELBO, is documented in obj
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from pretrain.diffusion.rng import StepRNG
@@ -203,6 +207,7 @@ def _density(token_info: dict, shape, policy: str) -> torch.Tensor:
     return d
 
 
+# `diffusion.density_form` and `diffusion.syntactic` values (the config's allowed values)
 DENSITY_FORMS = ("ratio", "logit_tilt")
 SYNTACTIC_FORMS = ("priority", "complement")
 
@@ -274,23 +279,65 @@ class ComplementaryMasking(DensityPriorityMasking):
         return torch.stack([logical, syntactic], dim=1).flatten(0, 1)  # [2B, L]
 
 
-MASKING_POLICIES = {"uniform": UniformMasking, "density_priority": DensityPriorityMasking,
-                    "complementary": ComplementaryMasking}
+# --------------------------------------------------------------------------------------------
+# Registry: the config's allowed `diffusion.masking` values
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskingSpec:
+    """One `diffusion.masking` policy: how to build it from a config.DiffusionConfig, whether it reads
+    the shards' density column, and (when it changes the loss, not only the mask) the objective
+    class that replaces the variant's masked-diffusion objective (reverse_order.py). Which variants
+    may use a policy is the variant's (pretrain/variants.py)."""
+
+    name: str
+    build: Callable[[Any], Any]
+    needs_density: bool = False
+    objective: type | None = None
+
+
+MASKING_POLICIES: dict[str, MaskingSpec] = {}
+
+
+def register_masking(spec: MaskingSpec) -> MaskingSpec:
+    if spec.name in MASKING_POLICIES:
+        raise ValueError(f"masking policy {spec.name!r} is already registered")
+    MASKING_POLICIES[spec.name] = spec
+    return spec
+
+
+def _density_kwargs(cfg) -> dict:
+    return {"form": cfg.density_form, "ratio": cfg.density_ratio, "strength": cfg.density_strength,
+            "threshold": cfg.density_threshold}
+
+
+register_masking(MaskingSpec("uniform", lambda cfg: UniformMasking()))
+register_masking(MaskingSpec("density_priority", lambda cfg: DensityPriorityMasking(**_density_kwargs(cfg)),
+                             needs_density=True))
+register_masking(MaskingSpec("complementary", lambda cfg: ComplementaryMasking(
+    **_density_kwargs(cfg), syntactic=cfg.syntactic, syntactic_ratio=cfg.syntactic_ratio), needs_density=True))
+
+
+@dataclass
+class _DensityOptions:
+    masking: str
+    density_form: str
+    density_ratio: float
+    density_strength: float
+    density_threshold: float
+    syntactic: str
+    syntactic_ratio: float
 
 
 def build_masking(name: str, form: str = "ratio", ratio: float = 2.0, strength: float = 3.0,
                   threshold: float = 0.5, syntactic: str = "priority", syntactic_ratio: float = 0.5):
     """The policy `name` with the density parameters of config.DiffusionConfig (module docstring)."""
-    if name not in MASKING_POLICIES:
-        raise ValueError(f"unknown masking policy {name!r}; known: {', '.join(MASKING_POLICIES)}")
-    if name == "uniform":
-        return UniformMasking()
-    if name == "density_priority":
-        return DensityPriorityMasking(form, ratio, strength, threshold)
-    return ComplementaryMasking(form, ratio, strength, threshold, syntactic, syntactic_ratio)
+    return masking_from_config(_DensityOptions(name, form, ratio, strength, threshold, syntactic, syntactic_ratio))
 
 
 def masking_from_config(cfg):
-    """build_masking from a config.DiffusionConfig."""
-    return build_masking(cfg.masking, cfg.density_form, cfg.density_ratio, cfg.density_strength,
-                         cfg.density_threshold, cfg.syntactic, cfg.syntactic_ratio)
+    """The registered policy `cfg.masking`, built from a config.DiffusionConfig."""
+    if cfg.masking not in MASKING_POLICIES:
+        raise ValueError(f"unknown masking policy {cfg.masking!r}; known: {', '.join(MASKING_POLICIES)}")
+    return MASKING_POLICIES[cfg.masking].build(cfg)

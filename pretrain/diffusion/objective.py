@@ -57,16 +57,87 @@ The objective reads `batch["density"]` (the stream's per-token density) into tok
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import DiffusionConfig
-from pretrain.diffusion.masking import UniformMasking, masking_from_config
+from pretrain.diffusion.masking import UniformMasking
 from pretrain.diffusion.rng import SampleRNG, StepRNG, eval_rng
 from pretrain.diffusion.schedules import Schedule, build_schedule
-from pretrain.diffusion.time_samplers import TimeSampler, build_time_sampler
+from pretrain.diffusion.time_samplers import TimeSampler, time_sampler_from_config
 
+if TYPE_CHECKING:  # the config sits above the objectives (it derives its allowed values from them)
+    from pretrain.config import DiffusionConfig
+
+# `diffusion.parameterization` and `diffusion.weighting` values (the config's allowed values)
 PARAMETERIZATIONS = ("subs", "plain")
+WEIGHTINGS = ("elbo", "reweighted")
+
+
+@dataclass
+class LossStats:
+    """What one micro-batch's training loss reports besides the loss tensor (no autograd graph):
+    the loss value, the masked fraction of the scored tokens, the number of tokens the loss is
+    normalised by, and the per-token loss summed and counted by t bucket (`diffusion.loss_buckets`).
+    The trainer sums these over micro-batches and ranks and logs train/loss, train/masked_fraction
+    and train/loss_t<lo>-<hi>."""
+
+    loss: float
+    masked_fraction: float
+    n_tokens: int
+    t_bucket_loss_sum: torch.Tensor  # float64 [buckets]
+    t_bucket_count: torch.Tensor  # long [buckets]
+
+    @classmethod
+    def of(cls, loss: torch.Tensor, masked: torch.Tensor, n_real: torch.Tensor, t: torch.Tensor,
+           per_token: torch.Tensor, buckets: int, keep: torch.Tensor | None = None) -> LossStats:
+        """From a step's draws: t and per_token float64 CPU, one entry per (sequence or block) term,
+        bucketed where `keep` (default all); masked Bool over the scored rows, n_real the token count."""
+        if keep is not None:
+            t, per_token = t[keep], per_token[keep]
+        bucket = (t * buckets).long().clamp(0, buckets - 1).flatten()
+        return cls(
+            loss=float(loss.detach()),
+            masked_fraction=float(masked.sum() / n_real),
+            n_tokens=int(n_real),
+            t_bucket_loss_sum=torch.zeros(buckets, dtype=torch.float64).index_add_(0, bucket, per_token.flatten()),
+            t_bucket_count=torch.bincount(bucket, minlength=buckets),
+        )
+
+    @classmethod
+    def unbucketed(cls, loss: torch.Tensor, n_tokens: torch.Tensor | int, buckets: int) -> LossStats:
+        """An objective without t (AR): nothing masked, empty buckets."""
+        return cls(float(loss.detach()), 0.0, int(n_tokens), torch.zeros(buckets, dtype=torch.float64),
+                   torch.zeros(buckets, dtype=torch.long))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # read access by the old string keys, for callers written against the dicts this replaced
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.__dataclass_fields__ else default
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the trainer, validation and the pipeline engine call (every objective here is one)."""
+
+    loss_buckets: int
+
+    def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, LossStats]:
+        """(the scalar loss to backpropagate, its statistics) for one micro-batch."""
+        ...
+
+    def eval_nll(self, model, batch: dict, generator) -> tuple[float, int]:
+        """(sum of the per-sequence NLL bound in nats, tokens it covers), deterministic given `generator`."""
+        ...
 
 
 def token_info_of(batch: dict) -> dict:
@@ -162,8 +233,8 @@ class MaskedDiffusionObjective:
         loss_buckets: int = 10,
         parameterization: str = "subs",
     ):
-        if weighting not in ("elbo", "reweighted"):
-            raise ValueError(f"unknown weighting {weighting!r}; expected elbo or reweighted")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
         self.schedule, self.sampler, self.mask_id = schedule, sampler, mask_id
         self.weighting = weighting
         self.exclude = subs_exclude(parameterization, mask_id)
@@ -181,7 +252,7 @@ class MaskedDiffusionObjective:
         correction = getattr(self.sampler, "reweighted_correction", None)
         return w if correction is None else w * correction(t)
 
-    def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
+    def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, LossStats]:
         """batch: input_ids Long[B, L], loss_mask Bool[B, L] (True = real token), optionally
         prompt_mask Bool[B, L] (module docstring) and token_info {name: [B, L] tensor} passed through
         to the masking policy."""
@@ -204,16 +275,7 @@ class MaskedDiffusionObjective:
             if hasattr(self.sampler, "observe"):  # the adaptive sampler learns q from the loss (adaptive_time.py)
                 scored = (n_real_seq > 0).cpu()
                 self.sampler.observe(t[scored], per_token[scored])
-            bucket = (t * self.loss_buckets).long().clamp(0, self.loss_buckets - 1)
-            stats = {
-                "loss": float(loss.detach()),
-                "masked_fraction": float(masked.sum() / n_real),
-                "n_tokens": int(n_real),
-                "t_bucket_loss_sum": torch.zeros(self.loss_buckets, dtype=torch.float64).index_add_(
-                    0, bucket, per_token
-                ),
-                "t_bucket_count": torch.bincount(bucket, minlength=self.loss_buckets),
-            }
+            stats = LossStats.of(loss, masked, n_real, t, per_token, self.loss_buckets)
         return loss, stats
 
     def pair_weights(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -244,16 +306,8 @@ class MaskedDiffusionObjective:
         loss = weighted.sum() / n_real
         with torch.no_grad():
             per_token = (2.0 * weighted / n_real_seq.repeat_interleave(2).clamp(min=1)).cpu().double()
-            bucket = (t2 * self.loss_buckets).long().clamp(0, self.loss_buckets - 1)
-            stats = {
-                "loss": float(loss.detach()),
-                "masked_fraction": float(masked[0::2].sum() / n_real),  # the reasoning rows' (rate r)
-                "n_tokens": int(n_real),
-                "t_bucket_loss_sum": torch.zeros(self.loss_buckets, dtype=torch.float64).index_add_(
-                    0, bucket, per_token
-                ),
-                "t_bucket_count": torch.bincount(bucket, minlength=self.loss_buckets),
-            }
+            # the masked fraction is the reasoning rows' (rate r)
+            stats = LossStats.of(loss, masked[0::2], n_real, t2, per_token, self.loss_buckets)
         return loss, stats
 
     @torch.no_grad()
@@ -296,17 +350,10 @@ class AutoregressiveObjective:
         nll = _masked_ce_per_sequence(logits[:, :-1], targets, target_real).sum()
         return nll, target_real.sum()
 
-    def training_loss(self, model, batch: dict, rng: StepRNG | None = None) -> tuple[torch.Tensor, dict]:
+    def training_loss(self, model, batch: dict, rng: StepRNG | None = None) -> tuple[torch.Tensor, LossStats]:
         nll, n = self._nll(model, batch)
         loss = nll / n.clamp(min=1)
-        stats = {
-            "loss": float(loss.detach()),
-            "masked_fraction": 0.0,
-            "n_tokens": int(n),
-            "t_bucket_loss_sum": torch.zeros(self.loss_buckets, dtype=torch.float64),
-            "t_bucket_count": torch.zeros(self.loss_buckets, dtype=torch.long),
-        }
-        return loss, stats
+        return loss, LossStats.unbucketed(loss, n, self.loss_buckets)
 
     @torch.no_grad()
     def eval_nll(self, model, batch: dict, generator: torch.Generator | None = None) -> tuple[float, int]:
@@ -318,32 +365,10 @@ def diffusion_kwargs(cfg: DiffusionConfig, mask_id: int) -> dict:
     """What every masked-diffusion objective is built from: schedule, time sampler, weighting, SUBS, eval draws."""
     return {
         "schedule": build_schedule(cfg.schedule),
-        "sampler": build_time_sampler(cfg.time_sampler, cfg.eps, cfg.bell, cfg.stratified, cfg.t_min, cfg.t_max,
-                                      cfg.adaptive),
+        "sampler": time_sampler_from_config(cfg),
         "mask_id": mask_id,
         "weighting": cfg.weighting,
         "eval_t_samples": cfg.eval_t_samples,
         "loss_buckets": cfg.loss_buckets,
         "parameterization": cfg.parameterization,
     }
-
-
-def build_objective(cfg: DiffusionConfig, variant: str, mask_id: int, jigsaw_streams: int = 1):
-    """The objective of a model variant: AutoregressiveObjective (`ar`), MaskedDiffusionObjective
-    (`mdm`, and `scatter`, whose difference is only its attention mask), BlockDiffusionObjective
-    (`block`), JigsawObjective (`jigsaw`, single- or two-stream: model.jigsaw_streams); see
-    blockwise.py. Block sizes are read from the model."""
-    from pretrain.diffusion.blockwise import BlockDiffusionObjective, JigsawObjective
-
-    if variant == "ar":
-        return AutoregressiveObjective(loss_buckets=cfg.loss_buckets)
-    if variant == "jigsaw":
-        return JigsawObjective(**diffusion_kwargs(cfg, mask_id), streams=jigsaw_streams)
-    if cfg.masking == "reverse_order":  # seed 003's blockwise reverse-order training (reverse_order.py)
-        from pretrain.diffusion.reverse_order import build_reverse_order_objective
-
-        return build_reverse_order_objective(cfg, variant, mask_id)
-    if variant in ("mdm", "scatter", "block"):
-        cls = BlockDiffusionObjective if variant == "block" else MaskedDiffusionObjective
-        return cls(**diffusion_kwargs(cfg, mask_id), masking=masking_from_config(cfg))
-    raise ValueError(f"no objective for model variant {variant!r}; expected ar, mdm, block, jigsaw or scatter")

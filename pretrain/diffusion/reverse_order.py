@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.diffusion.blockwise import _loss_stats, _masked_ce_per_token
-from pretrain.diffusion.objective import MaskedDiffusionObjective, prompt_kwargs, targets_of
+from pretrain.diffusion.blockwise import _masked_ce_per_token
+from pretrain.diffusion.masking import MaskingSpec, register_masking
+from pretrain.diffusion.objective import LossStats, MaskedDiffusionObjective, prompt_kwargs, targets_of
 from pretrain.diffusion.rng import StepRNG, eval_rng
 from pretrain.model import unwrap
 
@@ -123,7 +124,7 @@ class ReverseOrderObjective(MaskedDiffusionObjective):
         w = self.plan_weight(t, plan, importance).to(device=device, dtype=torch.float32)
         return w * ce, masked, scored
 
-    def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, dict]:
+    def training_loss(self, model, batch: dict, rng: StepRNG) -> tuple[torch.Tensor, LossStats]:
         input_ids, target = batch["input_ids"], targets_of(batch)
         t = self.sampler.sample(input_ids.shape[0], rng)  # float64, CPU
         weighted, masked, _ = self._pass(model, batch, t, rng)
@@ -132,7 +133,7 @@ class ReverseOrderObjective(MaskedDiffusionObjective):
         loss = weighted.sum() / n_real
         with torch.no_grad():
             per_token = (weighted.detach() / n_real_seq.clamp(min=1)).cpu().double()
-            stats = _loss_stats(loss, masked, n_real, t, per_token, n_real_seq.cpu() > 0, self.loss_buckets)
+            stats = LossStats.of(loss, masked, n_real, t, per_token, self.loss_buckets, keep=n_real_seq.cpu() > 0)
         return loss, stats
 
     @torch.no_grad()
@@ -151,11 +152,6 @@ class ReverseOrderObjective(MaskedDiffusionObjective):
         return float(total.sum() / K), int(target.sum())
 
 
-def build_reverse_order_objective(cfg, variant: str, mask_id: int) -> ReverseOrderObjective:
-    """The objective for `diffusion.masking: reverse_order` (mdm only: config validation says so)."""
-    from pretrain.diffusion.objective import diffusion_kwargs
-
-    if variant != "mdm":
-        raise ValueError(f"diffusion.masking=reverse_order needs model.variant=mdm (got {variant!r}): the "
-                         "blockwise variants have their own block orders")
-    return ReverseOrderObjective(**diffusion_kwargs(cfg, mask_id))
+# `diffusion.masking: reverse_order`: the policy changes the loss too, so it brings its objective
+# (which variants may use it: pretrain/variants.py, mdm only)
+register_masking(MaskingSpec("reverse_order", lambda cfg: ReverseOrderMasking(0), objective=ReverseOrderObjective))

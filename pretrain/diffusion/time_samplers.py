@@ -61,16 +61,38 @@ Samplers
   training emphasis; `reweighted` (plain w(t), no importance correction) is the training
   surrogate that does that, while `elbo` keeps the NELBO unbiased. Both are available; which one the
   paper uses is unverified.
+
+Registry: `TIME_SAMPLERS` maps each `diffusion.time_sampler` name to a `TimeSamplerSpec` (its builder
+from the diffusion config, and whether the config validator checks `elbo`'s weight variance); the
+config's allowed values are its keys. A new sampler is one `@register_time_sampler("name")` builder in
+its own module, imported by pretrain/diffusion/__init__.py (which every import of this package runs,
+so the registry is complete before any config is validated). `BELL_FAMILIES` does the same for
+`diffusion.bell.family`, and `BellConfig` (re-exported by pretrain.config) holds the bell's defaults.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from pretrain.diffusion.rng import StepRNG
+
+
+@dataclass
+class BellConfig:
+    """Shape of the bell-shaped time density (seed 001): t concentrated away from 0 and 1.
+    `diffusion.bell` in the config; the one place the bell's defaults are written."""
+
+    family: str = "logit_normal"  # logit_normal | beta (BELL_FAMILIES)
+    mu: float = 0.0  # logit_normal location (0 centres the bell at t = 0.5)
+    sigma: float = 1.0  # logit_normal scale
+    a: float = 2.0  # beta shape a
+    b: float = 2.0  # beta shape b
 
 
 def stratified_uniforms(n_local: int, rng: StepRNG) -> torch.Tensor:
@@ -146,7 +168,7 @@ class LogitNormalBellSampler(TimeSampler):
 
     name = "bell"
 
-    def __init__(self, eps: float, mu: float = 0.0, sigma: float = 1.0, stratified: bool = False,
+    def __init__(self, eps: float, mu: float = BellConfig.mu, sigma: float = BellConfig.sigma, stratified: bool = False,
                  t_min: float = 0.0, t_max: float = 1.0):
         super().__init__(eps, stratified, t_min, t_max)
         self.mu, self.sigma = mu, sigma
@@ -223,7 +245,7 @@ class BetaBellSampler(TimeSampler):
     name = "bell"
     _TABLE = 16385
 
-    def __init__(self, eps: float, a: float = 2.0, b: float = 2.0, stratified: bool = False,
+    def __init__(self, eps: float, a: float = BellConfig.a, b: float = BellConfig.b, stratified: bool = False,
                  t_min: float = 0.0, t_max: float = 1.0):
         super().__init__(eps, stratified, t_min, t_max)
         self.a, self.b = a, b
@@ -286,28 +308,80 @@ def elbo_variance_ratio(schedule, sampler: TimeSampler, n: int = 200_000) -> flo
     return float(num / den)
 
 
-def build_time_sampler(name: str, eps: float, bell=None, stratified: bool = False, t_min: float = 0.0,
-                       t_max: float = 1.0, adaptive=None) -> TimeSampler:
-    """`bell` is a config.BellConfig (family, mu, sigma, a, b); used only when name == "bell".
-    `adaptive` is a config.AdaptiveConfig; used only when name == "adaptive" (adaptive_time.py).
+# --------------------------------------------------------------------------------------------
+# Registries: the config's allowed `diffusion.time_sampler` and `diffusion.bell.family` values
+# --------------------------------------------------------------------------------------------
+
+# builder(eps, stratified, t_min, t_max, options) -> TimeSampler; `options` is the diffusion config
+# (config.DiffusionConfig) or any object with the sampler's own settings (`bell` for the bell).
+TimeSamplerBuilder = Callable[[float, bool, float, float, Any], TimeSampler]
+
+
+@dataclass(frozen=True)
+class TimeSamplerSpec:
+    name: str
+    build: TimeSamplerBuilder
+    # the config validator refuses `elbo` when the importance weights' variance exceeds
+    # ELBO_VARIANCE_LIMIT x uniform t's (elbo_variance_ratio): for densities that may vanish at an end
+    check_elbo_variance: bool = False
+
+
+TIME_SAMPLERS: dict[str, TimeSamplerSpec] = {}
+BELL_FAMILIES: dict[str, Callable[[float, BellConfig, bool, float, float], TimeSampler]] = {
+    "logit_normal": lambda eps, bell, stratified, t_min, t_max: LogitNormalBellSampler(
+        eps, mu=bell.mu, sigma=bell.sigma, stratified=stratified, t_min=t_min, t_max=t_max),
+    "beta": lambda eps, bell, stratified, t_min, t_max: BetaBellSampler(
+        eps, a=bell.a, b=bell.b, stratified=stratified, t_min=t_min, t_max=t_max),
+}
+
+
+def register_time_sampler(name: str, check_elbo_variance: bool = False):
+    """Decorator: register `builder(eps, stratified, t_min, t_max, options)` as time sampler `name`."""
+
+    def register(build: TimeSamplerBuilder) -> TimeSamplerBuilder:
+        if name in TIME_SAMPLERS:
+            raise ValueError(f"time sampler {name!r} is already registered")
+        TIME_SAMPLERS[name] = TimeSamplerSpec(name, build, check_elbo_variance)
+        return build
+
+    return register
+
+
+@register_time_sampler("uniform")
+def _uniform(eps, stratified, t_min, t_max, options):
+    return UniformSampler(eps, stratified, t_min=t_min, t_max=t_max)
+
+
+@register_time_sampler("antithetic")
+def _antithetic(eps, stratified, t_min, t_max, options):
+    return AntitheticSampler(eps, t_min=t_min, t_max=t_max)
+
+
+@register_time_sampler("bell", check_elbo_variance=True)
+def _bell(eps, stratified, t_min, t_max, options):
+    bell = getattr(options, "bell", None) or BellConfig()
+    if bell.family not in BELL_FAMILIES:
+        raise ValueError(f"unknown bell family {bell.family!r}; expected one of {', '.join(BELL_FAMILIES)}")
+    return BELL_FAMILIES[bell.family](eps, bell, stratified, t_min, t_max)
+
+
+@dataclass
+class _Options:
+    bell: BellConfig | None = None
+
+
+def build_time_sampler(name: str, eps: float, bell: BellConfig | None = None, stratified: bool = False,
+                       t_min: float = 0.0, t_max: float = 1.0, options: Any = None) -> TimeSampler:
+    """The registered sampler `name`. `bell`: a BellConfig (family, mu, sigma, a, b), read by `bell`
+    only; `options`: the whole diffusion config instead (what other samplers read their settings from).
     `stratified`: draw by the inverse CDF of globally stratified uniforms (`antithetic` always is).
     t_min/t_max truncate the sampler to [max(eps, t_min), t_max] (module docstring)."""
-    clip = {"t_min": t_min, "t_max": t_max}
-    if name == "uniform":
-        return UniformSampler(eps, stratified, **clip)
-    if name == "antithetic":
-        return AntitheticSampler(eps, **clip)
-    if name == "bell":
-        family = getattr(bell, "family", "logit_normal")
-        if family == "logit_normal":
-            return LogitNormalBellSampler(eps, mu=getattr(bell, "mu", 0.0), sigma=getattr(bell, "sigma", 1.0),
-                                          stratified=stratified, **clip)
-        if family == "beta":
-            return BetaBellSampler(eps, a=getattr(bell, "a", 2.0), b=getattr(bell, "b", 2.0), stratified=stratified,
-                                   **clip)
-        raise ValueError(f"unknown bell family {family!r}; expected logit_normal or beta")
-    if name == "adaptive":  # ours: q learned online from the loss (adaptive_time.py)
-        from pretrain.diffusion.adaptive_time import AdaptiveTimeSampler
+    if name not in TIME_SAMPLERS:
+        raise ValueError(f"unknown time sampler {name!r}; expected one of {', '.join(TIME_SAMPLERS)}")
+    return TIME_SAMPLERS[name].build(eps, stratified, t_min, t_max, options if options is not None else _Options(bell))
 
-        return AdaptiveTimeSampler.from_config(eps, adaptive, stratified, **clip)
-    raise ValueError(f"unknown time sampler {name!r}; expected uniform, antithetic, bell or adaptive")
+
+def time_sampler_from_config(cfg) -> TimeSampler:
+    """The training time sampler of a config.DiffusionConfig."""
+    return build_time_sampler(cfg.time_sampler, cfg.eps, stratified=cfg.stratified, t_min=cfg.t_min,
+                              t_max=cfg.t_max, options=cfg)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from pretrain.config import ConfigError, ModelConfig
+from typing import TYPE_CHECKING
+
+from data_pipeline.config_file import ConfigError
 from pretrain.model.attention_masks import attention_mask, base_mask
 from pretrain.model.kv_cache import KVCache, cache_support
 from pretrain.model.transformer import DiffusionTransformer
+
+if TYPE_CHECKING:  # annotations only: the config sits above the model (it reads the variant table)
+    from pretrain.config import ModelConfig
 
 __all__ = ["DiffusionTransformer", "KVCache", "attention_mask", "base_mask", "build_model", "cache_support", "unwrap"]
 

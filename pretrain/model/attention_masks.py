@@ -142,36 +142,39 @@ def jigsaw_mask(masked_blocks: torch.Tensor, seq_len: int, block_size: int,
     return (~masked[:, None, :] | intra)[:, None]
 
 
-def _causal(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
+def causal_mask(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
 
 
-def _bidirectional(seq_len: int, block_size: int, device: torch.device) -> None:
+def bidirectional_mask(seq_len: int, block_size: int, device: torch.device) -> None:
     return None
 
 
-def _block_causal(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
+def block_causal_mask(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
     _, blk, _ = _index(seq_len, block_size, device)
     return blk[None, :] <= blk[:, None]
 
 
-def _offset_causal(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
+def offset_causal_mask(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
     _, _, off = _index(seq_len, block_size, device)
     return off[None, :] <= off[:, None]
 
 
-def _block_diagonal_causal(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
+def block_diagonal_causal_mask(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
     pos, blk, _ = _index(seq_len, block_size, device)
     return (blk[None, :] == blk[:, None]) & (pos[None, :] <= pos[:, None])
 
 
-# variant -> builder of its single-stream [L, L] base mask (None = all-to-all)
+# variant -> builder of its single-stream [L, L] base mask (None = all-to-all). The variant table
+# (pretrain/variants.py) names the same builders, and its register_variant installs a new variant's
+# here (the model cannot import the table: the table imports the model; test_variant_registry.py
+# checks that the two agree).
 BASE_MASKS: dict[str, Callable[[int, int, torch.device], torch.Tensor | None]] = {
-    "ar": _causal,
-    "mdm": _bidirectional,
-    "block": _block_causal,
-    "scatter": _offset_causal,
-    "jigsaw": _block_diagonal_causal,
+    "ar": causal_mask,
+    "mdm": bidirectional_mask,
+    "block": block_causal_mask,
+    "scatter": offset_causal_mask,
+    "jigsaw": block_diagonal_causal_mask,
 }
 
 # Variants whose base mask is exactly causal: without padding SDPA's `is_causal=True` replaces it.

@@ -44,7 +44,9 @@ import torch
 
 from pretrain.model.attention_masks import base_mask
 
-CACHEABLE_VARIANTS = frozenset({"ar", "block"})
+# the variants a clean-prefix cache is exact for (pretrain/variants.py's register_variant adds a new
+# variant whose entry says kv_cache=True)
+CACHEABLE_VARIANTS = {"ar", "block"}
 
 
 def cache_support(variant: str, block_size: int, time_conditioning: bool) -> str | None:

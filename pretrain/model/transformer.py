@@ -30,14 +30,17 @@ column-sharded qkv holds whole heads and the attention code runs unchanged on ea
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import ModelConfig
 from pretrain.model.attention_masks import attention_mask, block_len, is_two_stream, two_stream_mask
 from pretrain.model.kv_cache import KVCache, LayerKV, cache_support, cached_attention_mask
+
+if TYPE_CHECKING:  # annotations only: the config sits above the model (it reads the variant table)
+    from pretrain.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks

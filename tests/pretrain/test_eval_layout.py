@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from pretrain.config import DiffusionConfig, ModelConfig
-from pretrain.diffusion import build_objective
 from pretrain.diffusion.rng import SampleRNG
 from pretrain.evaluate import validation_nll
 from pretrain.model import build_model
+from pretrain.variants import build_objective
 
 V, L, MASK, N = 16, 16, 15, 8
 

@@ -12,11 +12,11 @@ from pretrain.diffusion import (
     AutoregressiveObjective,
     BetaBellSampler,
     MaskedDiffusionObjective,
-    build_objective,
     build_schedule,
     step_rng,
 )
 from pretrain.model import build_model
+from pretrain.variants import build_objective
 
 V, L, MASK = 16, 16, 15  # token ids 0..14, mask id 15
 

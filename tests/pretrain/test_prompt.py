@@ -12,7 +12,7 @@ from data_pipeline.stream import prompt_mask_of, prompt_separator_id
 from data_pipeline.tasks import get_task
 from data_pipeline.tokenizer import make_tokenizer
 from pretrain.config import ConfigError, DiffusionConfig, ModelConfig, load_config
-from pretrain.diffusion import build_objective, step_rng
+from pretrain.diffusion import step_rng
 from pretrain.model import build_model
 from pretrain.model.attention_masks import (
     attention_mask,
@@ -21,6 +21,7 @@ from pretrain.model.attention_masks import (
     two_stream_mask,
 )
 from pretrain.sample import SamplerConfig, generate
+from pretrain.variants import build_objective
 
 V, MASK = 12, 3
 

@@ -7,9 +7,10 @@ import dataclasses
 import torch
 
 from pretrain.config import DiffusionConfig, ModelConfig
-from pretrain.diffusion import build_objective, step_rng
+from pretrain.diffusion import step_rng
 from pretrain.evaluate import validation_nll
 from pretrain.model import build_model
+from pretrain.variants import build_objective
 
 V, L, MASK = 20, 24, 19
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, DiffusionConfig, ModelConfig, load_config
-from pretrain.diffusion import build_objective, step_rng
+from pretrain.diffusion import step_rng
 from pretrain.diffusion.masking import UniformMasking
 from pretrain.diffusion.objective import MaskedDiffusionObjective
 from pretrain.diffusion.reverse_order import ReverseOrderMasking, ReverseOrderObjective
 from pretrain.diffusion.rng import single
 from pretrain.model import build_model
+from pretrain.variants import build_objective
 
 MASK, V, L = 3, 12, 16
 

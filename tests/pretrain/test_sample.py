@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from pretrain.config import DiffusionConfig, ModelConfig
-from pretrain.diffusion import build_objective, step_rng
+from pretrain.diffusion import step_rng
 from pretrain.model import build_model
 from pretrain.sample import (
-    COMPATIBLE,
     SamplerConfig,
     draw,
     filter_logits,
@@ -20,6 +19,9 @@ from pretrain.sample import (
     transfer_counts,
     unigram_entropy,
 )
+from pretrain.variants import VARIANTS, build_objective
+
+COMPATIBLE = {variant: spec.samplers for variant, spec in VARIANTS.items()}  # the samplers each variant declares
 
 MASK, L, V, BL = 3, 16, 12, 4
 SEQ = torch.tensor([1, 4, 7, 5, 9, 11, 6, 4, 8, 10, 5, 7, 11, 9, 6, 2])  # [BOS] 14 symbols [EOS]

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from pretrain.config import DiffusionConfig, ModelConfig, load_config
-from pretrain.diffusion import build_objective, step_rng
+from pretrain.diffusion import step_rng
 from pretrain.diffusion.objective import subs_log_probs
 from pretrain.model import build_model
-from pretrain.sample import COMPATIBLE, SamplerConfig, generate
+from pretrain.sample import SamplerConfig, generate
+from pretrain.variants import VARIANTS, build_objective
 
 V, L, MASK, BL = 12, 16, 11, 4
 
@@ -153,7 +154,7 @@ class MaskLover(nn.Module):
         return out
 
 
-CASES = [(v, s) for v, names in COMPATIBLE.items() if v != "ar" for s in names]
+CASES = [(v, s) for v, spec in VARIANTS.items() if v != "ar" for s in spec.samplers]
 
 
 @pytest.mark.parametrize(("variant", "sampler"), CASES)

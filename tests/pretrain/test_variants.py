@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pretrain.config import ConfigError, DiffusionConfig, ModelConfig, load_config
-from pretrain.diffusion import BlockDiffusionObjective, JigsawObjective, build_objective, step_rng
+from pretrain.diffusion import BlockDiffusionObjective, JigsawObjective, step_rng
 from pretrain.model import build_model
 from pretrain.model.attention_masks import (
     attention_mask,
@@ -18,6 +18,7 @@ from pretrain.model.attention_masks import (
     jigsaw_two_stream_mask,
     two_stream_mask,
 )
+from pretrain.variants import build_objective
 
 V, L, MASK = 16, 16, 15
 VARIANTS = ("ar", "mdm", "block", "jigsaw", "scatter")
