@@ -17,6 +17,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # inductor compiles the forward, backward and eval graphs: ~40 s of CPU even for this model
 def test_compiled_training_matches_eager(tmp_path):
     shards = f"data.shard_dir={tmp_path / 'shards'}"
     runs = {}
