@@ -117,7 +117,8 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "test"  # HF split for validation; local/task sources hold out val_fraction
     val_fraction: float = 0.01  # share of local documents held out (by a hash of the document id)
-    # task (the task's own symbol vocabulary) | sentencepiece (trained on the source at build time)
+    # task (the task's own symbol vocabulary) | char (one id per character of a text source)
+    # | sentencepiece (trained on the source at build time)
     # | sentencepiece:PATH.model | hf:NAME (a Hugging Face tokenizer, e.g. hf:bert-base-uncased)
     tokenizer: str = "task"
     vocab_size: int = 8192  # sentencepiece: the trained size, or what a given .model must have

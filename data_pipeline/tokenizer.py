@@ -1,4 +1,4 @@
-"""Tokenizers: a character vocabulary for tasks, sentencepiece for text, Hugging Face by name.
+"""Tokenizers: a character vocabulary for tasks and character-level text, sentencepiece for text, Hugging Face by name.
 
 Every kind exposes the same small surface (`encode`, `encode_batch`, `decode`, `vocab_size`,
 `pad_id/bos_id/eos_id/mask_id`, `fingerprint`, `save`) so the shard builder and the trainer never
@@ -344,6 +344,17 @@ def make_tokenizer(cfg: DataConfig, documents_sample: Iterable[Document] | None 
         from data_pipeline.tasks import get_task
 
         return CharTokenizer(get_task(cfg.source.removeprefix("task:")).symbols)
+    if spec == "char":
+        # character-level text (issue 22): one id per character of the source. The alphabet is
+        # read from both splits, so a character seen only in the held-out lines still encodes
+        # (char-rnn's convention); it leaks nothing but which characters exist.
+        from data_pipeline.sources import SPLITS, iter_documents
+
+        chars: set[str] = set()
+        for split in SPLITS:
+            for doc in iter_documents(cfg, split):
+                chars.update(doc.text)
+        return CharTokenizer("".join(sorted(chars)))
     if spec == "sentencepiece":
         if cfg.tokenizer_model_type not in SP_MODEL_TYPES:
             raise TokenizerError(f"data.tokenizer_model_type={cfg.tokenizer_model_type!r}: "
@@ -364,7 +375,7 @@ def make_tokenizer(cfg: DataConfig, documents_sample: Iterable[Document] | None 
     if spec.startswith("hf:"):
         return HFTokenizer(spec.removeprefix("hf:"))
     raise TokenizerError(
-        f"data.tokenizer={spec!r}: expected task, sentencepiece, sentencepiece:PATH.model or hf:NAME"
+        f"data.tokenizer={spec!r}: expected task, char, sentencepiece, sentencepiece:PATH.model or hf:NAME"
     )
 
 

@@ -4,6 +4,7 @@
     python -m pretrain.compare --experiment lm1b --tag time_sampler=bell --tag time_sampler=uniform
     python -m pretrain.compare --runs RUN_ID RUN_ID --baseline RUN_ID --out reports/bell_vs_uniform
     python -m pretrain.compare --experiment repro_bell --headline time_sampler=uniform:bell   # per-seed ratio
+    python -m pretrain.compare --experiment seed001_char --headline --unigram-config configs/repro/char_bell.yaml
 
 The headline column is "tokens to reach the baseline's final validation NLL" and its ratio to the
 baseline's own tokens (seed 001 claims bell-shaped time sampling gets there ~4x sooner than
@@ -16,6 +17,13 @@ for each pair, the tokens TREAT needs to reach BASE's final validation NLL, and 
 TREAT is faster): BASE's tokens to first reach that NLL / TREAT's (conservative when BASE's curve
 has flattened out), and BASE's whole budget / TREAT's (the paper's "same NLL, N x fewer steps");
 then the mean and spread over seeds. A TREAT run that never gets there gives upper bounds.
+
+`--headline` alone answers it for every arm of a sweep (bench/seed001_sweep.py): an arm is the
+config `name` a run was launched with, at one train.lr; each arm is paired by seed with the
+`--baseline-arm` (uniform) at the same lr. Per arm: tokens to reach the baseline's final NLL, the
+speedup's geometric mean with a t-interval over seeds, the final-NLL difference with its
+t-interval, the learning-rate sensitivity, and a plot of the mean curves with the unigram
+(`--unigram-config`) and AR references.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
+ARMS = "arms"  # `--headline` given without a value
 
 # Config keys that never explain a difference between runs (where and how a run was launched).
 _IGNORED_PARAM_PREFIXES = ("launch.", "tracking.", "name", "data.shard_dir")
@@ -267,6 +276,179 @@ def format_headline(h: Headline) -> str:
     return "\n".join(lines + ["", summary])
 
 
+# --------------------------------------------------------------------------------------------
+# `--headline` without a value: every arm of a sweep (bench/seed001_sweep.py) against the baseline
+# arm, over seeds, with confidence intervals. An arm is the `name` a run was launched with
+# (`--set name=bell`) at one learning rate (train.lr); runs pair with the baseline arm's run of the
+# same seed and learning rate.
+# --------------------------------------------------------------------------------------------
+
+
+def t_interval(x: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student's t confidence interval of the mean of `x` (NaN bounds for one value)."""
+    from scipy import stats
+
+    x = np.asarray(x, dtype=float)
+    mean = float(x.mean()) if len(x) else math.nan
+    if len(x) < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return mean, mean - half, mean + half
+
+
+def arm_of(r: RunRecord) -> tuple[str, str]:
+    """(arm, learning rate) of a run: the name it was launched with and its train.lr."""
+    return r.params.get("name", r.name), r.params.get("train.lr", "?")
+
+
+def arm_headline(records: list[RunRecord], baseline: str = "uniform", confidence: float = 0.95) -> list[dict]:
+    """One row per (arm, lr) of the masked-diffusion runs, the baseline arm's included.
+
+    Per seed: target = the baseline run's final validation NLL (same seed and lr); tokens = where
+    the arm's validation curve first reaches it (linear interpolation between evaluations; the
+    baseline's own row gives where the baseline first got there); ratio = the baseline's tokens /
+    the arm's (> 1: the arm is faster). Across seeds: the ratio's geometric mean with a t-interval
+    on log(ratio) (seeds whose arm never reached the target are counted, and left out of the
+    interval: their ratio is only an upper bound), and the final-NLL difference (arm - baseline)
+    with its t-interval."""
+    groups: dict[tuple[str, str], dict[str, RunRecord]] = {}
+    for r in records:
+        if r.params.get("model.variant") == "ar" or not len(r.val_nll):
+            continue
+        groups.setdefault(arm_of(r), {}).setdefault(r.params.get("seed", "?"), r)
+    rows = []
+    for (arm, lr), runs in sorted(groups.items(), key=lambda kv: (kv[0][0] != baseline, kv[0][0], kv[0][1])):
+        base = groups.get((baseline, lr))
+        if base is None:
+            continue
+        seeds = sorted(set(runs) & set(base), key=lambda s: (len(s), s))
+        if not seeds:
+            continue
+        ratios, diffs, tokens, never = [], [], [], 0
+        for seed in seeds:
+            b, a = base[seed], runs[seed]
+            target = b.final_nll
+            b_tokens = tokens_to_reach(b.val_tokens, b.val_nll, target)
+            a_tokens = tokens_to_reach(a.val_tokens, a.val_nll, target)
+            diffs.append(a.final_nll - b.final_nll)
+            if math.isnan(a_tokens):
+                never += 1
+                continue
+            tokens.append(a_tokens)
+            ratios.append(b_tokens / a_tokens)
+        log_mean, log_lo, log_hi = t_interval(np.log(ratios), confidence) if ratios else (math.nan,) * 3
+        d_mean, d_lo, d_hi = t_interval(np.array(diffs), confidence)
+        rows.append({
+            "arm": arm, "lr": lr, "seeds": len(seeds), "never_reached": never,
+            "tokens_to_target": float(np.mean(tokens)) if tokens else math.nan,
+            "ratio": math.exp(log_mean), "ratio_lo": math.exp(log_lo), "ratio_hi": math.exp(log_hi),
+            "ratios": ratios, "final_nll": float(np.mean([runs[s].final_nll for s in seeds])),
+            "diff": d_mean, "diff_lo": d_lo, "diff_hi": d_hi, "baseline": arm == baseline,
+        })
+    if not rows:
+        raise ValueError(f"--headline: no masked-diffusion run shares a seed and train.lr with a run named {baseline!r} "
+                         f"(runs are grouped by their config `name`, e.g. --set name={baseline})")
+    return rows
+
+
+def format_arm_headline(rows: list[dict], baseline: str = "uniform", confidence: float = 0.95,
+                        references: dict[str, float] | None = None) -> str:
+    """Markdown: the arms table, then the learning-rate sensitivity of the arms run at several lrs."""
+    pct = f"{confidence:.0%}"
+
+    def f(x: float, spec: str) -> str:
+        return "-" if x is None or math.isnan(x) else format(x, spec)
+
+    def line(r: dict) -> str:
+        never = f" ({r['never_reached']} never reached)" if r["never_reached"] else ""
+        return (f"| {r['arm']} | {r['lr']} | {r['seeds']}{never} | {f(r['final_nll'], '.4f')} | "
+                f"{f(r['tokens_to_target'], ',.0f')} | {f(r['ratio'], '.2f')}x | "
+                f"[{f(r['ratio_lo'], '.2f')}, {f(r['ratio_hi'], '.2f')}] | {f(r['diff'], '+.4f')} | "
+                f"[{f(r['diff_lo'], '+.4f')}, {f(r['diff_hi'], '+.4f')}] |")
+
+    head = (f"| arm | lr | seeds | final NLL (mean) | tokens to {baseline}'s final NLL | speedup vs {baseline} "
+            f"(geo. mean) | {pct} CI | final NLL - {baseline} | {pct} CI |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head] + [line(r) for r in rows]
+    by_arm: dict[str, list[dict]] = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"], []).append(r)
+    multi = [r for arm_rows in by_arm.values() if len(arm_rows) > 1 for r in arm_rows]
+    if multi:
+        lines += ["", f"Learning-rate sensitivity (each lr against {baseline} at the same lr):", "", head]
+        lines += [line(r) for r in sorted(multi, key=lambda r: (r["arm"], float(r["lr"]) if r["lr"] != "?" else 0))]
+    if references:
+        lines += ["", "References: " + ", ".join(f"{k} {v:.4f}" for k, v in references.items())]
+    return "\n".join(lines)
+
+
+def unigram_nll(config: str | Path) -> float:
+    """Cross-entropy (nats/token) of the held-out split under the training split's token frequencies
+    (add-one smoothed): what a model that ignores context can reach. Counts every token of the
+    shards' documents (the separators the packed rows add are not counted: an approximation)."""
+    from data_pipeline.build import ensure_shards
+    from data_pipeline.shards import open_split
+    from pretrain.config import load_config
+
+    info = ensure_shards(load_config(config).data, progress=False)
+    counts = np.ones(info.vocab_size)
+    for doc in open_split(info.shard_dir / "train").iter_documents():
+        counts += np.bincount(doc, minlength=info.vocab_size)
+    logp = np.log(counts / counts.sum())
+    val = np.zeros(info.vocab_size)
+    for doc in open_split(info.shard_dir / "val").iter_documents():
+        val += np.bincount(doc, minlength=info.vocab_size)
+    return float(-(val * logp).sum() / val.sum())
+
+
+def plot_arms(records: list[RunRecord], rows: list[dict], out_dir: Path,
+              references: dict[str, float] | None = None) -> Path:
+    """Validation NLL vs tokens: each arm's mean over seeds (band: min-max), AR runs dashed, and the
+    references (unigram, AR final) as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    palette = plt.get_cmap("tab10").colors
+    wanted = {(r["arm"], r["lr"]) for r in rows}
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        key = arm_of(r)
+        if key in wanted or r.params.get("model.variant") == "ar":
+            groups.setdefault(key, []).append(r)
+    for i, ((arm, lr), runs) in enumerate(sorted(groups.items())):
+        n = min(len(r.val_nll) for r in runs)
+        if n == 0:
+            continue
+        x = runs[0].val_tokens[:n]
+        y = np.stack([r.val_nll[:n] for r in runs])
+        ar = runs[0].params.get("model.variant") == "ar"
+        colour = "black" if ar else palette[i % len(palette)]
+        ax.plot(x, y.mean(0), color=colour, linestyle="--" if ar else "-", linewidth=1.6,
+                label=f"{arm} lr {lr} ({len(runs)} seeds)")
+        if len(runs) > 1:
+            ax.fill_between(x, y.min(0), y.max(0), color=colour, alpha=0.15)
+    for j, (name, value) in enumerate((references or {}).items()):
+        ax.axhline(value, color="grey", linestyle=":" if j else "-.", linewidth=1, label=f"{name} {value:.3f}")
+    lows = [float(np.nanmin(r.val_nll)) for rs in groups.values() for r in rs if len(r.val_nll)]
+    highs = [float(r.val_nll[1]) for rs in groups.values() for r in rs if len(r.val_nll) > 1]
+    if lows and highs:
+        lo, hi = min(lows + list((references or {}).values())), max(highs + list((references or {}).values()))
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("validation NLL (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("validation NLL vs tokens: mean over seeds (band: min-max)")
+    fig.tight_layout()
+    path = out_dir / "headline_arms.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def format_table(c: Comparison, markdown: bool = False) -> str:
     head = ["run", "label", "final NLL", "best NLL", "tokens", f"tokens to NLL {c.target_nll:.4f}",
             "speedup", "tokens/s", "wall s"]
@@ -369,9 +551,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", help="run name or id the others are compared to, or KEY=VALUE: the first run with "
                                       "that tag or config value, e.g. time_sampler=uniform (default: the first run)")
     p.add_argument("--target-nll", type=float, help="NLL target (default: the baseline's final validation NLL)")
-    p.add_argument("--headline", metavar="KEY=BASE:TREAT",
+    p.add_argument("--headline", metavar="KEY=BASE:TREAT", nargs="?", const=ARMS,
                    help="per seed, the tokens TREAT needs to reach BASE's final NLL and the speedup, with its "
-                        "mean and spread over seeds, e.g. time_sampler=uniform:bell (KEY: a tag or config key)")
+                        "mean and spread over seeds, e.g. time_sampler=uniform:bell (KEY: a tag or config key). "
+                        "Without a value: every arm (config `name` x train.lr) against --baseline-arm, with "
+                        "confidence intervals over seeds and the learning-rate sensitivity (bench/seed001_sweep.py)")
+    p.add_argument("--baseline-arm", default="uniform", help="the arm --headline compares to (default uniform)")
+    p.add_argument("--confidence", type=float, default=0.95, help="of the --headline intervals (default 0.95)")
+    p.add_argument("--unigram-config", metavar="RECIPE",
+                   help="add the unigram reference NLL of this recipe's shards to the --headline table and plot")
     p.add_argument("--out", default="reports/compare", help="folder for the PNG plots and report.md")
     p.add_argument("--attach", action="store_true",
                    help="also attach the plots and report to every compared run in MLflow (artifact folder compare/)")
@@ -381,7 +569,16 @@ def main(argv: list[str] | None = None) -> int:
         records = load_runs(args.uri, args.experiment, args.runs, args.tag)
         c = compare(records, args.baseline, args.target_nll)
         head = None
-        if args.headline:
+        arm_rows: list[dict] | None = None
+        references: dict[str, float] = {}
+        if args.headline == ARMS:
+            arm_rows = arm_headline(records, args.baseline_arm, args.confidence)
+            if args.unigram_config:
+                references["unigram"] = unigram_nll(args.unigram_config)
+            ar = [r.final_nll for r in records if r.params.get("model.variant") == "ar" and len(r.val_nll)]
+            if ar:
+                references["AR (mean final)"] = float(np.mean(ar))
+        elif args.headline:
             key, _, pair = args.headline.partition("=")
             base, _, treat = pair.partition(":")
             if not (key and base and treat):
@@ -392,7 +589,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     plots = plot(c, out)
+    if arm_rows is not None:
+        plots.insert(0, plot_arms(records, arm_rows, out, references))
     report = write_report(c, plots, out, head)
+    if arm_rows is not None:
+        arms_text = format_arm_headline(arm_rows, args.baseline_arm, args.confidence, references)
+        report.write_text(report.read_text().replace(
+            "# Run comparison\n", f"# Run comparison\n\n## Headline: every arm vs {args.baseline_arm}\n\n{arms_text}\n", 1))
     if args.attach:
         from mlflow.tracking import MlflowClient
 
@@ -403,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(c))
     if head is not None:
         print("\n" + format_headline(head))
+    if arm_rows is not None:
+        print("\n" + format_arm_headline(arm_rows, args.baseline_arm, args.confidence, references))
     print(f"\nplots: {', '.join(str(p) for p in plots)}\nreport: {report}")
     return 0
 

@@ -138,6 +138,9 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     peak_tflops: float = 0.0  # one device's peak TFLOP/s for MFU; 0 = from pretrain/throughput.py's table
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
+    # torch.compile the model (inductor: C++ on CPU, Triton on GPU): fused kernels, the same maths.
+    # The first steps pay the compilation (tens of seconds on CPU); bench/bench_compile.py measures it.
+    compile: bool = False
 
 
 @dataclass
@@ -342,6 +345,8 @@ def validate(cfg: Config) -> None:
     need(cfg.tracking.log_samples >= 0, "tracking.log_samples", "must be >= 0 (0 = off)")
     need(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = the device's from the table)")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(not t.compile or (p.tp == 1 and p.pp == 1), "train.compile",
+         "works with parallel.tp=1 and parallel.pp=1 only (the tensor- and pipeline-parallel wrappers are not compiled)")
     need(0.0 <= t.ema < 1.0, "train.ema", "must be in [0, 1) (0 = off; MDLM uses 0.9999)")
     need(t.ema == 0.0 or p.zero_stage != 3, "train.ema",
          "must be 0 with parallel.zero_stage=3: ZeRO-3 partitions the weights the average is taken of")
@@ -430,14 +435,17 @@ def flatten(cfg: Config) -> dict[str, Any]:
 # hash, so `--set train.steps=...` larger extends the same run (launch resumes it and says so).
 RUN_LENGTH_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
                    "train.keep_checkpoints", "train.max_nonfinite_steps")
+# How fast a run computes, not what: also left out of the hash, so a compiled run resumes an eager one.
+SPEED_KEYS = ("train.compile",)
 
 
 def config_hash(cfg: Config, length: int = 8) -> str:
-    """Short stable hash of what the run computes (launch/tracking settings and RUN_LENGTH_KEYS excluded)."""
+    """Short stable hash of what the run computes (launch/tracking settings, RUN_LENGTH_KEYS and SPEED_KEYS
+    excluded)."""
     d = to_dict(cfg)
     for section in ("launch", "tracking"):
         d.pop(section)
-    for key in RUN_LENGTH_KEYS:
+    for key in RUN_LENGTH_KEYS + SPEED_KEYS:
         section, name = key.split(".")
         d[section].pop(name)
     blob = json.dumps(d, sort_keys=True).encode()

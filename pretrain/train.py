@@ -149,6 +149,8 @@ class Trainer:
                 model.load_state_dict(consolidated_state_dict(self.portable))
             except RuntimeError as e:
                 raise ckpt.CheckpointError(f"checkpoint {self.portable} does not fit this model: {e}") from None
+        if cfg.train.compile:  # in place: parameter names and checkpoints stay those of the plain model
+            model.compile()
         if topology.tp_size > 1:
             from parallel.tensor_parallel import apply_tensor_parallel
 

@@ -43,6 +43,20 @@ def test_char_tokenizer_round_trip_and_specials(tmp_path):
     assert CharTokenizer("ab").fingerprint != CharTokenizer("ba").fingerprint
 
 
+def test_char_tokenizer_for_text_takes_the_alphabet_of_both_splits(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    lines = [f"line {i}: to be or not {i % 7}" for i in range(200)] + ["Zebra quïz!"]
+    corpus.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source=str(corpus), tokenizer="char", txt_documents="line", val_fraction=0.2)
+    tok = make_tokenizer(cfg)
+    assert isinstance(tok, CharTokenizer)
+    assert tok.symbols == "".join(sorted(set("".join(lines))))
+    assert tok.vocab_size == 4 + len(tok.symbols)
+    for text in lines:  # whichever split a line fell in, it encodes, one id per character
+        ids = tok.encode(text)
+        assert len(ids) == len(text) and min(ids) >= 4 and tok.decode(ids) == text
+
+
 def test_sentencepiece_trains_round_trips_and_saves(tmp_path):
     lines = _corpus()
     cfg = DataConfig(source=str(SHAKESPEARE), tokenizer="sentencepiece", vocab_size=600)
@@ -78,7 +92,7 @@ def test_tokenizer_errors_say_what_to_do(tmp_path):
         make_tokenizer(DataConfig(source="corpus.txt", tokenizer="task"))
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
-    with pytest.raises(TokenizerError, match="expected task, sentencepiece"):
+    with pytest.raises(TokenizerError, match="expected task, char, sentencepiece"):
         make_tokenizer(DataConfig(tokenizer="bpe"))
 
 

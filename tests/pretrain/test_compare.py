@@ -160,3 +160,104 @@ def test_ar_labels_leave_out_unused_diffusion_settings():
             for n, v, ts in (("b", "mdm", "bell"), ("u", "mdm", "uniform"), ("a", "ar", "bell"))]
     label_runs(runs)
     assert [r.label for r in runs] == ["time_sampler=bell, variant=mdm", "time_sampler=uniform, variant=mdm", "variant=ar"]
+
+
+def _arm(name, seed, lr, tokens, nll, variant="mdm"):
+    from pretrain.compare import RunRecord
+
+    r = RunRecord(f"{name}-{lr}-{seed}", f"{name}-{lr}-s{seed}",
+                  {"name": name, "seed": str(seed), "train.lr": lr, "model.variant": variant}, {}, "FINISHED")
+    r.val_tokens, r.val_nll = np.array(tokens, dtype=float), np.array(nll, dtype=float)
+    return r
+
+
+def _crossing(target, at, grid):
+    """A falling linear curve on `grid` that passes `target` at tokens `at`, slope -1 per 100 tokens."""
+    return [target + (at - x) / 100.0 for x in grid]
+
+
+def test_arm_headline_interpolates_and_gives_t_intervals():
+    from pretrain.compare import arm_headline, format_arm_headline
+
+    grid = [0, 100, 200, 300, 400]
+    runs = []
+    # uniform's final NLL (the per-seed target) is 3.0, first reached at its last evaluation, 400
+    # tokens; bell reaches it at 200, 400, 100 tokens: ratios 2, 1, 4 (log: log 2 x [1, 0, 2])
+    for seed, at in enumerate((200.0, 400.0, 100.0)):
+        runs.append(_arm("uniform", seed, "0.002", grid, _crossing(3.0, 400.0, grid)))
+        runs.append(_arm("bell", seed, "0.002", grid, _crossing(3.0, at, grid)))
+    runs.append(_arm("uniform", 0, "0.001", grid, _crossing(3.5, 400.0, grid)))  # the second lr: one seed
+    runs.append(_arm("bell", 0, "0.001", grid, [5.0, 4.5, 4.0, 3.9, 3.8]))       # never reaches 3.5
+    runs.append(_arm("ar", 0, "0.002", grid, [4.0, 3.0, 2.5, 2.2, 2.0], variant="ar"))  # a reference, not an arm
+    rows = {(r["arm"], r["lr"]): r for r in arm_headline(runs)}
+    assert set(rows) == {("uniform", "0.002"), ("bell", "0.002"), ("uniform", "0.001"), ("bell", "0.001")}
+    bell = rows["bell", "0.002"]
+    assert bell["ratios"] == pytest.approx([2.0, 1.0, 4.0])
+    assert bell["tokens_to_target"] == pytest.approx((200 + 400 + 100) / 3)
+    # geometric mean 2; t-interval on log(ratio): s = log 2, t(0.975, df 2) = 4.302652729911275
+    half = 4.302652729911275 * math.log(2.0) / math.sqrt(3)
+    assert bell["ratio"] == pytest.approx(2.0)
+    assert bell["ratio_lo"] == pytest.approx(2.0 * math.exp(-half)) and bell["ratio_hi"] == pytest.approx(2.0 * math.exp(half))
+    # final NLL differences, bell - uniform: bell ends at 3 + (at - 400) / 100 -> -2, 0, -3
+    diffs = np.array([-2.0, 0.0, -3.0])
+    d_half = 4.302652729911275 * diffs.std(ddof=1) / math.sqrt(3)
+    assert bell["diff"] == pytest.approx(diffs.mean())
+    assert (bell["diff_lo"], bell["diff_hi"]) == pytest.approx((diffs.mean() - d_half, diffs.mean() + d_half))
+    assert rows["uniform", "0.002"]["ratio"] == pytest.approx(1.0) and rows["uniform", "0.002"]["baseline"]
+    slow = rows["bell", "0.001"]
+    assert slow["never_reached"] == 1 and math.isnan(slow["ratio"]) and slow["diff"] == pytest.approx(0.3)
+    text = format_arm_headline(list(rows.values()), references={"unigram": 3.3})
+    assert "Learning-rate sensitivity" in text and "1 never reached" in text and "unigram 3.3000" in text
+    with pytest.raises(ValueError, match="name=uniform"):
+        arm_headline([r for r in runs if r.params["name"] != "uniform"])
+
+
+def test_unigram_nll_is_the_cross_entropy_of_val_under_train_frequencies(tmp_path):
+    from data_pipeline.build import ensure_shards
+    from data_pipeline.shards import open_split
+    from pretrain.compare import unigram_nll
+    from pretrain.config import load_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join("abab aab" if i % 3 else "ccd ab" for i in range(300)) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  source: {corpus}\n  tokenizer: char\n  txt_documents: line\n  val_fraction: 0.2\n"
+                      f"  seq_len: 16\n  packing: wrap\n  shard_dir: {tmp_path / 'shards'}\n")
+    info = ensure_shards(load_config(recipe).data, progress=False)
+    counts = {s: np.zeros(info.vocab_size) for s in ("train", "val")}
+    for split, c in counts.items():
+        for doc in open_split(info.shard_dir / split).iter_documents():
+            for tok in doc:
+                c[int(tok)] += 1
+    p = (counts["train"] + 1) / (counts["train"] + 1).sum()
+    expected = -(counts["val"] * np.log(p)).sum() / counts["val"].sum()
+    assert unigram_nll(recipe) == pytest.approx(expected)
+    assert 0.5 < expected < math.log(info.vocab_size)  # below the uniform distribution's log V
+
+
+def test_headline_cli_over_a_sweep_in_mlflow(tmp_path, capsys):
+    """`--headline` without a value over runs logged as the sweep logs them (name, seed, train.lr)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("sweep", artifact_location=str(tmp_path / "art"))
+    grid = [0, 100, 200, 300, 400]
+    curves = {("uniform", 0): _crossing(3.0, 400.0, grid), ("uniform", 1): _crossing(3.2, 400.0, grid),
+              ("bell", 0): _crossing(3.0, 200.0, grid), ("bell", 1): _crossing(3.2, 100.0, grid),
+              ("ar", 0): [4.0, 2.6, 2.4, 2.3, 2.2]}
+    for (arm, seed), nll in curves.items():
+        run = client.create_run(exp, run_name=f"{arm}-s{seed}").info.run_id
+        for k, v in {"name": arm, "seed": seed, "train.lr": 0.002, "model.variant": "ar" if arm == "ar" else "mdm"}.items():
+            client.log_param(run, k, v)
+        for step, (tok, y) in enumerate(zip(grid, nll, strict=True)):
+            client.log_metric(run, "val/nll", y, step=step)
+            client.log_metric(run, "val/tokens_seen", tok, step=step)
+        client.set_terminated(run)
+    out = tmp_path / "cmp"
+    assert main(["--uri", uri, "--experiment", "sweep", "--headline", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| bell | 0.002 | 2 |" in printed  # ratios 2 and 4: geometric mean 2.83
+    assert "2.83x" in printed and "AR (mean final) 2.2000" in printed
+    assert (out / "headline_arms.png").stat().st_size > 1000
+    assert "## Headline: every arm vs uniform" in (out / "report.md").read_text()

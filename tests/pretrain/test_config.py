@@ -42,6 +42,19 @@ def test_repro_pair_differs_only_in_sampler_and_keeps_its_recorded_settings():
     assert (bell.diffusion.stratified, bell.diffusion.parameterization, bell.train.ema) == (False, "plain", 0.0)
 
 
+def test_char_pair_is_mdlm_baseline_and_differs_only_in_sampler():
+    bell = load_config(CONFIGS / "repro" / "char_bell.yaml")
+    uniform = load_config(CONFIGS / "repro" / "char_uniform.yaml")
+    ar = load_config(CONFIGS / "repro" / "char_ar.yaml")
+    a, b = flatten(bell), flatten(uniform)
+    assert {k for k in a if a[k] != b[k]} == {"name", "diffusion.time_sampler"}
+    assert {k for k, v in flatten(ar).items() if a[k] != v} == {"name", "model.variant"}
+    # issue 22: MDLM's baseline (stratified t, EMA, SUBS) on character-level text, one token budget
+    assert (bell.diffusion.stratified, bell.diffusion.parameterization) == (True, "subs") and bell.train.ema > 0
+    assert bell.data.tokenizer == "char" and not bell.train.compile
+    assert bell.train.steps * bell.train.batch_size * bell.data.seq_len >= 20e6
+
+
 def test_inherit_chain_child_overrides_parent(tmp_path):
     write(tmp_path, "base.yaml", "train:\n  lr: 0.01\n  steps: 7\nmodel:\n  n_layers: 3\n")
     write(tmp_path, "mid.yaml", "inherit: base.yaml\ntrain:\n  steps: 9\n")
