@@ -127,6 +127,10 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     peak_tflops: float = 0.0  # one device's peak TFLOP/s for MFU; 0 = from pretrain/throughput.py's table
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
+    # recompute transformer blocks' activations in the backward pass instead of holding them
+    # (parallel/activation_checkpointing.py): none | all (every block) | every_k (blocks 0, k, 2k, ...)
+    activation_checkpointing: str = "none"
+    activation_checkpointing_k: int = 2  # with every_k: checkpoint every k-th block (k >= 1; 1 = all)
 
 
 @dataclass
@@ -195,6 +199,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16"),
+    "train.activation_checkpointing": ("none", "all", "every_k"),
     "launch.backend": ("auto", "local", "slurm"),
 }
 
@@ -312,6 +317,8 @@ def validate(cfg: Config) -> None:
     need(cfg.tracking.log_samples >= 0, "tracking.log_samples", "must be >= 0 (0 = off)")
     need(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = the device's from the table)")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(t.activation_checkpointing_k >= 1, "train.activation_checkpointing_k",
+         f"must be >= 1 (checkpoint every k-th of the model.n_layers = {m.n_layers} blocks; 1 = all)")
     need(0.0 <= t.ema < 1.0, "train.ema", "must be in [0, 1) (0 = off; MDLM uses 0.9999)")
     need(t.ema == 0.0 or p.zero_stage != 3, "train.ema",
          "must be 0 with parallel.zero_stage=3: ZeRO-3 partitions the weights the average is taken of")
