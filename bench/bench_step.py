@@ -84,7 +84,8 @@ def synthetic_corpus(root: Path, n_lines: int = 4000, seed: int = 0) -> tuple[Pa
     return text, tok_path
 
 
-def build_trainer(name: str, device: str, dtype: str, work: Path, accumulation: int) -> Trainer:
+def build_trainer(name: str, device: str, dtype: str, work: Path, accumulation: int,
+                  extra: list[str] | None = None) -> Trainer:
     recipe, over, batch, micro, _ = SIZES[name]
     if device == "cuda":
         batch, micro = GPU_BATCH[name]
@@ -95,7 +96,7 @@ def build_trainer(name: str, device: str, dtype: str, work: Path, accumulation: 
     if recipe != "quickstart.yaml":
         text, tok = synthetic_corpus(work)
         sets += [f"data.source={text}", f"data.tokenizer=hf:{tok}", "diffusion.time_sampler=uniform"]
-    cfg = load_config(ROOT / "configs" / recipe, sets)
+    cfg = load_config(ROOT / "configs" / recipe, [*sets, *(extra or [])])
     run_dir = work / "run"
     run_dir.mkdir(exist_ok=True)
     return Trainer(cfg, run_dir, Topology(), [])
@@ -110,7 +111,7 @@ def bare_step(model, opt, micro_batches, mask_id: int, autocast, clip: float) ->
         masked = (torch.rand(ids.shape, device=ids.device) < t[:, None]) & real
         x_t = torch.where(masked, mask_id, ids)
         with autocast:
-            logits = model(x_t, t, key_padding_mask=batch.get("attention_mask", real))
+            logits = model(x_t, t, key_padding_mask=real)
         ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
         loss = (ce * masked / t[:, None]).sum() / real.sum().clamp(min=1)
         (loss / n).backward()
@@ -130,9 +131,10 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def run_size(name: str, device: str, dtype: str, warmup: int, repeats: int, accumulation: int) -> dict:
+def run_size(name: str, device: str, dtype: str, warmup: int, repeats: int, accumulation: int,
+             extra: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench_step_{name}_") as tmp:
-        trainer = build_trainer(name, device, dtype, Path(tmp), accumulation)
+        trainer = build_trainer(name, device, dtype, Path(tmp), accumulation, extra)
         dev = trainer.device
         micro = []
         for batch in trainer.train_loader:
@@ -167,7 +169,7 @@ def run_size(name: str, device: str, dtype: str, warmup: int, repeats: int, accu
         real = sum(int(b["loss_mask"].sum()) for b in micro)
         m = trainer.cfg.model
         row = {
-            "name": name, "device": dev.type, "dtype": trainer.dtype, "n_layers": m.n_layers, "d_model": m.d_model,
+            "name": name, "overrides": list(extra or []), "device": dev.type, "dtype": trainer.dtype, "n_layers": m.n_layers, "d_model": m.d_model,
             "n_heads": m.n_heads, "seq_len": trainer.cfg.data.seq_len, "batch": trainer.cfg.train.batch_size,
             "accumulation": trainer.accumulation, "vocab": trainer.data.vocab_size, "parameters": trainer.n_params,
             "tokens_per_step": tokens, "real_tokens_per_step": real, "repeats": repeats, "warmup": warmup,
@@ -192,7 +194,7 @@ def print_table(rows: list[dict]) -> None:
     lines = []
     for r in rows:
         mfu = f"{r['framework_mfu']:.1%}/{r['bare_mfu']:.1%}" if "framework_mfu" in r else "-"
-        lines.append([r["name"], f"{r['device']} {r['dtype']}", f"{r['parameters'] / 1e6:.1f}M",
+        lines.append([r["name"] + (" " + " ".join(r["overrides"]) if r["overrides"] else ""), f"{r['device']} {r['dtype']}", f"{r['parameters'] / 1e6:.1f}M",
                       f"{r['seq_len']}x{r['batch']}", f"{r['framework_ms']:.1f}", f"{r['bare_ms']:.1f}",
                       f"{r['ratio']:.3f}x", f"{r['framework_tokens_per_s']:.0f}", mfu,
                       f"{r['peak_memory_gib']:.2f}" if "peak_memory_gib" in r else "-", r["attention_kernel"]])
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each loop first (default 2)")
     p.add_argument("--repeats", type=int, default=9, help="timed steps of each loop, interleaved (default 9)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="config overrides for every size, e.g. model.dropout=0 (FlexAttention needs no dropout)")
     p.add_argument("--quick", action="store_true", help="smoke run: quickstart only, 1 warmup, 4 repeats")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_step.json"), help="JSON output path")
     args = p.parse_args(argv)
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes, args.warmup, args.repeats = args.sizes or ["quickstart"], 1, 4
     else:
         sizes = args.sizes or ["quickstart", "mdlm-small"] + (["350m"] if device == "cuda" else [])
-    rows = [run_size(n, device, dtype, args.warmup, args.repeats, args.accumulation) for n in sizes]
+    rows = [run_size(n, device, dtype, args.warmup, args.repeats, args.accumulation, args.overrides)
+            for n in sizes]
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,10 @@ order they are preferred:
     flex:block-mask  CUDA: FlexAttention (`torch.nn.attention.flex_attention`, compiled) with a block
                      mask made from the per-row lengths and the variant's rule; fully masked tiles
                      (padding, the variant's zeros) are skipped, nothing [L, L] is materialised
-    sdpa:dense-mask  otherwise (CPU; dropout during training, which FlexAttention lacks; per-sequence
-                     masks: scatter/jigsaw with a prompt or revealed blocks, two-stream passes;
-                     padding that is not a suffix): the dense boolean mask through SDPA, whose
+    sdpa:dense-mask  otherwise (CPU, where FlexAttention runs only eagerly and has no backward;
+                     dropout during training, which FlexAttention lacks; per-sequence masks:
+                     scatter/jigsaw with a prompt or revealed blocks, two-stream passes; padding
+                     that is not a suffix): the dense boolean mask through SDPA, whose
                      memory-efficient kernel takes masks on a GPU and whose math path runs on CPU
 
 The flex mask is exactly `attention_masks.with_padding` of the variant's base mask: real keys that

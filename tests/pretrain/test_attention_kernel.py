@@ -131,3 +131,25 @@ def test_each_kernel_is_logged_once(caplog, monkeypatch):
     lines = [r.getMessage() for r in caplog.records if r.name == ak.__name__]
     assert lines == ["attention kernel: sdpa:dense-mask"]
     assert ak.kernels_used() == {"sdpa:dense-mask": 3}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU")
+def test_flex_gradients_match_dense_under_activation_checkpointing():
+    """Training through FlexAttention (compiled, no dropout) with checkpointed blocks gives the
+    gradients of the dense-mask path, so the GPU path trains the same model (recompute included).
+    CUDA only: torch's FlexAttention refuses a backward on CPU."""
+    from parallel.activation_checkpointing import apply_activation_checkpointing
+
+    ids = torch.randint(0, 20, (3, L), generator=torch.Generator().manual_seed(2)).cuda()
+    pad = padding().cuda()
+    grads = {}
+    for use_flex in (False, True):
+        model = _model("block").cuda().train()
+        apply_activation_checkpointing(model, "all")
+        model.use_flex = use_flex
+        logits = model(ids, key_padding_mask=pad)
+        F.cross_entropy(logits[pad], ids[pad]).backward()
+        grads[use_flex] = {n: p.grad for n, p in model.named_parameters()}
+        assert model.attention_kernel == ("flex:block-mask" if use_flex else "sdpa:dense-mask")
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-4, rtol=1e-3)
