@@ -139,9 +139,10 @@ def write_portable(src: str | Path, run_dir: str | Path) -> Path:
 
 # the model's own files, copied into a Hugging Face export with their imports made relative
 HF_MODEL_FILES = {"transformer.py": "dlm_transformer.py", "attention_masks.py": "attention_masks.py",
-                  "kv_cache.py": "kv_cache.py"}
+                  "attention_kernel.py": "attention_kernel.py", "kv_cache.py": "kv_cache.py"}
 HF_IMPORTS = {"from pretrain.config import ModelConfig\n": "",  # annotations only (postponed evaluation)
               "from pretrain.model.attention_masks import": "from .attention_masks import",
+              "from pretrain.model.attention_kernel import": "from .attention_kernel import",
               "from pretrain.model.kv_cache import": "from .kv_cache import"}
 
 
