@@ -1,29 +1,46 @@
-"""Training-step time: the framework's step versus a bare PyTorch loop on the same model and batch.
+"""Training-step time: the real `Trainer.train_step` against a bare PyTorch loop on the same model
+and the same micro-batches (issue 18, Benchmarks). Goal: ratio <= 1.05x on CPU; on a GPU, MFU.
 
-Framework step = what `Trainer.train_step` runs: `step_rng` -> `objective.training_loss` (time
-sampler, masking policy, ELBO weights, per-t-bucket stats) -> finite check -> backward ->
-`clip_grad_norm_` -> AdamW step (param groups from `pretrain.train.param_groups`) -> zero_grad.
-Bare step = the floor written here by hand: t = torch.rand, mask = torch.rand < t, F.cross_entropy
-on the masked tokens weighted by 1/t, backward, the same clipping, the same AdamW step. Both use
-the same model object, batch and optimizer settings; measurements are interleaved (warmup, then
-alternating framework/bare repeats, order swapped each repeat) and the median is reported.
+Framework step = `Trainer.train_step(micro_batches)` of a Trainer built from a recipe exactly as the
+launcher builds it (single process): per micro-batch the objective's `training_loss` (time sampler,
+masking, ELBO weights, t-bucket stats), the data-parallel totals (`_global_totals`, a no-op
+collective at world size 1 but its host syncs are real), the loss rescale, the engine's backward
+and accumulation-aware step (clipping, AdamW), then the LR scheduler. Only public methods are used:
+the Trainer is constructed, `train_step` is called.
+Bare step = the floor written here by hand on the same model object (`trainer.engine.module`)
+and micro-batches: t = torch.rand, mask = rand < t on real tokens, 1/t-weighted cross-entropy on the
+masked tokens, backward per micro-batch (scaled 1/accumulation), the same clipping, a plain AdamW
+step (fused on CUDA, as the trainer's), zero_grad. Measurements are interleaved (warmup, then
+alternating framework/bare repeats, order swapped every repeat); medians are reported, so both see
+the same machine load (the ratio is only meaningful within one run).
 
-    python bench/bench_step.py            # CPU: quickstart size and a larger one; CUDA: + MDLM-small
-    python bench/bench_step.py --quick    # a few repeats of the quickstart size only (smoke run)
+    python bench/bench_step.py                 # CPU: quickstart and mdlm-small (batch 8); CUDA: + 350m
+    python bench/bench_step.py --quick         # smoke run: quickstart, 1 warmup, 4 repeats
+    python bench/bench_step.py --sizes mdlm-small 350m --dtype bf16    # the GPU check's MFU rows
 
-Writes bench/results/bench_step.json. MFU (CUDA only) uses model.flops_per_token and
-pretrain.throughput.device_peak_flops, the formula and peaks the trainer logs.
+Sizes: quickstart = configs/quickstart.yaml as is (Sudoku, fp32 on CPU). mdlm-small = the
+configs/lm1b_bell.yaml model (12 x 768, 12 heads, L = 128, packing pad, dropout 0.1) on a synthetic
+corpus written here (random words, 20-120 per line, like LM1B's short sentences, so rows are padded)
+with a word-level tokenizer of exactly bert-base-uncased's 30,522 entries (BERT's special names), so
+shapes, the head's cost and the padding are the recipe's without network access. 350m = the same
+recipe at 24 x 1024, 16 heads (~3.6e8 parameters with the 30,522 vocabulary). EMA is off in both
+loops (it updates after the step in `fit`, outside train_step). MFU = flops_per_token x tokens /
+step time / the device's peak (pretrain.throughput, the numbers the trainer logs); tokens count
+every position, padding included (the compute the kernels do).
+
+Writes bench/results/bench_step.json: {"meta": {...}, "results": [one row per size]}.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import platform
+import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,97 +50,75 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain.config import DiffusionConfig, load_config  # noqa: E402
-from pretrain.diffusion import step_rng  # noqa: E402
-from pretrain.model import build_model  # noqa: E402
-from pretrain.throughput import device_peak_flops  # noqa: E402
-from pretrain.train import param_groups  # noqa: E402
-from pretrain.variants import build_objective  # noqa: E402
+from parallel.topology import Topology  # noqa: E402
+from pretrain.config import load_config  # noqa: E402
+from pretrain.train import Trainer  # noqa: E402
 
+BERT_VOCAB = 30522
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
-@dataclasses.dataclass
-class Size:
-    name: str
-    n_layers: int
-    d_model: int
-    n_heads: int
-    seq_len: int
-    batch: int
-    vocab: int
-    real_len: int  # real tokens per sequence; the rest is padding (as in the quickstart's Sudoku)
-    device: str = "cpu"
-    dtype: str = "fp32"
-
-
-def quickstart_size() -> Size:
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
-    m = cfg.model
-    # Sudoku: [BOS] 81 cells '=' 81 cells [EOS] = 165 real tokens padded to 168; 12 symbols + 4 specials
-    return Size("quickstart", m.n_layers, m.d_model, m.n_heads, cfg.data.seq_len, cfg.train.batch_size, 16, 165)
-
-
+# name: (recipe, overrides, global batch, micro-batch, default device)
 SIZES = {
-    "quickstart": quickstart_size,
-    "cpu-large": lambda: Size("cpu-large", 4, 256, 4, 512, 8, 4096, 512),
-    "mdlm-small": lambda: Size("mdlm-small", 12, 768, 12, 128, 64, 30522, 128, "cuda", "bf16"),
+    "quickstart": ("quickstart.yaml", [], 32, 32, "cpu"),
+    "mdlm-small": ("lm1b_bell.yaml", [], 8, 8, "cpu"),
+    "350m": ("lm1b_bell.yaml", ["model.n_layers=24", "model.d_model=1024", "model.n_heads=16"], 32, 32, "cuda"),
 }
+GPU_BATCH = {"quickstart": (32, 32), "mdlm-small": (64, 64), "350m": (32, 32)}  # MDLM: 512 over 8 GPUs
 
 
-def make_batch(size: Size, device: torch.device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, size.vocab - 1, (size.batch, size.seq_len), generator=g)
-    real = torch.zeros(size.batch, size.seq_len, dtype=torch.bool)
-    real[:, : size.real_len] = True
-    return {"input_ids": ids.to(device), "loss_mask": real.to(device)}
+def synthetic_corpus(root: Path, n_lines: int = 4000, seed: int = 0) -> tuple[Path, Path]:
+    """A text file of random-word sentences and a word-level tokenizer.json with 30,522 entries."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(BERT_VOCAB - len(BERT_SPECIALS))]
+    vocab = {w: i for i, w in enumerate(BERT_SPECIALS + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok_path = root / "tokenizer.json"
+    tok.save(str(tok_path))
+    rng = random.Random(seed)
+    text = root / "corpus.txt"
+    with text.open("w") as f:
+        for _ in range(n_lines):
+            f.write(" ".join(rng.choice(words) for _ in range(rng.randint(20, 120))) + "\n")
+    return text, tok_path
 
 
-def build(size: Size, variant: str, device: torch.device):
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
-        f"model.variant={variant}", f"model.n_layers={size.n_layers}", f"model.d_model={size.d_model}",
-        f"model.n_heads={size.n_heads}", f"data.seq_len={size.seq_len}",
-    ])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, size.vocab, size.seq_len).to(device)
-    objective = build_objective(cfg.diffusion, variant, mask_id=size.vocab - 1)
-    t = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                            fused=device.type == "cuda")
-    return model, objective, opt, cfg
+def build_trainer(name: str, device: str, dtype: str, work: Path, accumulation: int,
+                  extra: list[str] | None = None) -> Trainer:
+    recipe, over, batch, micro, _ = SIZES[name]
+    if device == "cuda":
+        batch, micro = GPU_BATCH[name]
+    micro = max(batch // accumulation, 1)
+    sets = [*over, f"train.batch_size={micro * accumulation}", f"train.micro_batch_size={micro}",
+            f"train.device={device}", f"train.dtype={dtype}", "train.ema=0", "tracking.enabled=false",
+            "launch.resume=false", "train.steps=1000", "train.warmup_steps=10", f"data.shard_dir={work / 'shards'}"]
+    if recipe != "quickstart.yaml":
+        text, tok = synthetic_corpus(work)
+        sets += [f"data.source={text}", f"data.tokenizer=hf:{tok}", "diffusion.time_sampler=uniform"]
+    cfg = load_config(ROOT / "configs" / recipe, [*sets, *(extra or [])])
+    run_dir = work / "run"
+    run_dir.mkdir(exist_ok=True)
+    return Trainer(cfg, run_dir, Topology(), [])
 
 
-def framework_step(model, objective, opt, batch, step: int, autocast, grad_clip: float) -> float:
-    """Trainer.train_step, line for line (pretrain/train.py)."""
-    rng = step_rng(0, step)
-    with autocast:
-        loss, stats = objective.training_loss(model, batch, rng)
-    if not torch.isfinite(loss):
-        opt.zero_grad(set_to_none=True)
-        return float("nan")
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+def bare_step(model, opt, micro_batches, mask_id: int, autocast, clip: float) -> None:
+    """The floor: uniform t, Bernoulli(t) masking of real tokens, 1/t-weighted CE, AdamW."""
+    n = len(micro_batches)
+    for batch in micro_batches:
+        ids, real = batch["input_ids"], batch["loss_mask"].bool()
+        t = torch.rand(ids.shape[0], device=ids.device) * (1 - 1e-3) + 1e-3
+        masked = (torch.rand(ids.shape, device=ids.device) < t[:, None]) & real
+        x_t = torch.where(masked, mask_id, ids)
+        with autocast:
+            logits = model(x_t, t, key_padding_mask=real)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
+        loss = (ce * masked / t[:, None]).sum() / real.sum().clamp(min=1)
+        (loss / n).backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    stats = {**stats.to_dict(), "grad_norm": float(grad_norm)}  # as the trainer's step statistics
-    return stats["loss"]
-
-
-def bare_step(model, opt, batch, mask_id: int, autocast, grad_clip: float) -> float:
-    """The floor: uniform t, Bernoulli(t) masking, 1/t-weighted CE on masked real tokens."""
-    ids, real = batch["input_ids"], batch["loss_mask"]
-    B = ids.shape[0]
-    t = torch.rand(B, device=ids.device) * (1 - 1e-3) + 1e-3
-    masked = (torch.rand(ids.shape, device=ids.device) < t[:, None]) & real
-    x_t = torch.where(masked, mask_id, ids)
-    with autocast:
-        logits = model(x_t, t, key_padding_mask=real)
-    rows = masked.nonzero(as_tuple=True)
-    ce = F.cross_entropy(logits[rows].float(), ids[rows], reduction="none")
-    loss = (ce / t[rows[0]]).sum() / real.sum()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
 
 
 def timed(fn, device: torch.device) -> float:
@@ -136,102 +131,114 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def run_size(size: Size, variant: str, warmup: int, repeats: int) -> dict:
-    device = torch.device(size.device)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if size.dtype == "bf16"
-                else contextlib.nullcontext())
-    model, objective, opt, cfg = build(size, variant, device)
-    batch = make_batch(size, device)
-    clip = cfg.train.grad_clip or float("inf")
-    step = [0]
+def run_size(name: str, device: str, dtype: str, warmup: int, repeats: int, accumulation: int,
+             extra: list[str] | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"bench_step_{name}_") as tmp:
+        trainer = build_trainer(name, device, dtype, Path(tmp), accumulation, extra)
+        dev = trainer.device
+        micro = []
+        for batch in trainer.train_loader:
+            micro.append({k: v.to(dev) for k, v in batch.items()})
+            if len(micro) == trainer.accumulation:
+                break
+        model = trainer.engine.module
+        t = trainer.cfg.train
+        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), fused=dev.type == "cuda")
+        autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if trainer.dtype == "bf16"
+                    else contextlib.nullcontext())
+        mask_id = trainer.data.mask_id
 
-    def fw():
-        framework_step(model, objective, opt, batch, step[0], autocast, clip)
-        step[0] += 1
+        def fw():
+            trainer.train_step(micro)
 
-    def bare():
-        bare_step(model, opt, batch, size.vocab - 1, autocast, clip)
+        def bare():
+            bare_step(model, opt, micro, mask_id, autocast, t.grad_clip)
 
-    for _ in range(warmup):
-        fw()
-        bare()
-    fw_s, bare_s = [], []
-    for r in range(repeats):
-        pair = ((fw, fw_s), (bare, bare_s)) if r % 2 == 0 else ((bare, bare_s), (fw, fw_s))
-        for fn, out in pair:
-            out.append(timed(fn, device))
-    fw_med, bare_med = statistics.median(fw_s), statistics.median(bare_s)
-    tokens = size.batch * size.seq_len
-    peak = device_peak_flops(device, size.dtype)
-    fpt = model.flops_per_token(size.seq_len)
-    row = {
-        **dataclasses.asdict(size), "variant": variant, "repeats": repeats, "warmup": warmup,
-        "framework_ms": 1e3 * fw_med, "bare_ms": 1e3 * bare_med, "ratio": fw_med / bare_med,
-        "framework_tokens_per_s": tokens / fw_med, "bare_tokens_per_s": tokens / bare_med,
-        "framework_ms_all": [1e3 * s for s in fw_s], "bare_ms_all": [1e3 * s for s in bare_s],
-        "flops_per_token": fpt, "parameters": model.num_parameters(),
-    }
-    if peak:
-        row["framework_mfu"] = fpt * tokens / fw_med / peak
-        row["bare_mfu"] = fpt * tokens / bare_med / peak
-    return row
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            fw()
+            bare()
+        fw_s, bare_s = [], []
+        for r in range(repeats):
+            pair = ((fw, fw_s), (bare, bare_s)) if r % 2 == 0 else ((bare, bare_s), (fw, fw_s))
+            for fn, out in pair:
+                out.append(timed(fn, dev))
+        fw_med, bare_med = statistics.median(fw_s), statistics.median(bare_s)
+        tokens = sum(b["input_ids"].numel() for b in micro)
+        real = sum(int(b["loss_mask"].sum()) for b in micro)
+        m = trainer.cfg.model
+        row = {
+            "name": name, "overrides": list(extra or []), "device": dev.type, "dtype": trainer.dtype, "n_layers": m.n_layers, "d_model": m.d_model,
+            "n_heads": m.n_heads, "seq_len": trainer.cfg.data.seq_len, "batch": trainer.cfg.train.batch_size,
+            "accumulation": trainer.accumulation, "vocab": trainer.data.vocab_size, "parameters": trainer.n_params,
+            "tokens_per_step": tokens, "real_tokens_per_step": real, "repeats": repeats, "warmup": warmup,
+            "framework_ms": 1e3 * fw_med, "bare_ms": 1e3 * bare_med, "ratio": fw_med / bare_med,
+            "framework_tokens_per_s": tokens / fw_med, "bare_tokens_per_s": tokens / bare_med,
+            "framework_ms_all": [1e3 * s for s in fw_s], "bare_ms_all": [1e3 * s for s in bare_s],
+            "flops_per_token": trainer.flops_per_token,
+            "attention_kernel": getattr(model, "attention_kernel", ""),
+        }
+        if trainer.peak_flops:
+            row["peak_flops"] = trainer.peak_flops
+            row["framework_mfu"] = trainer.flops_per_token * tokens / fw_med / trainer.peak_flops
+            row["bare_mfu"] = trainer.flops_per_token * tokens / bare_med / trainer.peak_flops
+        if dev.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return row
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["size", "device", "L", "batch", "framework ms", "bare ms", "ratio", "fw tok/s", "MFU fw/bare"]
+    head = ["size", "device", "params", "L x batch", "framework ms", "bare ms", "ratio", "fw tok/s",
+            "MFU fw/bare", "peak GiB", "attention"]
     lines = []
     for r in rows:
         mfu = f"{r['framework_mfu']:.1%}/{r['bare_mfu']:.1%}" if "framework_mfu" in r else "-"
-        lines.append([r["name"], f"{r['device']} {r['dtype']}", str(r["seq_len"]), str(r["batch"]),
-                      f"{r['framework_ms']:.1f}", f"{r['bare_ms']:.1f}", f"{r['ratio']:.3f}x",
-                      f"{r['framework_tokens_per_s']:.0f}", mfu])
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title="training step: framework vs bare PyTorch (median; goal ratio <= 1.10x)")
-        for h in head:
-            table.add_column(h, justify="right")
-        for line in lines:
-            table.add_row(*line)
-        Console(width=140).print(table)
-    except ImportError:
-        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-        print("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))
-        for line in lines:
-            print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+        lines.append([r["name"] + (" " + " ".join(r["overrides"]) if r["overrides"] else ""), f"{r['device']} {r['dtype']}", f"{r['parameters'] / 1e6:.1f}M",
+                      f"{r['seq_len']}x{r['batch']}", f"{r['framework_ms']:.1f}", f"{r['bare_ms']:.1f}",
+                      f"{r['ratio']:.3f}x", f"{r['framework_tokens_per_s']:.0f}", mfu,
+                      f"{r['peak_memory_gib']:.2f}" if "peak_memory_gib" in r else "-", r["attention_kernel"]])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    print("training step: Trainer.train_step vs bare PyTorch (median; goal ratio <= 1.05x)")
+    print("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))
+    for line in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None,
-                   help="sizes to run (default: quickstart and cpu-large, plus mdlm-small when CUDA is present)")
-    p.add_argument("--variant", default="mdm", help="model.variant of both loops' model (default: mdm)")
+                   help="default: quickstart and mdlm-small (+ 350m with CUDA)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when present (then bf16), else CPU (fp32)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (default 1)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each loop first (default 2)")
-    p.add_argument("--repeats", type=int, default=11, help="timed steps of each loop, interleaved (default 11)")
+    p.add_argument("--repeats", type=int, default=9, help="timed steps of each loop, interleaved (default 9)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--quick", action="store_true", help="smoke run: quickstart size only, 1 warmup, 4 repeats")
+    p.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="config overrides for every size, e.g. model.dropout=0 (FlexAttention needs no dropout)")
+    p.add_argument("--quick", action="store_true", help="smoke run: quickstart only, 1 warmup, 4 repeats")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_step.json"), help="JSON output path")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    dtype = ("bf16" if device == "cuda" else "fp32") if args.dtype == "auto" else args.dtype
     if args.quick:
         sizes, args.warmup, args.repeats = args.sizes or ["quickstart"], 1, 4
     else:
-        sizes = args.sizes or ["quickstart", "cpu-large"] + (["mdlm-small"] if torch.cuda.is_available() else [])
-    rows = []
-    for name in sizes:
-        size = SIZES[name]()
-        if size.device == "cuda" and not torch.cuda.is_available():
-            print(f"skipping {name}: no CUDA device", file=sys.stderr)
-            continue
-        rows.append(run_size(size, args.variant, args.warmup, args.repeats))
+        sizes = args.sizes or ["quickstart", "mdlm-small"] + (["350m"] if device == "cuda" else [])
+    rows = [run_size(n, device, dtype, args.warmup, args.repeats, args.accumulation, args.overrides)
+            for n in sizes]
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "diffusion": dataclasses.asdict(DiffusionConfig())}
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

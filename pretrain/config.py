@@ -141,6 +141,10 @@ class TrainConfig:
     # torch.compile the model (inductor: C++ on CPU, Triton on GPU): fused kernels, the same maths.
     # The first steps pay the compilation (tens of seconds on CPU); bench/bench_compile.py measures it.
     compile: bool = False
+    # recompute transformer blocks' activations in the backward pass instead of holding them
+    # (parallel/activation_checkpointing.py): none | all (every block) | every_k (blocks 0, k, 2k, ...)
+    activation_checkpointing: str = "none"
+    activation_checkpointing_k: int = 2  # with every_k: checkpoint every k-th block (k >= 1; 1 = all)
 
 
 @dataclass
@@ -207,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16"),
+    "train.activation_checkpointing": ("none", "all", "every_k"),
     "launch.backend": ("auto", "local", "slurm"),
 }
 REGISTRIES: dict[str, dict] = {
@@ -347,6 +352,8 @@ def validate(cfg: Config) -> None:
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(not t.compile or (p.tp == 1 and p.pp == 1), "train.compile",
          "works with parallel.tp=1 and parallel.pp=1 only (the tensor- and pipeline-parallel wrappers are not compiled)")
+    need(t.activation_checkpointing_k >= 1, "train.activation_checkpointing_k",
+         f"must be >= 1 (checkpoint every k-th of the model.n_layers = {m.n_layers} blocks; 1 = all)")
     need(0.0 <= t.ema < 1.0, "train.ema", "must be in [0, 1) (0 = off; MDLM uses 0.9999)")
     need(t.ema == 0.0 or p.zero_stage != 3, "train.ema",
          "must be 0 with parallel.zero_stage=3: ZeRO-3 partitions the weights the average is taken of")

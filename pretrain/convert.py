@@ -139,10 +139,11 @@ def write_portable(src: str | Path, run_dir: str | Path) -> Path:
 
 # the model's own files, copied into a Hugging Face export with their imports made relative
 HF_MODEL_FILES = {"transformer.py": "dlm_transformer.py", "attention_masks.py": "attention_masks.py",
-                  "kv_cache.py": "kv_cache.py"}
+                  "attention_kernel.py": "attention_kernel.py", "kv_cache.py": "kv_cache.py"}
 # (transformer.py imports the config for annotations only, under `if TYPE_CHECKING:`)
 HF_IMPORTS = {"    from pretrain.config import ModelConfig\n": "    pass  # pretrain.config's ModelConfig\n",
               "from pretrain.model.attention_masks import": "from .attention_masks import",
+              "from pretrain.model.attention_kernel import": "from .attention_kernel import",
               "from pretrain.model.kv_cache import": "from .kv_cache import"}
 
 

@@ -149,19 +149,23 @@ class Trainer:
                 model.load_state_dict(consolidated_state_dict(self.portable))
             except RuntimeError as e:
                 raise ckpt.CheckpointError(f"checkpoint {self.portable} does not fit this model: {e}") from None
-        if cfg.train.compile:  # in place: parameter names and checkpoints stay those of the plain model
-            model.compile()
+        t = cfg.train
         if topology.tp_size > 1:
             from parallel.tensor_parallel import apply_tensor_parallel
 
             model = apply_tensor_parallel(model)  # megatron-core layers, weights copied from the plain init
+        if t.activation_checkpointing != "none":  # after TP (it swaps sub-modules), before the pipeline split
+            from parallel.activation_checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, t.activation_checkpointing, t.activation_checkpointing_k)
+        if t.compile:  # in place: parameter names and checkpoints stay those of the plain model (tp = pp = 1)
+            model.compile()
         if topology.pp_size > 1:  # DeepSpeed's pipeline engine over this rank's stage of the plain model
             from parallel.pipeline import pipeline_module
 
             model = pipeline_module(model, topology)
         self.objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=self.data.mask_id,
                                          jigsaw_streams=cfg.model.jigsaw_streams)
-        t = cfg.train
         optimizer = build_optimizer(model, t, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr_ratio),

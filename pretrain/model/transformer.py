@@ -7,7 +7,9 @@ Reads top to bottom like the model description:
 - Rotary position embeddings (RoPE) on queries and keys, so the same weights work for any
   attention pattern and there is no learned position table to resize.
 - Attention is `F.scaled_dot_product_attention`: flash attention on GPUs whenever the variant
-  needs no dense mask (mdm and unpadded ar); the mask family lives in `attention_masks.py`.
+  needs no mask (mdm and unpadded ar); the mask family lives in `attention_masks.py`. On a GPU,
+  padded or masked batches go through FlexAttention with a block mask from per-row lengths
+  (`attention_kernel.py` chooses; `model.attention_kernel` says what the last batch took).
 - Two-stream pass for the blockwise variants trained in one vectorised pass (`block`: BD3-LM,
   `jigsaw` with `model.jigsaw_streams: 2`, ours; the default Jigsaw is the authors' single stream): `forward(x_t, ..., x0=x_0)` runs the backbone over [x_t | x_0] (2L positions) with the
   variant's two-stream mask, rotary positions 0..L-1 for both copies (a clean token and its noised
@@ -36,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.model.attention_masks import attention_mask, block_len, is_two_stream, two_stream_mask
+from pretrain.model.attention_kernel import attention_inputs, flex_attention, is_block_mask, note_kernel
+from pretrain.model.attention_masks import block_len, is_two_stream, two_stream_mask
 from pretrain.model.kv_cache import KVCache, LayerKV, cache_support, cached_attention_mask
 
 if TYPE_CHECKING:  # annotations only: the config sits above the model (it reads the variant table)
@@ -115,9 +118,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:
             k, v = kv.attach(k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        if is_block_mask(mask):  # FlexAttention over per-row lengths (attention_kernel.py; no dropout)
+            y = flex_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.proj(y.transpose(1, 2).reshape(B, L, n_heads * self.head_dim))
 
 
@@ -210,6 +216,9 @@ class DiffusionTransformer(nn.Module):
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
+        # FlexAttention for masked/padded batches: None = on CUDA (attention_kernel.py), True/False forces it
+        self.use_flex: bool | None = None
+        self.attention_kernel = ""  # the kernel the last forward pass took
         cos, sin = rotary_tables(max_seq_len, cfg.d_model // cfg.n_heads)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -276,9 +285,9 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"sequence length {L} exceeds the model's max_seq_len {self.max_seq_len}")
         cos, sin = self.rope_cos[:L], self.rope_sin[:L]
         if x0 is None:
-            mask, is_causal = attention_mask(
+            mask, is_causal, kernel = attention_inputs(
                 self.cfg.variant, L, self.cfg.block_size, input_ids.device, key_padding_mask, prompt_mask,
-                revealed_blocks,
+                revealed_blocks, dropout_active=self.training and self.cfg.dropout > 0, use_flex=self.use_flex,
             )
         else:
             if not self.two_stream:
@@ -289,8 +298,11 @@ class DiffusionTransformer(nn.Module):
                 self.cfg.variant, L, self.cfg.block_size, input_ids.device, key_padding_mask, revealed_blocks,
                 prompt_mask,
             ), False
+            kernel = "sdpa:dense-mask"
             input_ids = torch.cat([input_ids, x0], dim=1)  # [x_t | x_0]
             cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)  # positions 0..L-1, twice
+        self.attention_kernel = kernel  # which kernel this batch took (attention_kernel.py)
+        note_kernel(kernel)
         c = None
         if self.time_emb is not None:
             if t is None:
