@@ -190,6 +190,12 @@ def test_annotated_shards_build_via_config(tmp_path, annotator):
                          batch_size=4)
     batch = next(iter(stream))
     assert batch["density"].shape == batch["input_ids"].shape
+    # task data trains on responses: the prompt's tokens carry no density, the responses do
+    from data_pipeline.stream import prompt_mask_of
+    from data_pipeline.tasks import get_task
+
+    prompt = prompt_mask_of(batch["input_ids"], info.tokenizer.encode(get_task("sudoku").separator)[0])
+    assert not batch["density"][prompt].any() and batch["density"][~prompt].any()
     # inspect's summary shows the density histogram, its counts covering every stored token
     from data_pipeline.inspect import describe_split
 
