@@ -154,6 +154,7 @@ def test_scatter_prompt_relays_higher_offsets_from_the_second_layer():
     assert two[s, s + 6]  # two layers: offset 0 reaches offset 6 through the prompt
 
 
+
 # ------------------------------------------------------------------ objectives: prompt clean, never scored
 
 
@@ -293,3 +294,15 @@ def test_samplers_with_a_prompt_keep_it_and_count_blocks_from_the_response(varia
     assert out.nfe == 4 if variant == "scatter" else out.nfe == 3
     with pytest.raises(ValueError, match="overlap"):
         generate(model, x, torch.ones_like(gen), mask_id=MASK, prompt_mask=prompt)
+
+
+def test_every_objective_divides_by_the_same_response_tokens():
+    """Issue 17 (Scatter's path-finding loss against AR's): every variant's training loss is per
+    response token, the same denominator (AR predicts each response token from the one before)."""
+    batch = task_batch()
+    n_resp = int((batch["loss_mask"] & ~batch["prompt_mask"]).sum())
+    for variant in ("ar", "mdm", "scatter", "block", "jigsaw"):
+        obj = build_objective(DiffusionConfig(), variant, mask_id=MASK)
+        _, stats = obj.training_loss(Probe(16, 4), batch, step_rng(0, 0))
+        assert stats["n_tokens"] == n_resp, variant
+
