@@ -35,9 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pretrain.config import load_config  # noqa: E402
-from pretrain.diffusion import build_objective, step_rng  # noqa: E402
+from pretrain.diffusion import step_rng  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
 from pretrain.train import build_optimizer  # noqa: E402
+from pretrain.variants import build_objective  # noqa: E402
 
 
 def sdpa_kernels(model: torch.nn.Module, batch: dict, objective) -> list[str]:

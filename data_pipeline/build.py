@@ -139,8 +139,29 @@ def _density_content(cfg: DataConfig) -> dict | None:
 
 
 def density_settings(cfg: DataConfig) -> dict | None:
-    """data.density as a dict when an annotator is on (it is part of the content), else None."""
-    return dataclasses.asdict(cfg.density) if cfg.density.annotator != "none" else None
+    """data.density as a dict when an annotator is on (it is part of the content), else None. Data that
+    trains on responses adds `prompt_separator` (the text ending each prompt): the annotators then score
+    and normalise each document's response only (density/annotators.py, `annotate`)."""
+    if cfg.density.annotator == "none":
+        return None
+    d = dataclasses.asdict(cfg.density)
+    sep = _prompt_separator_text(cfg)
+    return d if sep is None else {**d, "prompt_separator": sep}
+
+
+def _prompt_separator_text(cfg: DataConfig) -> str | None:
+    """data.prompt_separator (or the task's separator) when the data trains on responses, else None."""
+    from data_pipeline.stream import trains_on_response
+
+    if not trains_on_response(cfg):
+        return None
+    if cfg.prompt_separator:
+        return cfg.prompt_separator
+    if cfg.source.startswith("task:"):
+        from data_pipeline.tasks import get_task
+
+        return get_task(cfg.source.removeprefix("task:")).separator
+    return None  # the loader refuses train_on=response without a separator
 
 
 def default_shard_dir(cfg: DataConfig) -> Path:

@@ -82,7 +82,15 @@ def encode_annotate_chunk(texts: Sequence[str] | str, max_doc_tokens: int = 0, l
         return flat, lengths, n_long, None, pieces
     from data_pipeline.density import annotate
 
-    d = annotate(annotator, flat, lengths, dens["view"], dens["hub_fraction"])
+    prompt_id = None
+    if dens.get("prompt_separator"):  # trained on responses: density over each document's response only
+        tok = tokenizer if tokenizer is not None else _worker_tokenizer
+        ids = tok.encode(dens["prompt_separator"])
+        if len(ids) != 1:
+            raise ValueError(f"data.prompt_separator {dens['prompt_separator']!r} encodes to {len(ids)} tokens "
+                             f"{ids}; it must be one token")
+        prompt_id = int(ids[0])
+    d = annotate(annotator, flat, lengths, dens["view"], dens["hub_fraction"], prompt_id=prompt_id)
     return flat, lengths, n_long, d, pieces
 
 

@@ -244,6 +244,13 @@ def load_rank_state(path: str | Path, rank: int) -> dict[str, Any] | None:
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
+def _trains_on_response(data_cfg) -> bool:
+    """Whether the run trained on responses (prompt clean and visible): data_pipeline.stream's rule."""
+    from data_pipeline.stream import trains_on_response
+
+    return trains_on_response(data_cfg)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory that `path` names: a checkpoint directory (.../checkpoints/step_*), a
     file inside one (its model.pt), or a run directory (its latest intact checkpoint). Refused, with
@@ -279,7 +286,8 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     parallel_decoding, the lm-eval adapter, the density `model` annotator).
 
     info: checkpoint (its directory), config (the run's Config), variant, vocab_size, seq_len,
-    block_size, step, ema (whether the weights are the moving average), and tokenizer_fingerprint
+    block_size, step, ema (whether the weights are the moving average), trains_on_response
+    (data.train_on resolved: the model expects a clean prompt_mask), and tokenizer_fingerprint
     when the run's shard directory is still there (None otherwise). `ema` None: the moving average
     when the run kept one (train.ema > 0), as MDLM evaluates. The public entry point through which
     `data_pipeline` (the density `model` annotator) may load a trained model."""
@@ -316,5 +324,6 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     step = int(state.get("train_state", {}).get("step", state.get("step", 0)))
     info = {"checkpoint": path, "config": cfg, "variant": cfg.model.variant, "vocab_size": int(vocab),
             "seq_len": cfg.data.seq_len, "block_size": cfg.model.block_size, "step": step, "ema": bool(ema),
-            "tokenizer_fingerprint": fingerprint}
+            "tokenizer_fingerprint": fingerprint,
+            "trains_on_response": _trains_on_response(cfg.data)}
     return model, info

@@ -40,9 +40,12 @@ Samplers (`SamplerConfig.name`; `auto` picks the variant's own, in brackets):
 - `scatter` [scatter]: as documented in pretrain/model/attention_masks.py: offsets 0, 1, ..., B-1
   in turn (counted from the response start when a prompt_mask is given), all blocks at once (one
   forward per offset: left to right inside every block, parallel across blocks). The only sampler
-  for Scatter: its denoiser at offset o never sees tokens at offsets > o, so an order that reveals
-  a position before the lower offsets are decoded (ancestral, random, confidence, ...) draws it
-  ignoring tokens already committed at higher offsets: the decoded joint is then not the one the
+  for Scatter: its denoiser at offset o attends to no response token at an offset > o (directly;
+  with a prompt, the authors' rule lets prompt positions see lower offsets, so higher offsets reach o
+  from the second layer on, through the prompt: a side channel the offset order never relies on), so
+  an order that reveals a position before the lower offsets are decoded (ancestral, random,
+  confidence, ...) draws it largely ignoring tokens already committed at higher offsets: the decoded
+  joint is then not the one the
   model factorises (e.g. data {AB, BA} with B = 2: revealing offset 1 first gives AA/BB half the
   time), and memorised sequences were not reproduced (issue 17). Refused with that reason.
 

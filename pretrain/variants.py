@@ -193,9 +193,9 @@ register_variant(VariantSpec(
     # Scatter trains with the MDM objective as is: only its mask differs (blockwise.py)
     objective=_masked_diffusion(MaskedDiffusionObjective),
     samplers=("scatter",),
-    refusal=("Scatter's denoiser at offset o sees only offsets <= o, so a sampler that may reveal a "
-             "position before its lower offsets ignores tokens already committed at higher offsets "
-             "and does not sample the model's factorisation; Scatter decodes offset by offset "
+    refusal=("Scatter's denoiser at offset o attends only to offsets <= o (and the prompt), so a sampler "
+             "that may reveal a position before its lower offsets ignores tokens already committed at "
+             "higher offsets and does not sample the model's factorisation; Scatter decodes offset by offset "
              "(sampler scatter)"),
     masking=_DENSITY,
     elbo_variance=_continuous_elbo_variance,

@@ -24,11 +24,47 @@ class Annotator:
     def __init__(self, normalize: str = "minmax"):
         self.normalize = normalize
 
-    def raw(self, flat: np.ndarray, lengths: np.ndarray, texts=None) -> np.ndarray:
+    def raw(self, flat: np.ndarray, lengths: np.ndarray, texts=None, prompt_lens=None) -> np.ndarray:
         raise NotImplementedError
 
-    def scores(self, flat: np.ndarray, lengths: np.ndarray, texts=None) -> np.ndarray:
-        return normalize_per_document(self.raw(np.asarray(flat), np.asarray(lengths), texts), lengths, self.normalize)
+    def scores(self, flat: np.ndarray, lengths: np.ndarray, texts=None, prompt_lens=None) -> np.ndarray:
+        """Normalised per document; with `prompt_lens` (task data trained on responses) over each
+        document's response only, the prompt's tokens getting 0 (see `response_only`)."""
+        flat, lengths = np.asarray(flat), np.asarray(lengths, dtype=np.int64)
+        raw = self.raw(flat, lengths, texts, prompt_lens=prompt_lens)
+        if prompt_lens is None:
+            return normalize_per_document(raw, lengths, self.normalize)
+        return response_only(raw, lengths, prompt_lens, lambda r, n: normalize_per_document(r, n, self.normalize))
+
+
+def prompt_lengths(flat: np.ndarray, lengths: np.ndarray, separator_id: int) -> np.ndarray:
+    """Int64 [D]: tokens of each document's prompt, up to and including its first `separator_id`
+    (the whole document when it has none: data_pipeline.stream.prompt_mask_of trains on nothing of
+    such a row)."""
+    flat, lengths = np.asarray(flat), np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    out = lengths.copy()
+    hits = np.flatnonzero(flat == separator_id)
+    if len(hits):
+        doc = np.repeat(np.arange(len(lengths)), lengths)[hits]
+        docs, first = np.unique(doc, return_index=True)  # hits ascend: the first of each document
+        out[docs] = hits[first] - starts[docs] + 1
+    return out
+
+
+def response_only(values: np.ndarray, lengths: np.ndarray, prompt_lens: np.ndarray, per_document) -> np.ndarray:
+    """float32 [N]: `per_document(values of the responses, response lengths)` at the response tokens,
+    0 at the prompt tokens. Task data trains on responses: the masking policies only ever see the
+    response (pretrain/diffusion/objective.py, targets_of), so its density must be normalised (and its
+    hubs chosen) among the response's own tokens, not against the prompt's."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    prompt_lens = np.minimum(np.asarray(prompt_lens, dtype=np.int64), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    pos = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+    resp = pos >= np.repeat(prompt_lens, lengths)
+    out = np.zeros(len(resp), dtype=np.float32)
+    out[resp] = per_document(np.asarray(values)[resp], lengths - prompt_lens)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,7 +108,7 @@ class UnigramAnnotator(Annotator):
         c = counts.astype(np.float64) + smoothing
         self.table = (-np.log(c / c.sum())).astype(np.float32)
 
-    def raw(self, flat, lengths, texts=None):
+    def raw(self, flat, lengths, texts=None, prompt_lens=None):
         return self.table[flat]
 
 
@@ -91,7 +127,7 @@ class TfidfAnnotator(Annotator):
         self.V = len(doc_freq)
         self.idf = (np.log((n_docs + smoothing) / (doc_freq.astype(np.float64) + smoothing)) + 1.0).astype(np.float32)
 
-    def raw(self, flat, lengths, texts=None):
+    def raw(self, flat, lengths, texts=None, prompt_lens=None):
         flat = np.asarray(flat, dtype=np.int64)
         if not self.use_tf or not len(flat):
             return self.idf[flat]
@@ -179,7 +215,7 @@ class StructureAnnotator(Annotator):
     def for_tokenizer(cls, tokenizer, normalize: str = "minmax") -> StructureAnnotator:
         return cls(_piece_strings(tokenizer), normalize)
 
-    def raw(self, flat, lengths, texts=None):
+    def raw(self, flat, lengths, texts=None, prompt_lens=None):
         flat = np.asarray(flat, dtype=np.int64)
         n = len(flat)
         if n == 0:
@@ -243,6 +279,7 @@ class ModelAnnotator(Annotator):
         if self.variant not in ("ar", "mdm", "scatter", "block"):
             raise ValueError(f"the model annotator supports ar, mdm, scatter and block checkpoints, not {self.variant}")
         self.seq_len = int(info["seq_len"])
+        self.on_response = bool(info.get("trains_on_response", False))
         self.pad, self.bos, self.eos, self.mask = tokenizer.special_ids
         self.batch_size, self.K = max(1, batch_size), max(1, context_masks)
 
@@ -252,26 +289,40 @@ class ModelAnnotator(Annotator):
         spans = [(int(s) + o, min(W, int(n) - o)) for s, n in zip(starts, lengths, strict=True) for o in range(0, int(n), W)]
         return spans
 
-    def raw(self, flat, lengths, texts=None):
+    def raw(self, flat, lengths, texts=None, prompt_lens=None):
         import torch
         import torch.nn.functional as F
 
         flat = np.asarray(flat, dtype=np.int64)
         out = np.zeros(len(flat), dtype=np.float32)
-        spans = self._windows(flat, np.asarray(lengths, dtype=np.int64))
+        lengths = np.asarray(lengths, dtype=np.int64)
+        spans = self._windows(flat, lengths)
         L = self.seq_len
+        if prompt_lens is not None:  # per token: where its document's prompt ends (flat index)
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            prompt_end = np.repeat(starts + np.minimum(np.asarray(prompt_lens, dtype=np.int64), lengths), lengths)
+        # a model trained on responses sees its prompt as such (Scatter and Jigsaw's masks depend on it)
+        use_prompt = prompt_lens is not None and self.on_response
         for b0 in range(0, len(spans), self.batch_size):
             chunk = spans[b0:b0 + self.batch_size]
             R = len(chunk)
             ids = np.full((R, L), self.pad, dtype=np.int64)
-            tok = np.zeros((R, L), dtype=bool)  # document tokens (scored)
+            tok = np.zeros((R, L), dtype=bool)  # the tokens to mask and score (a task's response only)
+            real_np = np.zeros((R, L), dtype=bool)  # [BOS] document [EOS]: the keys the model may see
+            prompt = np.zeros((R, L), dtype=bool)  # [BOS] and the window's prompt tokens (task data)
+            prompt[:, 0] = True
             for r, (s, n) in enumerate(chunk):
                 ids[r, 0], ids[r, 1:1 + n], ids[r, 1 + n] = self.bos, flat[s:s + n], self.eos
                 tok[r, 1:1 + n] = True
+                real_np[r, :n + 2] = True
+                if prompt_lens is not None:
+                    k = min(n, max(0, int(prompt_end[s]) - s))  # prompt tokens inside this window
+                    prompt[r, 1:1 + k] = True
+                    tok[r, 1:1 + k] = False  # the prompt stays clean: never masked, never scored
             x = torch.from_numpy(ids).to(self.device)
-            real = torch.from_numpy(tok).to(self.device)
-            real[:, 0] = True
-            real |= torch.from_numpy(np.roll(tok, 1, axis=1)).to(self.device)  # the EOS slot
+            # its own array: `real` was once built by editing a tensor that shared tok's memory on the CPU
+            # (from_numpy(...).to(cpu) is no copy), which also masked [BOS] and the EOS slot (CPU only)
+            real = torch.from_numpy(real_np).to(self.device)
             ce = torch.zeros(R, L, dtype=torch.float32, device=self.device)
             with torch.no_grad():
                 if self.variant == "ar":
@@ -285,6 +336,8 @@ class ModelAnnotator(Annotator):
                         m = tokt & (pos % self.K == k)
                         x_t = torch.where(m, torch.full_like(x, self.mask), x)
                         kw = {"x0": x} if self.variant == "block" else {}
+                        if use_prompt:
+                            kw["prompt_mask"] = torch.from_numpy(prompt).to(self.device)
                         logits = self.model(x_t, t, key_padding_mask=real, **kw)
                         logits = logits.float()
                         logits[..., self.mask] = float("-inf")  # SUBS: [MASK] is never a prediction
@@ -352,7 +405,15 @@ def build_annotator(dcfg, tokenizer, shard_dir: str | Path | None = None) -> Ann
 
 
 def annotate(annotator: Annotator, flat: np.ndarray, lengths: np.ndarray, view: str = "scores",
-             hub_fraction: float = 0.25, texts=None) -> np.ndarray:
-    """What the build stores: per-document normalised scores, or the hubs view of them."""
-    s = annotator.scores(flat, lengths, texts)
-    return hubs(s, lengths, hub_fraction) if view == "hubs" else s
+             hub_fraction: float = 0.25, texts=None, prompt_id: int | None = None) -> np.ndarray:
+    """What the build stores: per-document normalised scores, or the hubs view of them. prompt_id:
+    the prompt separator's id when the data trains on responses (data.train_on): scores, their
+    normalisation and the hubs then cover each document's response only; the prompt stores 0."""
+    if prompt_id is None:
+        s = annotator.scores(flat, lengths, texts)
+        return hubs(s, lengths, hub_fraction) if view == "hubs" else s
+    plen = prompt_lengths(flat, lengths, prompt_id)
+    s = annotator.scores(flat, lengths, texts, prompt_lens=plen)
+    if view != "hubs":
+        return s
+    return response_only(s, lengths, plen, lambda r, n: hubs(r, n, hub_fraction))

@@ -93,7 +93,12 @@ function of x_t, so the MDLM NELBO stays a valid bound: `MaskedDiffusionObjectiv
 and its eval NLL is the NELBO of the random-order reverse process with that denoiser. That process
 is not what Scatter decodes with: a position revealed before its lower offsets would ignore tokens
 already committed at higher offsets, so sampling is offset by offset only (pretrain/sample.py), a
-different generative process whose likelihood is not evaluated here.
+different generative process whose likelihood is not evaluated here. (With one response block it is
+sum_o -log p(x_o | prompt, x_{<o}, higher offsets masked): decoding's own NLL.) What the NELBO asks of
+the denoiser at offset o: the number of lower offsets left visible is uniform on {0..o} (for the
+log-linear schedule), so only 1/(o+1) of offset o's training signal is the all-lower-offsets-visible
+case decoding uses, against all of AR's; with a prompt, higher offsets also reach o through the
+prompt positions from the second layer on (attention_masks.py).
 """
 
 from __future__ import annotations

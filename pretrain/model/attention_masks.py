@@ -24,6 +24,11 @@ Single-stream masks ([L, L], query i, key j):
              every block, parallel iterative refinement across blocks. B = 1 gives `mdm`, B = L gives
              `ar`'s pattern. Without a prompt (language data) the mask is the same for every sequence
              and cached; with one (`prompt_mask`, task data) it is per sequence (`scatter_mask`).
+             The rule applies to prompt queries too (as in the authors' code: a prompt position has an
+             offset like any other), so a prompt position at offset k sees the response's offsets <= k
+             and, from the second layer on, offset o depends on higher offsets through the prompt. The
+             offset-causal order holds for what a response position attends to directly, not across
+             layers. (Issue 17: keeping the prompt to itself trained no better on path-finding.)
     jigsaw   Jigsaw before any block is committed: blk(j) == blk(i) and j <= i. The training/decoding
              mask depends on which blocks are masked (`jigsaw_mask`, below).
 

@@ -43,6 +43,9 @@ class WordTok:
     def decode(self, ids):
         return " ".join(self.words[i] for i in ids if i >= 4)
 
+    def encode_flat(self, texts):  # what the build's encode_chunk calls
+        return _flat(self, texts)
+
 
 CORPUS = [
     "the cat sat on the mat .",
@@ -187,6 +190,12 @@ def test_annotated_shards_build_via_config(tmp_path, annotator):
                          batch_size=4)
     batch = next(iter(stream))
     assert batch["density"].shape == batch["input_ids"].shape
+    # task data trains on responses: the prompt's tokens carry no density, the responses do
+    from data_pipeline.stream import prompt_mask_of
+    from data_pipeline.tasks import get_task
+
+    prompt = prompt_mask_of(batch["input_ids"], info.tokenizer.encode(get_task("sudoku").separator)[0])
+    assert not batch["density"][prompt].any() and batch["density"][~prompt].any()
     # inspect's summary shows the density histogram, its counts covering every stored token
     from data_pipeline.inspect import describe_split
 
@@ -221,3 +230,110 @@ def test_bad_density_config_is_refused(tmp_path):
         build(DataConfig(source="task:sudoku", shard_dir=str(tmp_path), density=DensityConfig(annotator="bogus")))
     with pytest.raises(ConfigError, match="checkpoint"):
         build(DataConfig(source="task:sudoku", shard_dir=str(tmp_path), density=DensityConfig(annotator="model")))
+
+
+# Task data trains on responses (issue 17): the masking policies only see the response, so its density
+# is scored with the prompt clean and visible, and normalised (and its hubs chosen) among the response.
+TASK_DOCS = ["the ferromagnetic sample was heated = to 300 kelvin .", "x = 12 + x = 42 ;",
+             "the cat = sat on the mat .", "the result is 42 ."]  # the first '=' ends a prompt; the last has none
+
+
+class _Recorder(torch.nn.Module):
+    """Records every call's input and prompt_mask, then runs the real model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, t=None, key_padding_mask=None, x0=None, prompt_mask=None):
+        self.calls.append((x.clone(), None if prompt_mask is None else prompt_mask.clone()))
+        return self.model(x, t, key_padding_mask=key_padding_mask, prompt_mask=prompt_mask)
+
+
+def _prompt_lens(tok, texts):
+    """Each document's prompt length; a document without '=' is all prompt (nothing trained on)."""
+    return np.array([t.split().index("=") + 1 if "=" in t.split() else len(t.split()) for t in texts])
+
+
+def test_annotate_with_a_prompt_scores_and_normalises_the_response_only(tok):
+    flat, lengths = _flat(tok, TASK_DOCS)
+    sep = tok.ids["="]
+    counts, _ = chunk_counts(flat, lengths, tok.vocab_size)
+    ann = UnigramAnnotator(counts)
+    plen = _prompt_lens(tok, TASK_DOCS)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for view in ("scores", "hubs"):
+        s = annotate(ann, flat, lengths, view, hub_fraction=0.5, prompt_id=sep)
+        for d, (a, n, p) in enumerate(zip(starts, lengths, plen, strict=True)):
+            prompt, resp = s[a:a + p], s[a + p:a + n]
+            assert not prompt.any(), (view, d)  # the prompt stores 0
+            if n == p:  # no separator: all prompt, nothing to score
+                continue
+            if view == "scores":  # minmax over the response alone: its own 0 and 1
+                assert resp.min() == 0.0 and resp.max() == 1.0, (d, resp)
+            else:  # hubs among the response: ceil(0.5 n_response) of them
+                assert resp.sum() == np.ceil(0.5 * (n - p)), (d, resp)
+    # without a prompt the whole document is scored, as before
+    assert annotate(ann, flat, lengths, "scores")[:plen[0]].any()
+
+
+@pytest.mark.parametrize("variant", ["scatter", "mdm"])
+def test_model_annotator_keeps_the_prompt_clean_and_visible(tok, variant, monkeypatch):
+    import pretrain.checkpoint
+    from pretrain.config import ModelConfig
+    from pretrain.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(variant=variant, n_layers=2, d_model=32, n_heads=2, block_size=4), tok.vocab_size, 16)
+    model = _Recorder(net.eval())
+    monkeypatch.setattr(pretrain.checkpoint, "load_model_for_inference", lambda path, device="cpu": (
+        model, {"variant": variant, "vocab_size": tok.vocab_size, "seq_len": 16, "tokenizer_fingerprint": "wordtok",
+                "trains_on_response": True}))
+    ann = ModelAnnotator("ckpt", tok, device="cpu", batch_size=4, context_masks=2)
+    flat, lengths = _flat(tok, TASK_DOCS)
+    plen = _prompt_lens(tok, TASK_DOCS)
+    s = annotate(ann, flat, lengths, "scores", prompt_id=tok.ids["="])
+    assert model.calls
+    for x, prompt in model.calls:
+        assert prompt is not None  # the model trained on responses is told where its prompt is
+        for r in range(len(TASK_DOCS)):
+            k = int(plen[r])
+            assert prompt[r].tolist() == [True] * (k + 1) + [False] * (16 - k - 1)  # [BOS] + prompt
+            assert not (x[r, :k + 1] == tok.mask_id).any()  # never masked
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    assert not s[starts[3]:starts[3] + lengths[3]].any()  # no separator: all prompt, all 0
+    # the response's scores are the model's CE with the prompt clean: recompute one directly
+    r, k = 1, int(plen[1])  # "x =" then "12 + x = 42 ;"
+    ids = torch.tensor([[tok.bos_id, *flat[starts[r]:starts[r] + lengths[r]], tok.eos_id]])
+    real, pm = torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool)
+    pm[0, :k + 1] = True
+    ce = []
+    with torch.no_grad():
+        for j in range(k, lengths[r]):  # each response token masked with its pass's other tokens (K = 2)
+            m = torch.zeros_like(pm)
+            m[0, 1 + k:1 + lengths[r]] = (torch.arange(1 + k, 1 + lengths[r]) % 2) == ((1 + j) % 2)
+            x_t = torch.where(m, tok.mask_id, ids)
+            logits = net(x_t, torch.tensor([0.5]), key_padding_mask=real, prompt_mask=pm).float()
+            logits[..., tok.mask_id] = float("-inf")
+            ce.append(float(-logits[0, 1 + j].log_softmax(-1)[ids[0, 1 + j]]))
+    expect = normalize_per_document(np.array(ce), np.array([len(ce)]))
+    assert np.allclose(s[starts[r] + k:starts[r] + lengths[r]], expect, atol=1e-5)
+
+
+def test_the_build_annotates_task_data_over_the_response(tok):
+    """The build passes the prompt separator to its annotating workers when the data trains on
+    responses (task data by default), and only then."""
+    from data_pipeline.build import density_settings
+    from data_pipeline.encode import encode_annotate_chunk
+
+    task = DataConfig(source="task:pathfinding", density=DensityConfig(annotator="unigram"))
+    assert density_settings(task)["prompt_separator"] == "="
+    assert "prompt_separator" not in density_settings(DataConfig(source="task:pathfinding", train_on="all",
+                                                                 density=DensityConfig(annotator="unigram")))
+    assert "prompt_separator" not in density_settings(DataConfig(source="c.txt", density=DensityConfig(annotator="unigram")))
+    flat, lengths = _flat(tok, TASK_DOCS)
+    ann = UnigramAnnotator(chunk_counts(flat, lengths, tok.vocab_size)[0])
+    dens = {"view": "scores", "hub_fraction": 0.25, "prompt_separator": "="}
+    _, _, _, d, _ = encode_annotate_chunk(TASK_DOCS, tokenizer=tok, annotator=ann, density=dens)
+    assert np.array_equal(d, annotate(ann, flat, lengths, "scores", prompt_id=tok.ids["="]))
+    assert not d[:_prompt_lens(tok, TASK_DOCS)[0]].any()

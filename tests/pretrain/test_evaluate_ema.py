@@ -11,10 +11,10 @@ from data_pipeline.build import ensure_shards
 from data_pipeline.stream import make_val_loader
 from pretrain.checkpoint import load_model_for_inference
 from pretrain.config import load_config
-from pretrain.diffusion import build_objective
 from pretrain.evaluate import main as evaluate
 from pretrain.evaluate import validation_nll
 from pretrain.train import train
+from pretrain.variants import build_objective
 
 SMALL = [
     "data.task.num_train=64", "data.task.num_val=16", "train.batch_size=8", "train.eval_batches=1",

@@ -136,6 +136,26 @@ def test_scatter_answer_reaches_every_prompt_token_through_the_layers():
     assert bool(reach[answer][:, prompt[0]].bool().all())
 
 
+
+def test_scatter_prompt_relays_higher_offsets_from_the_second_layer():
+    """The authors' rule holds for prompt queries too (prompt(j) or off(j) <= off(i), a prompt
+    position having an offset like any other), so a prompt position sees the response's lower
+    offsets and, from the second layer on, the answer's offset 0 depends on its offset 6 through
+    it. Pinned because the docs once said offset o never sees offsets > o (issue 17; path-finding
+    shape: prompt 52, one 7-token response block of 8). Keeping the prompt to itself did not help
+    there (bench/RESULTS.md)."""
+    L, bs, s = 64, 8, 52
+    prompt = (torch.arange(L) < s)[None]
+    real = (torch.arange(L) < s + 7)[None]
+    mask, _ = attention_mask("scatter", L, bs, key_padding_mask=real, prompt_mask=prompt)
+    hop = mask[0, 0].float()
+    assert not hop[s, s + 6] and not hop[s, s + 1:s + 7].any()  # one layer: offsets <= 0 only
+    assert hop[s - 1, s:s + 7].all()  # the prompt's last position (offset 7) sees the whole answer
+    two = (hop @ hop) > 0
+    assert two[s, s + 6]  # two layers: offset 0 reaches offset 6 through the prompt
+
+
+
 # ------------------------------------------------------------------ objectives: prompt clean, never scored
 
 
@@ -275,3 +295,15 @@ def test_samplers_with_a_prompt_keep_it_and_count_blocks_from_the_response(varia
     assert out.nfe == 4 if variant == "scatter" else out.nfe == 3
     with pytest.raises(ValueError, match="overlap"):
         generate(model, x, torch.ones_like(gen), mask_id=MASK, prompt_mask=prompt)
+
+
+def test_every_objective_divides_by_the_same_response_tokens():
+    """Issue 17 (Scatter's path-finding loss against AR's): every variant's training loss is per
+    response token, the same denominator (AR predicts each response token from the one before)."""
+    batch = task_batch()
+    n_resp = int((batch["loss_mask"] & ~batch["prompt_mask"]).sum())
+    for variant in ("ar", "mdm", "scatter", "block", "jigsaw"):
+        obj = build_objective(DiffusionConfig(), variant, mask_id=MASK)
+        _, stats = obj.training_loss(Probe(16, 4), batch, step_rng(0, 0))
+        assert stats["n_tokens"] == n_resp, variant
+
