@@ -156,7 +156,8 @@ class TrackingConfig:
     uri: str = "sqlite:///mlruns.db"  # local sqlite store, or http://host:port of a tracking server
     artifact_location: str = "mlruns"  # artifact folder for a new experiment in a local store
     experiment: str = "dlm-pretrain"
-    log_samples: int = 3  # generations decoded at every evaluation and logged as text (0 = off)
+    log_samples: int = 3  # generations (task prompts) decoded and logged as text (0 = off)
+    samples_every: int = 0  # steps between those decodings, at an evaluation; 0 = only the final one
     # seconds between batched sends: each send is a database transaction (sqlite) or an HTTP call whose
     # Python work competes with the training step for the CPU; metrics arrive at most this late
     flush_interval_s: float = 10.0
@@ -310,6 +311,9 @@ def validate(cfg: Config) -> None:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.tracking.flush_interval_s > 0, "tracking.flush_interval_s", "must be > 0")
     need(cfg.tracking.log_samples >= 0, "tracking.log_samples", "must be >= 0 (0 = off)")
+    need(cfg.tracking.samples_every >= 0 and cfg.tracking.samples_every % max(t.eval_every, 1) == 0,
+         "tracking.samples_every", f"must be 0 (only at the end) or a multiple of train.eval_every "
+         f"({t.eval_every}): samples are decoded at an evaluation")
     need(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = the device's from the table)")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(0.0 <= t.ema < 1.0, "train.ema", "must be in [0, 1) (0 = off; MDLM uses 0.9999)")
