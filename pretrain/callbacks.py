@@ -61,7 +61,8 @@ class ProgressCallback(Callback):
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.bar.update(1)
-        if trainer.state.step % trainer.cfg.train.log_every == 0:
+        # the first step's loss at once (a new user sees it train), then every log_every steps
+        if trainer.state.step % trainer.cfg.train.log_every == 0 or trainer.state.step == trainer.start_step + 1:
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}",
                                  val_nll=f"{trainer.state.last_val_nll:.4f}", refresh=False)
 
@@ -141,7 +142,9 @@ class SamplesCallback(Callback):
         step, t = trainer.state.step, trainer.cfg.train
         if self.n <= 0:
             return False
-        return step == t.steps if self.every <= 0 else step % self.every == 0 or step == t.steps
+        if step == t.steps:
+            return True
+        return self.every > 0 and step > 0 and step % self.every == 0  # not the untrained model's noise
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         topo = trainer.topology

@@ -342,6 +342,42 @@ def spawn_local(argv: list[str], nproc: int, timeout_s: float) -> int:
     return 128 - code if code < 0 else code  # a rank a signal ended: 128 + its number, as a shell says
 
 
+def mlflow_ui_hint(uri: str) -> str:
+    """How to look at the runs of store `uri`: a tracking server is already a UI (open its address);
+    a local store needs `mlflow ui` started on it."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser (the tracking server's UI)"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1"
+
+
+def next_steps(cfg: Config, run_dir: Path) -> str:
+    """The commands to run next on the run just made: evaluate, generate, export, compare, look."""
+    run = shlex.quote(str(run_dir))
+    if cfg.data.source.startswith("task:"):  # a real validation prompt of the task, answer left out
+        from data_pipeline.tasks import get_task
+
+        task = get_task(cfg.data.source.removeprefix("task:"))
+        example = task.example("val", 0, cfg.data.task.seed, cfg.data.task)
+        answer_len = len(example.answer)
+        prompt = example.prompt
+        generate = f"--prompt {shlex.quote(prompt)} --max-new-tokens {answer_len}"
+    else:
+        generate = "--prompt 'The' --max-new-tokens 64"
+    lines = [
+        "next:",
+        f"  evaluate:  python -m pretrain.evaluate --run {run}",
+        f"  generate:  python -m pretrain.generate --run {run} {generate}",
+        f"  export:    python -m pretrain.convert {run} --hf {shlex.quote(f'hf/{run_dir.name}')}",
+    ]
+    if cfg.tracking.enabled:
+        lines += [
+            f"  compare:   python -m pretrain.compare --uri {shlex.quote(cfg.tracking.uri)} "
+            f"--experiment {shlex.quote(cfg.tracking.experiment)}",
+            f"  MLflow:    {mlflow_ui_hint(cfg.tracking.uri)}",
+        ]
+    return "\n".join(lines)
+
+
 def choose_backend(cfg: Config) -> tuple[str, str]:
     """`local` or `slurm` (and why); `auto` asks Slurm only when the job does not fit here."""
     if cfg.launch.backend == "local":
@@ -454,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             f"nats/token (best {summary['best_val_nll']:.4f})\n"
             f"checkpoint: {summary['checkpoint']}\n"
             f"run dir: {run_dir}\n"
-            + (f"MLflow: {cfg.tracking.uri} (open: mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1)"
-               if cfg.tracking.enabled else "MLflow: off"),
+            f"MLflow: {cfg.tracking.uri if cfg.tracking.enabled else 'off'}\n"
+            f"{next_steps(cfg, run_dir)}",
             flush=True,
         )
     return 0
