@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from pretrain.train import Trainer
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("pretrain.progress")  # the progress bar's numbers, for train.log only (launch)
+progress.propagate = False  # the bar shows them on the console
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,9 @@ class ProgressCallback(Callback):
         if trainer.state.step % trainer.cfg.train.log_every == 0 or trainer.state.step == trainer.start_step + 1:
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}",
                                  val_nll=f"{trainer.state.last_val_nll:.4f}", refresh=False)
+            progress.info("step %d/%d: loss %.4f, %.0f tokens/s, validation NLL %.4f", trainer.state.step,
+                          trainer.cfg.train.steps, metrics["train/loss"], metrics["train/tokens_per_s"],
+                          trainer.state.last_val_nll)
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         log.info("step %d: validation NLL %.4f nats/token (ppl %.3f)", trainer.state.step, metrics["val/nll"],
@@ -125,7 +130,7 @@ def read_metrics(run_dir: str | Path, kind: str = "train") -> dict[int, dict[str
 class SamplesCallback(Callback):
     """Decode `tracking.log_samples` generations with the variant's own sampler and keep them as text,
     at the evaluations of every `tracking.samples_every`-th step (0: only the final evaluation): task
-    runs answer that many validation prompts (and log the task's metrics on them), language runs
+    runs answer that many validation prompts (and log the task's metrics on them, `task/*`), language runs
     sample unconditionally from [BOS]. Written to `<run_dir>/samples/step_*.txt` and sent to MLflow
     as artifacts. Rank 0, on its own replica: skipped under ZeRO-3, tensor and pipeline parallelism,
     whose weights are spread across ranks (sample from the consolidated checkpoint). Decoding runs the
@@ -181,8 +186,8 @@ class SamplesCallback(Callback):
         path.parent.mkdir(exist_ok=True)
         path.write_text("\n".join(lines))
         if self.tracker is not None:
-            self.tracker.log_metrics({f"sample/{k.split('/', 1)[-1]}": v for k, v in scores.items()},
-                                     step=trainer.state.step)
+            # the same names `pretrain.evaluate` logs (task/<metric>; task/examples says on how many)
+            self.tracker.log_metrics(scores, step=trainer.state.step)
             self.tracker.log_artifact(path)
 
 

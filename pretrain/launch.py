@@ -56,6 +56,42 @@ def setup_logging(level: str, rank: int) -> None:
     )
 
 
+class ConsoleLog:
+    """`<run_dir>/train.log`: what the console shows, kept with the run (appended across resumes): the
+    resolved config and plan, every log line, the progress bar's loss at each log_every step
+    (`pretrain.progress`, file only: the bar shows it on the console) and the closing summary."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []  # printed before the run directory exists
+        self.handler: logging.Handler | None = None
+
+    def say(self, text: str, file=None) -> None:
+        print(text, file=file or sys.stdout, flush=True)
+        if self.handler is not None:
+            self.handler.stream.write(text + "\n")
+            self.handler.flush()
+        else:
+            self.pending.append(text)
+
+    def open(self, run_dir: Path, rank: int) -> None:
+        self.handler = logging.FileHandler(run_dir / "train.log")
+        self.handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                                                    datefmt="%H:%M:%S"))
+        self.handler.stream.write("".join(t + "\n" for t in self.pending))
+        self.pending.clear()
+        logging.getLogger().addHandler(self.handler)
+        progress = logging.getLogger("pretrain.progress")
+        progress.addHandler(self.handler)  # (it does not propagate: the bar shows it on the console)
+        progress.setLevel(logging.INFO)
+
+    def close(self) -> None:
+        if self.handler is not None:
+            logging.getLogger().removeHandler(self.handler)
+            logging.getLogger("pretrain.progress").removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
+
 def run_name_for(cfg: Config) -> str:
     return cfg.launch.run_name or f"{cfg.name}-{config_hash(cfg)}"
 
@@ -418,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    console = ConsoleLog()
     if topology.is_rank0 and not is_child:
-        print(f"# resolved config ({args.config})\n{to_yaml(cfg)}", flush=True)
+        console.say(f"# resolved config ({args.config})\n{to_yaml(cfg)}")
         try:
             backend, why = choose_backend(cfg)
         except RuntimeError as e:  # slurm.cluster.SlurmError
@@ -435,14 +472,27 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"# plan\n{plan(cfg)}\n" + (f"this run {change}\n" if change else ""), flush=True)
+        console.say(f"# plan\n{plan(cfg)}\n" + (f"this run {change}\n" if change else ""))
         if cfg.launch.backend == "auto":
-            print(f"backend auto -> {backend}: {why}\n", flush=True)
+            console.say(f"backend auto -> {backend}: {why}\n")
         if backend == "slurm":
             return launch_slurm(cfg, args)
     if args.dry_run:
         return 0
 
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if topology.is_rank0:
+        console.open(run_dir, topology.rank)
+    try:
+        return _run(cfg, args, argv, run_dir, topology, is_child, console)
+    finally:
+        console.close()
+
+
+def _run(cfg: Config, args: argparse.Namespace, argv: list[str], run_dir: Path, topology, is_child: bool,
+         console: ConsoleLog) -> int:
+    """Train (or spawn the ranks that train) and print how it ended."""
     from data_pipeline.build import ensure_shards
     from data_pipeline.shards import ShardFormatError
     from data_pipeline.sources import DataSourceError, DataSourceUnavailable
@@ -451,8 +501,6 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.stop import Stopped
     from pretrain.train import NonFiniteLossError, train
 
-    run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         if topology.is_rank0 and not is_child:
             save_config(cfg, run_dir / "config.yaml")
@@ -466,10 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg, run_dir, run_name_for(cfg))
     except (ConfigError, DataSourceUnavailable, DataSourceError, TokenizerError, ShardFormatError) as e:
         # bad input: the message names the file, shard or key and what to do; no traceback needed
-        print(f"error: {e}", file=sys.stderr)
+        console.say(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.say(f"error: {e}", file=sys.stderr)
         return 1
     except (Stopped, KeyboardInterrupt) as e:  # Ctrl-C/SIGTERM: no traceback, one line on how to go on
         if topology.is_rank0:
@@ -479,11 +527,11 @@ def main(argv: list[str] | None = None) -> int:
             except CheckpointError:
                 latest = None
             what = (f"{e}" if isinstance(e, Stopped) else "interrupted at once (second Ctrl-C), this step not saved")
-            print(f"\n{what}; resume from {latest or 'the start (no checkpoint yet)'} with: {resume}",
-                  file=sys.stderr, flush=True)
+            console.say(f"\n{what}; resume from {latest or 'the start (no checkpoint yet)'} with: {resume}",
+                        file=sys.stderr)
         return e.exit_code if isinstance(e, Stopped) else 130
     if topology.is_rank0:
-        print(
+        console.say(
             f"\ndone: {summary['steps']} steps, {summary['tokens']:,} tokens on {summary['device']} ({summary['dtype']}), "
             f"layout {summary['layout']}\n"
             f"validation NLL: {summary['initial_val_nll']:.4f} at step 0 -> {summary['final_val_nll']:.4f} "
@@ -491,8 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             f"checkpoint: {summary['checkpoint']}\n"
             f"run dir: {run_dir}\n"
             f"MLflow: {cfg.tracking.uri if cfg.tracking.enabled else 'off'}\n"
-            f"{next_steps(cfg, run_dir)}",
-            flush=True,
+            f"{next_steps(cfg, run_dir)}"
         )
     return 0
 

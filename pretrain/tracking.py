@@ -186,9 +186,10 @@ class MlflowSender:
                        params: dict[str, Any], tags: dict[str, str]) -> None:
         info_file = run_dir / RUN_INFO_FILE
         if not info_file.is_file():  # a resumed run keeps what it was created with
+            # start_time: when the run really started, for a run created later (offline start, replay)
             info = {"uri": uri, "experiment": experiment, "run_name": run_name,
                     "artifact_location": artifact_location, "params": {k: str(v) for k, v in params.items()},
-                    "tags": tags}
+                    "tags": tags, "start_time": int(time.time() * 1000)}
             info_file.write_text(json.dumps(info, indent=1))
 
     def ensure_run(self) -> None:
@@ -208,7 +209,8 @@ class MlflowSender:
             exp_id = self.client.create_experiment(info["experiment"], artifact_location=location)
         else:
             exp_id = exp.experiment_id
-        run = self.client.create_run(exp_id, run_name=info["run_name"], tags=info["tags"])
+        run = self.client.create_run(exp_id, run_name=info["run_name"], tags=info["tags"],
+                                     start_time=info.get("start_time"))
         from mlflow.entities import Param
 
         params = [Param(k, v) for k, v in sorted(info["params"].items())]
@@ -233,8 +235,9 @@ class MlflowSender:
             elif kind == "artifact":
                 if Path(payload).is_file():
                     self.client.log_artifact(self.run_id, payload)
-            elif kind == "terminate":
-                self.client.set_terminated(self.run_id, status=payload)
+            elif kind == "terminate":  # [status, end time in ms] (a bare status from older spools)
+                status, end = (payload, None) if isinstance(payload, str) else payload
+                self.client.set_terminated(self.run_id, status=status, end_time=end)
 
     def append_spool(self, records: list) -> None:
         if not records:
@@ -321,7 +324,7 @@ class MlflowTracker:
         if self._finished:
             return
         self._finished = True
-        self._queue.put(("terminate", status))
+        self._queue.put(("terminate", [status, int(time.time() * 1000)]))  # the real end, even if replayed
         self._queue.put(_STOP)
         self._thread.join(timeout)
         if self.sender.spool.is_file():

@@ -40,6 +40,10 @@ def test_a_finished_launch_ends_with_the_next_commands_for_its_run_and_decodes_n
     assert commands["compare"] == f"python -m pretrain.compare --uri sqlite:///{tmp_path / 'off/mlruns.db'} " \
                                   "--experiment quickstart"
     assert commands["MLflow"].startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'off/mlruns.db'}")
+    # the run directory keeps what the console showed: the plan, the log, each logged step's loss, the end
+    log = (run / "train.log").read_text()
+    for shown in ("# plan", "validation NLL", "step 1/4: loss ", "next:", commands["generate"]):
+        assert shown in log, shown
     # the printed generate command works on the run just made: it answers the validation prompt it names
     argv = shlex.split(commands["generate"])
     assert argv[:4] == ["python", "-m", "pretrain.generate", "--run"]

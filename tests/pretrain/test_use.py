@@ -401,10 +401,11 @@ def test_readme_user_journey(quick, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(root)
     uri = f"sqlite:///{root / 'mlruns.db'}"
     assert evaluate(["--run", str(quick), "--eval-batches", "1", "--num-samples", "2", "--batch-size", "2"]) == 0
-    assert "logged under eval/" in capsys.readouterr().out
+    assert "logged to the MLflow run" in capsys.readouterr().out
     run_id = (quick / "mlflow_run_id").read_text().strip()
     logged = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
-    assert "eval/val.nll" in logged and "eval/task.solved" in logged
+    assert "val/nll" in logged and "task/solved" in logged  # one name per quantity, no eval/ copy
+    assert not any(k.startswith(("eval/", "sample/")) for k in logged)
     assert generate(["--run", str(quick), "--prompt", PUZZLE, "--max-new-tokens", "81", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith(PUZZLE)
     assert convert([str(quick), "--hf", str(tmp_path / "hf")]) == 0
