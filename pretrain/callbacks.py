@@ -197,6 +197,13 @@ class TrackingCallback(Callback):
     def __init__(self, tracker) -> None:
         self.tracker = tracker
 
+    def on_train_start(self, trainer: Trainer) -> None:
+        from pretrain.tracking import dataset_input
+
+        data = trainer.data  # logged again on a resume: MLflow keeps one input per digest
+        self.tracker.log_dataset(dataset_input(trainer.cfg.data.source, data.shard_dir,
+                                               {"train": data.train_dir, "val": data.val_dir}))
+
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if trainer.state.step % trainer.cfg.train.log_every == 0:
             from pretrain.tracking import system_metrics
@@ -218,4 +225,14 @@ class TrackingCallback(Callback):
         latest = ckpt.latest_checkpoint(trainer.run_dir, checksums=False)
         if latest is not None:
             self.tracker.set_tags({"checkpoint.latest": str(latest.resolve())})
+        if status == "FINISHED" and latest is not None and trainer.cfg.tracking.log_model == "hf":
+            from pretrain.convert import export_hf
+
+            try:  # the final checkpoint is on disk (CheckpointCallback ran first)
+                out = export_hf(latest, trainer.run_dir / "hf")
+                self.tracker.log_artifacts(out, "model")
+                log.info("tracking.log_model=hf: the Hugging Face export %s is logged as the run's model/", out)
+            except Exception as e:  # the run itself is done and saved: say what is missing, do not fail it
+                log.error("tracking.log_model=hf: the export failed (%s: %s); run `python -m pretrain.convert %s "
+                          "--hf OUT` by hand", type(e).__name__, e, trainer.run_dir)
         self.tracker.finish(status if status in ("FINISHED", "KILLED") else "FAILED")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,7 @@ class LaunchConfig:
     nodes: int = 1  # Slurm nodes (more than 1 needs the slurm backend)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # partition, time limit, requeues, ...
     output_dir: str = "runs"  # runs land in <output_dir>/<experiment>/<run_name>
-    run_name: str = ""  # "" = <config name>-<short hash of the resolved config>
+    run_name: str = ""  # "" = <config name>-s<seed>-<keys set away from the recipe>-<short hash of the config>
     resume: bool = True  # continue from the run directory's latest checkpoint if there is one
 
 
@@ -157,6 +158,9 @@ class TrackingConfig:
     artifact_location: str = "mlruns"  # artifact folder for a new experiment in a local store
     experiment: str = "dlm-pretrain"
     log_samples: int = 3  # generations (task prompts) decoded and logged as text (0 = off)
+    # the finished run's model as an MLflow artifact: "hf" = its Hugging Face export (pretrain.convert --hf:
+    # safetensors, config, tokenizer, modeling code; needs the hf extra) under the run's `model/`
+    log_model: str = "none"
     samples_every: int = 0  # steps between those decodings, at an evaluation; 0 = only the final one
     # seconds between batched sends: each send is a database transaction (sqlite) or an HTTP call whose
     # Python work competes with the training step for the CPU; metrics arrive at most this late
@@ -193,6 +197,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.density_form": ("ratio", "logit_tilt"),
     "diffusion.syntactic": ("priority", "complement"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
+    "tracking.log_model": ("none", "hf"),
     "train.optimizer": ("adamw", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16"),
@@ -458,3 +463,29 @@ def config_hash(cfg: Config, length: int = 8) -> str:
         d[section].pop(name)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def recipe_defaults(path: str | Path | None) -> Config:
+    """The recipe `path` as written (its `inherit:` chain, no overrides, not validated): what a run's
+    overrides are measured against when naming it."""
+    cfg: Config = merge_layers(Config, read_layers(path, None))
+    if not cfg.name:
+        cfg.name = Path(path).stem if path is not None else "run"
+    return cfg
+
+
+def descriptive_run_name(cfg: Config, recipe: Config | None = None, max_changes: int = 48) -> str:
+    """`<recipe>-s<seed>[-<key>=<value>,...]-<hash>`: the recipe, the seed and the keys set away from the
+    recipe (those the hash covers: not launch/tracking or RUN_LENGTH_KEYS, so extending a run keeps its
+    name), shortened to their last part; more than `max_changes` characters of them become `<n>changes`.
+    The hash keeps two runs with different settings apart whatever the text shows."""
+    parts = [cfg.name, f"s{cfg.seed}"]
+    if recipe is not None:
+        now, was = flatten(cfg), flatten(recipe)
+        changed = [k for k in sorted(now) if now[k] != was.get(k) and k not in ("seed", "name", *RUN_LENGTH_KEYS)
+                   and not k.startswith(("launch.", "tracking."))]
+        text = ",".join(f"{k.rsplit('.', 1)[-1]}={now[k]}" for k in changed)
+        if text:
+            parts.append(text if len(text) <= max_changes else f"{len(changed)}changes")
+    parts.append(config_hash(cfg))
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "", "-".join(parts))  # a directory name, whatever the values

@@ -18,7 +18,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, config_hash, load_config, save_config, to_yaml
+from pretrain.config import (
+    Config,
+    ConfigError,
+    config_hash,
+    descriptive_run_name,
+    load_config,
+    recipe_defaults,
+    save_config,
+    to_yaml,
+)
 
 log = logging.getLogger("pretrain.launch")
 
@@ -94,6 +103,18 @@ class ConsoleLog:
 
 def run_name_for(cfg: Config) -> str:
     return cfg.launch.run_name or f"{cfg.name}-{config_hash(cfg)}"
+
+
+def name_the_run(cfg: Config, config_path: str | None) -> None:
+    """Set launch.run_name (when not given) to what says how this run differs: recipe, seed, the keys
+    set away from the recipe, hash (`lm1b_bell-s0-lr=0.0003-1a2b3c4d`). A run directory of the older
+    `<recipe>-<hash>` name is kept, so its runs still resume."""
+    if cfg.launch.run_name:
+        return
+    name = descriptive_run_name(cfg, recipe_defaults(config_path))
+    parent = Path(cfg.launch.output_dir) / cfg.tracking.experiment
+    legacy = f"{cfg.name}-{config_hash(cfg)}"
+    cfg.launch.run_name = legacy if (parent / legacy).is_dir() and not (parent / name).exists() else name
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -450,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, topology.rank)
     try:
         cfg = load_config(args.config, args.overrides)
+        name_the_run(cfg, args.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
