@@ -175,7 +175,7 @@ def test_dry_run_shows_size_flops_tokens_and_hub_need(capsys, monkeypatch, tmp_p
     flops = float(size.split("parameters")[1].split(",")[1].split()[0]) * 1e6
     assert 6 * params < flops < 6 * params + 12 * 4 * 128 * 168 + 1e3  # 6N + attention
     assert "MFLOPs per training token" in size and "vocabulary 16" in size
-    assert "400 steps x 32 sequences x 168 = 2.15M tokens" in out
+    assert "250 steps x 32 sequences x 168 = 1.34M tokens" in out
     assert "data hub    no (task source)" in out
     assert launch(["--config", "configs/lm1b_bell.yaml", "--dry-run", "--set", f"data.shard_dir={tmp_path / 'h'}"]) == 0
     assert "data hub    yes, to build the shards" in capsys.readouterr().out
