@@ -77,8 +77,8 @@ def validation_nll(
 # - language runs: unconditional samples ([BOS] + seq_len - 1 generated tokens, float64 draws) scored
 #   by generative perplexity under a reference AR checkpoint of this framework (`--reference-ar`,
 #   gen/ppl; tokens up to the first EOS) and their unigram entropy (gen/unigram_entropy).
-# Results print as a table, optionally go to a JSON file, and are logged under the same names to the run's
-# MLflow record (the run dir's `mlflow_run_id`) when the run was tracked.
+# Results print as a table, optionally go to a JSON file, and are logged under the same names (one name
+# per quantity) to the run's MLflow record (the run dir's `mlflow_run_id`) when the run was tracked.
 
 EVAL_SAMPLE_SEED = 20_011
 
