@@ -73,8 +73,9 @@ def rank_main(rank: int, world: int, port: int, overrides: list[str], out: str) 
     logging.disable(logging.WARNING)
     from parallel.state import destroy, init_distributed
     from parallel.topology import Topology
+    from pretrain.callbacks import Callback
     from pretrain.config import load_config
-    from pretrain.train import Callback, Trainer
+    from pretrain.train import Trainer
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
     distributed = world > 1 or cfg.parallel.zero_stage > 0

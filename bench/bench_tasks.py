@@ -55,7 +55,7 @@ def one(task: str, variant: str, seed: int, tokens: float, out: Path, args) -> d
     metrics_json = run_dir / "eval.json"
     run([sys.executable, "-m", "pretrain.evaluate", "--run", str(run_dir), "--num-samples", str(args.num_samples),
          "--eval-batches", "4", "--json", str(metrics_json), "--show", "0", "--no-mlflow"])
-    from pretrain.train import read_metrics
+    from pretrain.callbacks import read_metrics
 
     losses = [m["train/loss"] for _, m in sorted(read_metrics(run_dir).items())]
     tail = losses[-max(1, len(losses) // 4):]

@@ -23,9 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from parallel.topology import Topology  # noqa: E402
+from pretrain.callbacks import TrackingCallback  # noqa: E402
 from pretrain.config import flatten, load_config  # noqa: E402
 from pretrain.tracking import MlflowTracker, prepare_store, start_local_server, stop_local_server  # noqa: E402
-from pretrain.train import TrackingCallback, Trainer  # noqa: E402
+from pretrain.train import Trainer  # noqa: E402
 
 
 def free_port() -> int:

@@ -90,7 +90,10 @@ def tokens_to_reach(tokens: np.ndarray, nll: np.ndarray, target: float) -> float
 
 
 def _history(client, run_id: str, key: str) -> list:
-    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    """One value per step, the latest logged: `pretrain.evaluate` logs the same names as the trainer
+    (val/nll at the checkpoint's step), and its later, fuller evaluation replaces the trainer's point."""
+    by_step = {m.step: m for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def load_runs(uri: str, experiment: str | None, run_ids: list[str], tags: list[str]) -> list[RunRecord]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,7 @@ class LaunchConfig:
     nodes: int = 1  # Slurm nodes (more than 1 needs the slurm backend)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # partition, time limit, requeues, ...
     output_dir: str = "runs"  # runs land in <output_dir>/<experiment>/<run_name>
-    run_name: str = ""  # "" = <config name>-<short hash of the resolved config>
+    run_name: str = ""  # "" = <config name>-s<seed>-<keys set away from the recipe>-<short hash of the config>
     resume: bool = True  # continue from the run directory's latest checkpoint if there is one
 
 
@@ -174,7 +175,11 @@ class TrackingConfig:
     uri: str = "sqlite:///mlruns.db"  # local sqlite store, or http://host:port of a tracking server
     artifact_location: str = "mlruns"  # artifact folder for a new experiment in a local store
     experiment: str = "dlm-pretrain"
-    log_samples: int = 3  # generations decoded at every evaluation and logged as text (0 = off)
+    log_samples: int = 3  # generations (task prompts) decoded and logged as text (0 = off)
+    # the finished run's model as an MLflow artifact: "hf" = its Hugging Face export (pretrain.convert --hf:
+    # safetensors, config, tokenizer, modeling code; needs the hf extra) under the run's `model/`
+    log_model: str = "none"
+    samples_every: int = 0  # steps between those decodings, at an evaluation; 0 = only the final one
     # seconds between batched sends: each send is a database transaction (sqlite) or an HTTP call whose
     # Python work competes with the training step for the CPU; metrics arrive at most this late
     flush_interval_s: float = 10.0
@@ -208,6 +213,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.syntactic": SYNTACTIC_FORMS,
     "diffusion.adaptive.statistic": ("auto", "rms", "std"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
+    "tracking.log_model": ("none", "hf"),
     "train.optimizer": ("adamw", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16"),
@@ -348,6 +354,9 @@ def validate(cfg: Config) -> None:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.tracking.flush_interval_s > 0, "tracking.flush_interval_s", "must be > 0")
     need(cfg.tracking.log_samples >= 0, "tracking.log_samples", "must be >= 0 (0 = off)")
+    need(cfg.tracking.samples_every >= 0 and cfg.tracking.samples_every % max(t.eval_every, 1) == 0,
+         "tracking.samples_every", f"must be 0 (only at the end) or a multiple of train.eval_every "
+         f"({t.eval_every}): samples are decoded at an evaluation")
     need(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = the device's from the table)")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(not t.compile or (p.tp == 1 and p.pp == 1), "train.compile",
@@ -457,3 +466,29 @@ def config_hash(cfg: Config, length: int = 8) -> str:
         d[section].pop(name)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def recipe_defaults(path: str | Path | None) -> Config:
+    """The recipe `path` as written (its `inherit:` chain, no overrides, not validated): what a run's
+    overrides are measured against when naming it."""
+    cfg: Config = merge_layers(Config, read_layers(path, None))
+    if not cfg.name:
+        cfg.name = Path(path).stem if path is not None else "run"
+    return cfg
+
+
+def descriptive_run_name(cfg: Config, recipe: Config | None = None, max_changes: int = 48) -> str:
+    """`<recipe>-s<seed>[-<key>=<value>,...]-<hash>`: the recipe, the seed and the keys set away from the
+    recipe (those the hash covers: not launch/tracking or RUN_LENGTH_KEYS, so extending a run keeps its
+    name), shortened to their last part; more than `max_changes` characters of them become `<n>changes`.
+    The hash keeps two runs with different settings apart whatever the text shows."""
+    parts = [cfg.name, f"s{cfg.seed}"]
+    if recipe is not None:
+        now, was = flatten(cfg), flatten(recipe)
+        changed = [k for k in sorted(now) if now[k] != was.get(k) and k not in ("seed", "name", *RUN_LENGTH_KEYS)
+                   and not k.startswith(("launch.", "tracking."))]
+        text = ",".join(f"{k.rsplit('.', 1)[-1]}={now[k]}" for k in changed)
+        if text:
+            parts.append(text if len(text) <= max_changes else f"{len(changed)}changes")
+    parts.append(config_hash(cfg))
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "", "-".join(parts))  # a directory name, whatever the values

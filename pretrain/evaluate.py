@@ -81,8 +81,8 @@ def validation_nll(
 #   gen/ppl; tokens up to the first EOS) and their unigram entropy (gen/unigram_entropy).
 # - the weights: the moving average (train.ema) when the run kept one, the weights the trainer's own
 #   validation scores (`--no-ema`: the raw weights), loaded from any layout's checkpoint;
-# Results print as a table, optionally go to a JSON file, and are logged under `eval/` to the run's
-# MLflow record (the run dir's `mlflow_run_id`) when the run was tracked.
+# Results print as a table, optionally go to a JSON file, and are logged under the same names (one name
+# per quantity) to the run's MLflow record (the run dir's `mlflow_run_id`) when the run was tracked.
 
 EVAL_SAMPLE_SEED = 20_011
 
@@ -241,8 +241,9 @@ def tracking_client(run_dir):
 
 
 def log_to_mlflow(run_dir, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> bool:
-    """Add `eval/<name>` metrics (e.g. eval/val.nll, eval/gen.ppl; non-finite values are left out)
-    and tags to the run's MLflow record at `step`; False when the run is not tracked."""
+    """Add the metrics under their own names (val/nll, task/cell_acc, gen/ppl, zeroshot/<name>/nll: one
+    name per quantity, whoever measured it; non-finite values are left out) and tags (eval.*: how this
+    evaluation was made) to the run's MLflow record at `step`; False when the run is not tracked."""
     import time
 
     tracked = tracking_client(run_dir)
@@ -252,7 +253,7 @@ def log_to_mlflow(run_dir, metrics: dict[str, float], step: int, tags: dict[str,
 
     client, run_id = tracked
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"eval/{k.replace('/', '.')}", float(v), now, step)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
                                       for k, v in metrics.items() if math.isfinite(float(v))])
     for k, v in (tags or {}).items():
         client.set_tag(run_id, k, v)
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.reference_ar:
                 tags["eval.reference_ar"] = str(args.reference_ar)
             if log_to_mlflow(run_dir, metrics, step, tags=tags):
-                print(f"logged under eval/ to the MLflow run of {run_dir} (step {step})")
+                print(f"logged to the MLflow run of {run_dir} (step {step}; tags eval.*)")
             else:
                 print(f"{run_dir} was not tracked (no mlflow_run_id): nothing logged to MLflow")
         except Exception as e:  # tracking must not lose the printed result

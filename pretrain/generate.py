@@ -1,6 +1,6 @@
 """Generate text from a trained run: `python -m pretrain.generate --run RUN_DIR --prompt "..."`.
 
-    python -m pretrain.generate --run runs/quickstart/quickstart-1a2b3c4d \\
+    python -m pretrain.generate --run runs/quickstart/quickstart-s0-1a2b3c4d \\
         --prompt "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79=" \\
         --max-new-tokens 81
     python -m pretrain.generate --run runs/lm1b/RUN --prompt "The cat" --temperature 1 --num-samples 4

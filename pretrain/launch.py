@@ -18,7 +18,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, config_hash, load_config, save_config, to_yaml
+from pretrain.config import (
+    Config,
+    ConfigError,
+    config_hash,
+    descriptive_run_name,
+    load_config,
+    recipe_defaults,
+    save_config,
+    to_yaml,
+)
 
 log = logging.getLogger("pretrain.launch")
 
@@ -56,8 +65,56 @@ def setup_logging(level: str, rank: int) -> None:
     )
 
 
+class ConsoleLog:
+    """`<run_dir>/train.log`: what the console shows, kept with the run (appended across resumes): the
+    resolved config and plan, every log line, the progress bar's loss at each log_every step
+    (`pretrain.progress`, file only: the bar shows it on the console) and the closing summary."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []  # printed before the run directory exists
+        self.handler: logging.Handler | None = None
+
+    def say(self, text: str, file=None) -> None:
+        print(text, file=file or sys.stdout, flush=True)
+        if self.handler is not None:
+            self.handler.stream.write(text + "\n")
+            self.handler.flush()
+        else:
+            self.pending.append(text)
+
+    def open(self, run_dir: Path, rank: int) -> None:
+        self.handler = logging.FileHandler(run_dir / "train.log")
+        self.handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                                                    datefmt="%H:%M:%S"))
+        self.handler.stream.write("".join(t + "\n" for t in self.pending))
+        self.pending.clear()
+        logging.getLogger().addHandler(self.handler)
+        progress = logging.getLogger("pretrain.progress")
+        progress.addHandler(self.handler)  # (it does not propagate: the bar shows it on the console)
+        progress.setLevel(logging.INFO)
+
+    def close(self) -> None:
+        if self.handler is not None:
+            logging.getLogger().removeHandler(self.handler)
+            logging.getLogger("pretrain.progress").removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
+
 def run_name_for(cfg: Config) -> str:
     return cfg.launch.run_name or f"{cfg.name}-{config_hash(cfg)}"
+
+
+def name_the_run(cfg: Config, config_path: str | None) -> None:
+    """Set launch.run_name (when not given) to what says how this run differs: recipe, seed, the keys
+    set away from the recipe, hash (`lm1b_bell-s0-lr=0.0003-1a2b3c4d`). A run directory of the older
+    `<recipe>-<hash>` name is kept, so its runs still resume."""
+    if cfg.launch.run_name:
+        return
+    name = descriptive_run_name(cfg, recipe_defaults(config_path))
+    parent = Path(cfg.launch.output_dir) / cfg.tracking.experiment
+    legacy = f"{cfg.name}-{config_hash(cfg)}"
+    cfg.launch.run_name = legacy if (parent / legacy).is_dir() and not (parent / name).exists() else name
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -342,6 +399,42 @@ def spawn_local(argv: list[str], nproc: int, timeout_s: float) -> int:
     return 128 - code if code < 0 else code  # a rank a signal ended: 128 + its number, as a shell says
 
 
+def mlflow_ui_hint(uri: str) -> str:
+    """How to look at the runs of store `uri`: a tracking server is already a UI (open its address);
+    a local store needs `mlflow ui` started on it."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser (the tracking server's UI)"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1"
+
+
+def next_steps(cfg: Config, run_dir: Path) -> str:
+    """The commands to run next on the run just made: evaluate, generate, export, compare, look."""
+    run = shlex.quote(str(run_dir))
+    if cfg.data.source.startswith("task:"):  # a real validation prompt of the task, answer left out
+        from data_pipeline.tasks import get_task
+
+        task = get_task(cfg.data.source.removeprefix("task:"))
+        example = task.example("val", 0, cfg.data.task.seed, cfg.data.task)
+        answer_len = len(example.answer)
+        prompt = example.prompt
+        generate = f"--prompt {shlex.quote(prompt)} --max-new-tokens {answer_len}"
+    else:
+        generate = "--prompt 'The' --max-new-tokens 64"
+    lines = [
+        "next:",
+        f"  evaluate:  python -m pretrain.evaluate --run {run}",
+        f"  generate:  python -m pretrain.generate --run {run} {generate}",
+        f"  export:    python -m pretrain.convert {run} --hf {shlex.quote(f'hf/{run_dir.name}')}",
+    ]
+    if cfg.tracking.enabled:
+        lines += [
+            f"  compare:   python -m pretrain.compare --uri {shlex.quote(cfg.tracking.uri)} "
+            f"--experiment {shlex.quote(cfg.tracking.experiment)}",
+            f"  MLflow:    {mlflow_ui_hint(cfg.tracking.uri)}",
+        ]
+    return "\n".join(lines)
+
+
 def choose_backend(cfg: Config) -> tuple[str, str]:
     """`local` or `slurm` (and why); `auto` asks Slurm only when the job does not fit here."""
     if cfg.launch.backend == "local":
@@ -378,12 +471,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, topology.rank)
     try:
         cfg = load_config(args.config, args.overrides)
+        name_the_run(cfg, args.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    console = ConsoleLog()
     if topology.is_rank0 and not is_child:
-        print(f"# resolved config ({args.config})\n{to_yaml(cfg)}", flush=True)
+        console.say(f"# resolved config ({args.config})\n{to_yaml(cfg)}")
         try:
             backend, why = choose_backend(cfg)
         except RuntimeError as e:  # slurm.cluster.SlurmError
@@ -399,14 +494,27 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"# plan\n{plan(cfg)}\n" + (f"this run {change}\n" if change else ""), flush=True)
+        console.say(f"# plan\n{plan(cfg)}\n" + (f"this run {change}\n" if change else ""))
         if cfg.launch.backend == "auto":
-            print(f"backend auto -> {backend}: {why}\n", flush=True)
+            console.say(f"backend auto -> {backend}: {why}\n")
         if backend == "slurm":
             return launch_slurm(cfg, args)
     if args.dry_run:
         return 0
 
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if topology.is_rank0:
+        console.open(run_dir, topology.rank)
+    try:
+        return _run(cfg, args, argv, run_dir, topology, is_child, console)
+    finally:
+        console.close()
+
+
+def _run(cfg: Config, args: argparse.Namespace, argv: list[str], run_dir: Path, topology, is_child: bool,
+         console: ConsoleLog) -> int:
+    """Train (or spawn the ranks that train) and print how it ended."""
     from data_pipeline.build import ensure_shards
     from data_pipeline.shards import ShardFormatError
     from data_pipeline.sources import DataSourceError, DataSourceUnavailable
@@ -415,8 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.stop import Stopped
     from pretrain.train import NonFiniteLossError, train
 
-    run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         if topology.is_rank0 and not is_child:
             save_config(cfg, run_dir / "config.yaml")
@@ -430,10 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg, run_dir, run_name_for(cfg))
     except (ConfigError, DataSourceUnavailable, DataSourceError, TokenizerError, ShardFormatError) as e:
         # bad input: the message names the file, shard or key and what to do; no traceback needed
-        print(f"error: {e}", file=sys.stderr)
+        console.say(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.say(f"error: {e}", file=sys.stderr)
         return 1
     except (Stopped, KeyboardInterrupt) as e:  # Ctrl-C/SIGTERM: no traceback, one line on how to go on
         if topology.is_rank0:
@@ -443,20 +549,19 @@ def main(argv: list[str] | None = None) -> int:
             except CheckpointError:
                 latest = None
             what = (f"{e}" if isinstance(e, Stopped) else "interrupted at once (second Ctrl-C), this step not saved")
-            print(f"\n{what}; resume from {latest or 'the start (no checkpoint yet)'} with: {resume}",
-                  file=sys.stderr, flush=True)
+            console.say(f"\n{what}; resume from {latest or 'the start (no checkpoint yet)'} with: {resume}",
+                        file=sys.stderr)
         return e.exit_code if isinstance(e, Stopped) else 130
     if topology.is_rank0:
-        print(
+        console.say(
             f"\ndone: {summary['steps']} steps, {summary['tokens']:,} tokens on {summary['device']} ({summary['dtype']}), "
             f"layout {summary['layout']}\n"
             f"validation NLL: {summary['initial_val_nll']:.4f} at step 0 -> {summary['final_val_nll']:.4f} "
             f"nats/token (best {summary['best_val_nll']:.4f})\n"
             f"checkpoint: {summary['checkpoint']}\n"
             f"run dir: {run_dir}\n"
-            + (f"MLflow: {cfg.tracking.uri} (open: mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1)"
-               if cfg.tracking.enabled else "MLflow: off"),
-            flush=True,
+            f"MLflow: {cfg.tracking.uri if cfg.tracking.enabled else 'off'}\n"
+            f"{next_steps(cfg, run_dir)}"
         )
     return 0
 

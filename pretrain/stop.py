@@ -2,10 +2,10 @@
 
 A signal handler only records the request (`StopFlag`); acting inside the handler would interrupt a
 collective or a half-written checkpoint. `StopCallback`, the trainer's last callback, then after every
-step: agrees on the request across ranks (one tiny all-reduce, so every rank stops at the same step
-even when only one got the signal), writes the checkpoint together (after the step's evaluation when
-one is due) and raises the flag's exception on every rank. The exception's `status` ("KILLED") is
-what the trainer reports to MLflow; `pretrain.launch` turns `Stopped` into one line saying how to
+step (in post_step, after the step's evaluation and checkpoint): agrees on the request across ranks
+(one tiny all-reduce, so every rank stops at the same step even when only one got the signal), writes
+the checkpoint together (unless the loop has just written this step's) and raises the flag's
+exception on every rank. The exception's `status` ("KILLED") is what the trainer reports to MLflow; `pretrain.launch` turns `Stopped` into one line saying how to
 resume, and exit status 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
 
 Slurm's preemption (`slurm/job.py`) uses the same callback with its own flag (SIGUSR2 -> requeue).
@@ -19,6 +19,8 @@ import os
 import signal
 import threading
 from typing import Any
+
+from pretrain.callbacks import Callback, StepInfo
 
 log = logging.getLogger(__name__)
 
@@ -97,39 +99,26 @@ def _agree(code: int, trainer) -> int:
     return int(comm.all_reduce_max(code))
 
 
-def make_stop_callback(flags: list[StopFlag]):
-    """The trainer's last callback, on every rank. With several flags, a later one wins when ranks
-    disagree (the user's stop over Slurm's requeue)."""
-    from pretrain.train import Callback
+class StopCallback(Callback):
+    """Every rank, after each step (its evaluation and checkpoint included, as the loop reports them in
+    post_step): agree on the stop request, then checkpoint together (unless the loop just did) and stop.
+    With several flags, a later one wins when ranks disagree (the user's stop over Slurm's requeue)."""
 
-    class StopCallback(Callback):
-        """Every rank: agree on the stop request after each step, then checkpoint together and stop."""
+    def __init__(self, flags: list[StopFlag]) -> None:
+        self.flags = flags
 
-        pending = 0
+    def post_step(self, trainer, info: StepInfo) -> None:
+        if info.final:  # the run ends here anyway, with its final checkpoint
+            return
+        code = max((i + 1 for i, f in enumerate(self.flags) if f.signalled), default=0)
+        code = _agree(code, trainer)
+        if code == 0:
+            return
+        if not info.checkpointed:
+            trainer.save_checkpoint()
+        raise self.flags[code - 1].exception(info.step)
 
-        def on_step_end(self, trainer, metrics) -> None:
-            t = trainer.cfg.train
-            step = trainer.state.step
-            if step >= t.steps:  # the run ends here anyway, with its final checkpoint
-                return
-            code = max((i + 1 for i, f in enumerate(flags) if f.signalled), default=0)
-            code = _agree(code, trainer)
-            if code == 0:
-                return
-            if step % t.eval_every == 0:  # the loop evaluates this step next: stop after it
-                self.pending = code
-                return
-            self._stop(trainer, flags[code - 1])
 
-        def on_eval_end(self, trainer, metrics) -> None:
-            if self.pending:
-                self._stop(trainer, flags[self.pending - 1])
-
-        @staticmethod
-        def _stop(trainer, flag: StopFlag) -> None:
-            step, every = trainer.state.step, trainer.cfg.train.checkpoint_every
-            if not (every and step % every == 0):  # CheckpointCallback has not just written this step
-                trainer.save_checkpoint()
-            raise flag.exception(step)
-
-    return StopCallback()
+def make_stop_callback(flags: list[StopFlag]) -> StopCallback:
+    """The trainer's last callback, on every rank."""
+    return StopCallback(flags)

@@ -1,11 +1,11 @@
 """The training loop: data from the shard stream, the model, the diffusion objective, AdamW.
 
-Everything optional (progress display, MLflow, checkpoints) is a small callback (OLMo-core style),
-so the loop itself stays readable:
+Everything optional (progress display, MLflow, checkpoints, stopping) is a small callback
+(OLMo-core style, pretrain/callbacks.py), so the loop itself stays readable:
 
     for step in steps:
         batch -> loss (objective, with this step's RNG) -> backward -> clip -> optimizer step
-        every eval_every: validation NLL;  callbacks see every step's and every eval's metrics
+        on_step_end; every eval_every: validation NLL, on_eval_end; post_step (evaluated? checkpointed?)
 
 Determinism: the diffusion draws of a step come from `step_rng(seed, step, dp_rank, dp_size)`, the
 loader's position is part of the checkpoint, so a resumed run continues exactly.
@@ -38,6 +38,15 @@ from parallel import comm
 from parallel.engine import PlainEngine
 from parallel.topology import Topology
 from pretrain import checkpoint as ckpt
+from pretrain.callbacks import (
+    Callback,
+    CheckpointCallback,
+    MetricsFileCallback,
+    ProgressCallback,
+    SamplesCallback,
+    StepInfo,
+    TrackingCallback,
+)
 from pretrain.config import Config, flatten, to_yaml
 from pretrain.diffusion import step_rng
 from pretrain.evaluate import validation_nll
@@ -109,16 +118,6 @@ def build_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.op
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=0.0)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
-
-
-class Callback:
-    """Hooks the trainer calls; override what you need."""
-
-    def on_train_start(self, trainer: Trainer) -> None: ...
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
-    def on_step_skipped(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...  # non-finite
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
-    def on_train_end(self, trainer: Trainer, status: str) -> None: ...
 
 
 class Trainer:
@@ -267,6 +266,7 @@ class Trainer:
         }
         if self.ema is not None:  # this rank's average, under this rank's parameter names
             rank_state["ema"] = self.ema.state_dict()
+        self.checkpointed_step = self.state.step  # post_step tells the callbacks
         return ckpt.save_checkpoint(
             self.run_dir, self.state.step, lambda d: self.engine.save(d, self.topology.is_rank0),
             trainer_state, rank_state, to_yaml(self.cfg), keep=self.cfg.train.keep_checkpoints,
@@ -457,6 +457,7 @@ class Trainer:
         try:  # from the resume on: whatever happens, every callback hears how the run ended
             self.maybe_resume()
             self._fit_start, self._elapsed_base = time.perf_counter(), self.state.elapsed_s
+            self.checkpointed_step = -1
             for cb in self.callbacks:
                 cb.on_train_start(self)
             if self.state.step == 0:
@@ -502,8 +503,13 @@ class Trainer:
                     metrics.update(self.adaptive_sampler.metrics())
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
-                if self.state.step % cfg.eval_every == 0 or self.state.step == cfg.steps:
+                step = self.state.step
+                evaluated = step % cfg.eval_every == 0 or step == cfg.steps
+                if evaluated:
                     self.evaluate()
+                info = StepInfo(step, evaluated, self.checkpointed_step == step, final=step >= cfg.steps)
+                for cb in self.callbacks:
+                    cb.post_step(self, info)
             status = "FINISHED"
         except BaseException as e:
             status = end_status(e)
@@ -563,160 +569,6 @@ class Trainer:
             "layout": self.layout,
             "checkpoint": str(ckpt.latest_checkpoint(self.run_dir, checksums=False) or ""),
         }
-
-
-# ---------------------------------------------------------------------- callbacks
-
-
-class ProgressCallback(Callback):
-    """Rank 0's progress bar: step, loss, tokens/s, ETA; evaluations go to the log."""
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=trainer.cfg.train.steps, initial=trainer.state.step, desc="train",
-                        unit="step", mininterval=1.0, dynamic_ncols=True)
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self.bar.update(1)
-        if trainer.state.step % trainer.cfg.train.log_every == 0:
-            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}",
-                                 val_nll=f"{trainer.state.last_val_nll:.4f}", refresh=False)
-
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        log.info("step %d: validation NLL %.4f nats/token (ppl %.3f)", trainer.state.step, metrics["val/nll"],
-                 metrics["val/ppl"])
-
-    def on_train_end(self, trainer: Trainer, status: str) -> None:
-        if hasattr(self, "bar"):  # absent when the run failed before it started (e.g. its resume)
-            self.bar.close()
-
-
-class CheckpointCallback(Callback):
-    """Checkpoint every `checkpoint_every` steps and at the end (every rank calls; rank 0 writes)."""
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        every = trainer.cfg.train.checkpoint_every
-        if every and trainer.state.step % every == 0 and trainer.state.step < trainer.cfg.train.steps:
-            trainer.save_checkpoint()
-
-    def on_train_end(self, trainer: Trainer, status: str) -> None:
-        if status == "FINISHED" and trainer.state.step > trainer.start_step:
-            trainer.save_checkpoint()
-
-
-class MetricsFileCallback(Callback):
-    """Rank 0 appends every logged step's and every evaluation's metrics to `<run_dir>/metrics.jsonl`:
-    a plain record of the run that needs no tracking server (tests, quick plots, grep). A resumed
-    run appends; a step logged twice (killed after logging, before checkpointing) keeps its last line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def _write(self, kind: str, step: int, metrics: dict[str, float]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"kind": kind, "step": step, **metrics}) + "\n")
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if trainer.state.step % trainer.cfg.train.log_every == 0:
-            self._write("train", trainer.state.step, metrics)
-
-    def on_step_skipped(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self._write("skip", trainer.state.step, metrics)
-
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self._write("eval", trainer.state.step, metrics)
-
-
-def read_metrics(run_dir: str | Path, kind: str = "train") -> dict[int, dict[str, float]]:
-    """step -> metrics of a run's metrics.jsonl (the last line wins for a step logged twice)."""
-    out: dict[int, dict[str, float]] = {}
-    path = Path(run_dir) / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        rec = json.loads(line)
-        if rec.pop("kind") == kind:
-            out[rec.pop("step")] = rec
-    return out
-
-
-class SamplesCallback(Callback):
-    """At every evaluation, decode a few generations with the variant's own sampler and keep them as
-    text: task runs answer validation prompts (and log the task's metrics as `sample/*`), language
-    runs sample unconditionally from [BOS]. Written to `<run_dir>/samples/step_*.txt` and sent to
-    MLflow as artifacts. Rank 0, on its own replica: skipped under ZeRO-3, tensor and pipeline
-    parallelism, whose weights are spread across ranks (sample from the consolidated checkpoint)."""
-
-    def __init__(self, n: int, tracker=None) -> None:
-        self.n = n
-        self.tracker = tracker
-
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        topo = trainer.topology
-        if self.n <= 0 or trainer.cfg.parallel.zero_stage == 3 or topo.tp_size > 1 or topo.pp_size > 1:
-            return
-        from pretrain.sample import SamplerConfig, generate
-
-        cfg, data, model = trainer.cfg, trainer.data, trainer.engine.module
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), trainer.ema_weights():
-                if cfg.data.source.startswith("task:"):
-                    from pretrain.evaluate import task_metrics
-
-                    scores, shown = task_metrics(model, cfg, data, SamplerConfig(), num_samples=max(self.n, 32),
-                                                 device=trainer.device, return_samples=self.n)
-                    lines = [f"prompt: {p}\nsample: {g}\nanswer: {a}\n" for p, g, a in shown]
-                else:
-                    scores = {}
-                    L = cfg.data.seq_len
-                    x = torch.full((self.n, L), data.pad_id, dtype=torch.long)
-                    x[:, 0] = data.bos_id
-                    gen = torch.ones(self.n, L, dtype=torch.bool)
-                    gen[:, 0] = False
-                    out = generate(model, x.to(trainer.device), gen.to(trainer.device), mask_id=data.mask_id,
-                                   cfg=SamplerConfig(temperature=1.0, seed=trainer.state.step),
-                                   forbid_ids=(data.pad_id, data.bos_id))
-                    lines = [f"sample: {data.tokenizer.decode(t.tolist())}\n" for t in out.tokens.cpu()]
-        finally:
-            model.train(was_training)
-        path = trainer.run_dir / "samples" / f"step_{trainer.state.step:07d}.txt"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text("\n".join(lines))
-        if self.tracker is not None:
-            self.tracker.log_metrics({f"sample/{k.split('/', 1)[-1]}": v for k, v in scores.items()},
-                                     step=trainer.state.step)
-            self.tracker.log_artifact(path)
-
-
-class TrackingCallback(Callback):
-    """Sends step metrics (every log_every steps), evaluations and the run's outcome to MLflow."""
-
-    def __init__(self, tracker) -> None:
-        self.tracker = tracker
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if trainer.state.step % trainer.cfg.train.log_every == 0:
-            from pretrain.tracking import system_metrics
-
-            self.tracker.log_metrics({**metrics, **system_metrics()}, step=trainer.state.step)
-
-    def on_step_skipped(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics(metrics, step=trainer.state.step)
-
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics(metrics, step=trainer.state.step)
-        if metrics["val/nll"] <= trainer.state.best_val_nll:
-            self.tracker.set_tags({"val.best_nll_step": str(trainer.state.step)})
-
-    def on_train_end(self, trainer: Trainer, status: str) -> None:
-        config_file = trainer.run_dir / "config.yaml"
-        if config_file.is_file():
-            self.tracker.log_artifact(config_file)
-        latest = ckpt.latest_checkpoint(trainer.run_dir, checksums=False)
-        if latest is not None:
-            self.tracker.set_tags({"checkpoint.latest": str(latest.resolve())})
-        self.tracker.finish(status if status in ("FINISHED", "KILLED") else "FAILED")
 
 
 def run_tags(cfg: Config, trainer_device: str) -> dict[str, str]:
@@ -784,7 +636,7 @@ def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tupl
                 params=flatten(cfg), tags=run_tags(cfg, trainer.device.type),
                 flush_interval=cfg.tracking.flush_interval_s,
             )
-        callbacks.append(SamplesCallback(cfg.tracking.log_samples, tracker))
+        callbacks.append(SamplesCallback(cfg.tracking.log_samples, tracker, every=cfg.tracking.samples_every))
         if tracker is not None:
             callbacks.append(TrackingCallback(tracker))
         callbacks.extend([*extra_callbacks, *last])

@@ -20,9 +20,10 @@ from parallel.activation_checkpointing import (
     checkpointed_blocks,
     is_checkpointed,
 )
+from pretrain.callbacks import Callback, read_metrics
 from pretrain.config import ConfigError, load_config
 from pretrain.model import build_model
-from pretrain.train import Callback, Trainer, read_metrics
+from pretrain.train import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.callbacks import read_metrics
 from pretrain.checkpoint import latest_checkpoint, load_trainer_state
-from pretrain.train import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8

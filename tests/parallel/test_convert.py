@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.callbacks import read_metrics
 from pretrain.convert import consolidated_state_dict
-from pretrain.train import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.train import read_metrics
+from pretrain.callbacks import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from parallel.pipeline import capture_forward, plain_key, replay, stage_inputs, stage_layers
+from pretrain.callbacks import read_metrics
 from pretrain.checkpoint import _write_latest, checkpoint_root
 from pretrain.config import DiffusionConfig, ModelConfig
 from pretrain.convert import consolidated_state_dict
 from pretrain.diffusion import step_rng
 from pretrain.model import build_model
-from pretrain.train import read_metrics
 from pretrain.variants import build_objective
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from pretrain.callbacks import read_metrics
 from pretrain.checkpoint import _write_latest, checkpoint_root, latest_checkpoint, load_trainer_state
 from pretrain.config import ConfigError, load_config
 from pretrain.diffusion.adaptive_time import AdaptiveTimeSampler
@@ -16,7 +17,7 @@ from pretrain.diffusion.objective import MaskedDiffusionObjective
 from pretrain.diffusion.rng import single, step_rng
 from pretrain.diffusion.schedules import build_schedule
 from pretrain.diffusion.time_samplers import UniformSampler, build_time_sampler
-from pretrain.train import read_metrics, train
+from pretrain.train import train
 
 EPS = 1e-3
 EPS_MC = 0.05  # the Monte Carlo tests: a wider eps tames the w(t) = 1/t tail (fewer draws for the same margin)

@@ -4,10 +4,11 @@ its checkpoints keep the plain model's parameter names, and the option stays out
 import pytest
 import torch
 
+from pretrain.callbacks import read_metrics
 from pretrain.checkpoint import latest_checkpoint
 from pretrain.config import ConfigError, config_hash, load_config
 from pretrain.convert import consolidated_state_dict
-from pretrain.train import read_metrics, train
+from pretrain.train import train
 
 TINY = [
     "data.task.num_train=64", "data.task.num_val=16", "train.batch_size=8", "train.eval_batches=1",

@@ -5,12 +5,13 @@ import pytest
 import torch
 from torch import nn
 
+from pretrain.callbacks import read_metrics
 from pretrain.checkpoint import _write_latest, checkpoint_root, latest_checkpoint, load_model_for_inference
 from pretrain.config import ConfigError, load_config
 from pretrain.convert import consolidated_state_dict
 from pretrain.ema import EMA
 from pretrain.evaluate import validation_nll
-from pretrain.train import Trainer, read_metrics, train
+from pretrain.train import Trainer, train
 
 SMALL = [
     "data.task.num_train=128", "data.task.num_val=32", "train.batch_size=8", "train.eval_batches=2",

@@ -72,14 +72,15 @@ def test_evaluate_logs_into_the_runs_mlflow_record(runs, capsys, monkeypatch):
     run_id = (run["block"] / "mlflow_run_id").read_text().strip()
     logged = client.get_run(run_id)
     for key in ("val/nll", "val/ppl", "gen/ppl", "gen/unigram_entropy"):
-        assert logged.data.metrics[f"eval/{key.replace('/', '.')}"] == pytest.approx(metrics[key])
-    history = client.get_metric_history(run_id, "eval/gen.ppl")
+        assert logged.data.metrics[key] == pytest.approx(metrics[key])  # the latest value: this evaluation's
+    history = client.get_metric_history(run_id, "gen/ppl")
     assert [m.step for m in history] == [4]  # at the evaluated checkpoint's step
     assert logged.data.tags["eval.sampler"] == "block" and logged.data.tags["eval.device"] == "cpu"
-    assert any(not k.startswith("eval/") for k in logged.data.metrics)  # the same record the trainer wrote
-    # only the evaluated run got eval metrics
+    assert "train/loss" in logged.data.metrics  # the same record the trainer wrote
+    assert not any(k.startswith("eval/") for k in logged.data.metrics)  # one name per quantity
+    # only the evaluated run got the evaluation's metrics
     ref_id = (run["ar"] / "mlflow_run_id").read_text().strip()
-    assert not any(k.startswith("eval/") for k in client.get_run(ref_id).data.metrics)
+    assert "gen/ppl" not in client.get_run(ref_id).data.metrics
 
 
 def test_reference_must_be_an_ar_model_on_the_same_vocabulary(runs, capsys, monkeypatch):

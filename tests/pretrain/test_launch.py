@@ -20,7 +20,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 TINY = [
     "data.task.num_train=256", "data.task.num_val=32", "train.steps=40", "train.eval_every=20",
     "train.batch_size=16", "train.eval_batches=2", "model.n_layers=2", "model.d_model=64", "model.n_heads=2",
-    "train.log_every=5",
+    "train.log_every=5", "tracking.samples_every=20",
 ]
 
 
@@ -74,10 +74,12 @@ def test_quickstart_metrics_land_in_mlflow(tiny_run):
     assert history[0].value == pytest.approx(summary["initial_val_nll"])
     assert history[-1].value == pytest.approx(summary["final_val_nll"])
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 40 // 5
-    # generations at every evaluation: text files and artifacts, and the task's metrics
+    # generations at every tracking.samples_every steps (not the untrained model's): text files and
+    # artifacts, and the task's metrics under the names pretrain.evaluate logs
     samples = (run_dir / "samples" / "step_0000040.txt").read_text()
     assert samples.count("prompt: ") == 3 and samples.count("answer: ") == 3
-    assert [h.step for h in client.get_metric_history(run.info.run_id, "sample/cell_acc")] == [0, 20, 40]
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "task/cell_acc")] == [20, 40]
+    assert not any(k.startswith("sample/") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"step_0000040.txt", "config.yaml"} <= artifacts
 

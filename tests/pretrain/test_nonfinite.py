@@ -27,8 +27,9 @@ if __name__ == "__main__":  # the worker: import this checkout
     sys.path.insert(0, str(REPO))
 
 from pretrain import checkpoint as ckpt  # noqa: E402
+from pretrain.callbacks import Callback, CheckpointCallback, MetricsFileCallback  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.train import Callback, CheckpointCallback, MetricsFileCallback, NonFiniteLossError, Trainer  # noqa: E402
+from pretrain.train import NonFiniteLossError, Trainer  # noqa: E402
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 TINY = [

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from pretrain import checkpoint as ckpt
-from pretrain.train import read_metrics
+from pretrain.callbacks import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -91,8 +91,9 @@ def test_signal_stops_at_a_step_boundary_with_checkpoint_and_mlflow_killed(sig, 
 
 def test_crash_at_start_up_ends_the_mlflow_run_failed(shards, tmp_path, monkeypatch):
     """A callback failing as the run starts (before the first step): the run is FAILED, not RUNNING."""
+    from pretrain.callbacks import Callback
     from pretrain.config import load_config
-    from pretrain.train import Callback, train
+    from pretrain.train import train
 
     class Boom(Callback):
         def on_train_start(self, trainer) -> None:

@@ -175,7 +175,7 @@ def test_dry_run_shows_size_flops_tokens_and_hub_need(capsys, monkeypatch, tmp_p
     flops = float(size.split("parameters")[1].split(",")[1].split()[0]) * 1e6
     assert 6 * params < flops < 6 * params + 12 * 4 * 128 * 168 + 1e3  # 6N + attention
     assert "MFLOPs per training token" in size and "vocabulary 16" in size
-    assert "400 steps x 32 sequences x 168 = 2.15M tokens" in out
+    assert "250 steps x 32 sequences x 168 = 1.34M tokens" in out
     assert "data hub    no (task source)" in out
     assert launch(["--config", "configs/lm1b_bell.yaml", "--dry-run", "--set", f"data.shard_dir={tmp_path / 'h'}"]) == 0
     assert "data hub    yes, to build the shards" in capsys.readouterr().out
@@ -401,10 +401,11 @@ def test_readme_user_journey(quick, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(root)
     uri = f"sqlite:///{root / 'mlruns.db'}"
     assert evaluate(["--run", str(quick), "--eval-batches", "1", "--num-samples", "2", "--batch-size", "2"]) == 0
-    assert "logged under eval/" in capsys.readouterr().out
+    assert "logged to the MLflow run" in capsys.readouterr().out
     run_id = (quick / "mlflow_run_id").read_text().strip()
     logged = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
-    assert "eval/val.nll" in logged and "eval/task.solved" in logged
+    assert "val/nll" in logged and "task/solved" in logged  # one name per quantity, no eval/ copy
+    assert not any(k.startswith(("eval/", "sample/")) for k in logged)
     assert generate(["--run", str(quick), "--prompt", PUZZLE, "--max-new-tokens", "81", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith(PUZZLE)
     assert convert([str(quick), "--hf", str(tmp_path / "hf")]) == 0

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.callbacks import read_metrics
 from pretrain.config import load_config
-from pretrain.train import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

@@ -27,7 +27,7 @@ from test_slurm_launch import (
     usr2_between_steps,
 )
 
-from pretrain.train import read_metrics
+from pretrain.callbacks import read_metrics
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TWO_NODES = ["launch.nodes=2", "launch.nproc=1"]  # after TINY's launch.nproc=2: one rank per node, world size 2

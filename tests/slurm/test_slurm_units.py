@@ -55,37 +55,33 @@ def test_executor_parameters_map_to_sbatch_names():
 
 
 class FakeTrainer:
-    def __init__(self, steps=30, eval_every=15, checkpoint_every=0):
-        self.cfg = SimpleNamespace(train=SimpleNamespace(steps=steps, eval_every=eval_every,
-                                                         checkpoint_every=checkpoint_every))
-        self.state = SimpleNamespace(step=0)
-        self.topology = SimpleNamespace(world_size=1)
+    def __init__(self):
         self.saved = []
 
     def save_checkpoint(self):
-        self.saved.append(self.state.step)
+        self.saved.append(True)
 
 
-def test_preemption_callback_checkpoints_after_the_step_and_after_a_due_evaluation():
+def test_preemption_callback_stops_after_the_step_as_the_loop_reports_it():
+    """The callback acts in post_step, after the step's evaluation and checkpoint, with what the loop says
+    it did: it does not recompute the evaluation or checkpoint schedule (issue 21 item 4)."""
+    from pretrain.callbacks import StepInfo
+
     stop = StopFlag()
     cb, trainer = make_preemption_callback(stop), FakeTrainer()
-    trainer.state.step = 4
-    cb.on_step_end(trainer, {})  # no signal: nothing
+    cb.post_step(trainer, StepInfo(4, evaluated=False, checkpointed=False, final=False))  # no signal: nothing
+    assert trainer.saved == []
     stop.signalled = True
-    trainer.state.step = 15  # an evaluation follows this step: stop after it
-    cb.on_step_end(trainer, {})
-    assert trainer.saved == []
-    with pytest.raises(Preempted):
-        cb.on_eval_end(trainer, {})
-    assert trainer.saved == [15]
+    with pytest.raises(Preempted) as e:  # evaluated, no checkpoint of this step yet: one is written
+        cb.post_step(trainer, StepInfo(15, evaluated=True, checkpointed=False, final=False))
+    assert trainer.saved == [True] and e.value.step == 15
 
-    cb, trainer = make_preemption_callback(stop), FakeTrainer(checkpoint_every=5)
-    trainer.state.step = 10  # CheckpointCallback has just written step 10: not written twice
+    trainer = FakeTrainer()  # the loop has just written step 10: not written twice
     with pytest.raises(Preempted):
-        cb.on_step_end(trainer, {})
+        cb.post_step(trainer, StepInfo(10, evaluated=False, checkpointed=True, final=False))
     assert trainer.saved == []
-    trainer.state.step = 30  # the last step: the run finishes normally
-    cb.on_step_end(trainer, {})
+    cb.post_step(trainer, StepInfo(30, evaluated=True, checkpointed=False, final=True))  # the run ends anyway
+    assert trainer.saved == []
 
 
 def test_requeue_limit_stops_with_the_checkpoint_on_disk(tmp_path):
