@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from parallel import comm
+
 log = logging.getLogger(__name__)
 
 DEEPSPEED_TAG = "deepspeed"  # sub-directory of a checkpoint that holds DeepSpeed's own files
@@ -57,9 +59,7 @@ def global_grad_norm(params, counted=lambda p: True, group=None) -> float:
     else:
         sq = torch.zeros((), dtype=torch.float64)
     if group is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(sq, group=group)
+        sq = comm.all_reduce(sq, "sum", group)
     return float(sq.sqrt())
 
 

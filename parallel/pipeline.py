@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel import comm
 from parallel.engine import DeepSpeedEngine, global_grad_norm
 from parallel.topology import Topology
 from pretrain.model.attention_masks import attention_mask, block_len, two_stream_mask
@@ -275,10 +276,10 @@ class PipelineEngine(DeepSpeedEngine):
 
         def guarded_step(lr_kwargs=None):
             self.engine._step_applied = False  # the pipeline schedule calls this without engine.step()
-            flag = torch.tensor([1.0 if self._skip else 0.0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every stage steps or skips together
+            # every stage steps or skips together
+            skip = comm.all_reduce_max(1.0 if self._skip else 0.0)
             self._norm = self._grad_norm() if own_norm else None
-            if flag.item() or (self._norm is not None and not math.isfinite(self._norm)):
+            if skip or (self._norm is not None and not math.isfinite(self._norm)):
                 self.engine.zero_grad()
                 return
             take_step(lr_kwargs)

@@ -49,6 +49,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel import comm
+
 # module-name pattern (full match) -> how it is split; the single source of truth for both the
 # module substitution and the state-dict conversions
 TP_PLAN: dict[str, str] = {
@@ -242,11 +244,7 @@ def _check_same_weights(model: nn.Module, group) -> None:
     sums = torch.stack([p.detach().double().sum() for p in model.parameters()] or [torch.zeros(())]).cpu()
     sq = torch.stack([p.detach().double().square().sum() for p in model.parameters()] or [torch.zeros(())]).cpu()
     local = torch.cat([sums, sq])
-    if dist.get_backend(group) == "nccl":
-        local = local.cuda()
-    hi, lo = local.clone(), local.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    hi, lo = comm.all_reduce(local, "max", group), comm.all_reduce(local, "min", group)
     if not torch.equal(hi, lo):
         raise ValueError(
             "the plain model's weights differ across tensor-parallel ranks: build it with the same seed "

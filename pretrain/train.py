@@ -743,7 +743,7 @@ def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tupl
             from parallel.state import init_distributed
 
             topology = init_distributed("auto", tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-                                        timeout_s=cfg.parallel.timeout_s)
+                                        timeout_s=cfg.parallel.timeout_s, device=resolve_device(cfg.train.device))
         else:
             topology = Topology()
         callbacks: list[Callback] = [CheckpointCallback()]
