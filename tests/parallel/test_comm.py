@@ -70,3 +70,11 @@ def test_all_reduce_is_a_no_op_on_one_process_and_refuses_unknown_ops():
     assert comm.all_reduce(t, "max") is t
     with pytest.raises(ValueError, match="all_reduce op 'mean'"):
         comm.all_reduce(t, "mean")
+
+
+def test_the_trainer_has_one_path_for_every_layout():
+    """The engine hides the layout (issue 21 item 1): no branch on the engine kind, no process groups."""
+    text = (REPO / "pretrain" / "train.py").read_text()
+    for needle in ('kind == "pipeline"', "megatron", "torch.distributed", "parallel_state", "PipelineEngine",
+                   "DeepSpeedEngine", "_pipeline_train_step"):
+        assert needle not in text, f"pretrain/train.py mentions {needle!r}: route it through parallel/"
