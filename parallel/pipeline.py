@@ -3,7 +3,7 @@
 The model is not rewritten. `pipeline_module(model, topology)` wraps the plain model's own modules
 (same weights, same initialisation) as a flat list of layers,
 
-    EmbedStage (tok_emb, time_emb) -> PipeBlock x n_layers (blocks.i) -> HeadStage (norm_f, final_adaLN, head)
+    EmbedStage (embed) -> PipeBlock x n_layers (blocks.i) -> HeadStage (unembed: norm_f, final_adaLN, head)
 
 and DeepSpeed's `PipelineModule` keeps the layers of this rank's stage, balancing the transformer
 blocks over the stages (`partition_method="type:PipeBlock"`). Between stages travels a tuple of
@@ -28,6 +28,9 @@ loss with a model that returns the pipeline's logits. Both calls draw from gener
 (seed, step, dp rank, micro-batch), so they draw the same times and masks; the loss is bit-for-bit
 the one the unpipelined trainer computes.
 
+The stages call the model's own parts (pretrain/model/transformer.py: `embed_tokens`,
+`layer_context`, `unembed`), so the [x_t | x_0] concatenation, the masks, the rotary tables and the
+final adaLN exist once.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from torch import nn
 from parallel import comm
 from parallel.engine import LossFn, StepOutput, _DeepSpeedBase, _use_cpu_accelerator, global_grad_norm
 from parallel.topology import Topology
-from pretrain.model.attention_masks import attention_mask, block_len, two_stream_mask
-from pretrain.model.transformer import modulate
+from pretrain.model.attention_masks import block_len
+from pretrain.model.transformer import LayerContext, embed_tokens, layer_context, unembed
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ _HAS_T, _HAS_X0, _HAS_REVEALED = 0, 1, 2
 
 
 class EmbedStage(nn.Module):
-    """Layer 0: token embedding (and the time embedding c) of the model's inputs."""
+    """Layer 0: the model's embed part (token embedding of x_t or [x_t | x_0], the time condition c)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -62,47 +65,42 @@ class EmbedStage(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         ids, pad, t, x0, revealed, present = inputs
-        if present[_HAS_X0]:
-            ids = torch.cat([ids, x0], dim=1)  # the two-stream pass: [x_t | x_0]
-        x = self.drop(self.tok_emb(ids))
-        if self.time_emb is None:
-            return x, pad, revealed, present
-        if not present[_HAS_T]:
-            raise ValueError("this model is time-conditioned (model.time_conditioning): pass t")
-        return x, self.time_emb(t), pad, revealed, present
+        x, c = embed_tokens(self.tok_emb, self.drop, self.time_emb, ids, t if present[_HAS_T] else None,
+                            x0 if present[_HAS_X0] else None)
+        return (x, pad, revealed, present) if c is None else (x, c, pad, revealed, present)
+
+
+def _context(cfg, rope_cos: torch.Tensor, rope_sin: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
+    """(hidden states, the model's LayerContext) from a stage's input tuple: what the model's
+    `context` builds once per pass, rebuilt per stage from the key padding, prompt and revealed
+    blocks that travel with the hidden states."""
+    x, *rest = inputs
+    c = rest[0] if len(rest) == 4 else None
+    pad, revealed, present = rest[-3:]
+    L = pad.shape[1]
+    # stage_inputs codes padding 0, real 1, real prompt token 2
+    ctx = layer_context(cfg, rope_cos, rope_sin, L, x.device, pad > 0, pad == 2,
+                        revealed.bool() if present[_HAS_REVEALED] else None, two_stream=x.shape[1] != L, c=c)
+    return x, ctx
 
 
 class PipeBlock(nn.Module):
-    """One transformer block; rebuilds the variant's attention mask from the key padding it receives."""
+    """One transformer block of the model, with the layer context rebuilt from the stage's inputs."""
 
     def __init__(self, model: nn.Module, index: int):
         super().__init__()
         self.block = model.blocks[index]
-        self.variant, self.block_size = model.cfg.variant, model.cfg.block_size
+        self.cfg = model.cfg
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x, *rest = inputs
-        c = rest[0] if len(rest) == 4 else None
-        pad, revealed, present = rest[-3:]
-        L = pad.shape[1]
-        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
-        revealed = revealed.bool() if present[_HAS_REVEALED] else None
-        prompt = pad == 2  # stage_inputs codes padding 0, real 1, real prompt token 2
-        if x.shape[1] == L:
-            mask, is_causal = attention_mask(self.variant, L, self.block_size, x.device, pad > 0, prompt, revealed)
-        else:  # two-stream: positions 0..L-1 twice
-            mask, is_causal = two_stream_mask(
-                self.variant, L, self.block_size, x.device, pad > 0, revealed, prompt,
-            ), False
-            cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)
-        return (self.block(x, c, cos, sin, mask, is_causal), *rest)
+        x, ctx = _context(self.cfg, self.rope_cos, self.rope_sin, inputs)
+        return (self.block(x, ctx.c, ctx.cos, ctx.sin, ctx.mask, ctx.is_causal), *inputs[1:])
 
 
 class HeadStage(nn.Module):
-    """The last layer: final norm (adaLN-modulated when time-conditioned) and the output head,
-    on the x_t half only for a two-stream pass."""
+    """The last layer: the model's unembed part (final norm, adaLN, head on the x_t half)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -110,12 +108,11 @@ class HeadStage(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, *rest = inputs
-        pad = rest[-3]
-        x = self.norm_f(x[:, : pad.shape[1]])
-        if self.final_adaLN is not None:
-            shift, scale = self.final_adaLN(rest[0])[:, None, :].chunk(2, dim=-1)
-            x = modulate(x, shift, scale)
-        return self.head(x)
+        c = rest[0] if len(rest) == 4 else None
+        # only c and the number of positions the head reads matter here (no mask, no rotary tables)
+        ctx = LayerContext(c=c, cos=x.new_empty(0), sin=x.new_empty(0), mask=None, is_causal=False,
+                           n_out=rest[-3].shape[1])
+        return unembed(self.norm_f, self.final_adaLN, self.head, x, ctx)
 
 
 def stage_layers(model: nn.Module) -> list[nn.Module]:
