@@ -32,6 +32,7 @@ import torch.distributed as dist
 from parallel.topology import Topology
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_SINGLE_PROCESS_ENV: dict[str, str] = {}  # what init_distributed set for a single process; destroy() unsets it
 
 
 def _free_port() -> int:
@@ -91,6 +92,10 @@ def init_distributed(backend: str = "auto", tp: int = 1, pp: int = 1, timeout_s:
         check_parallel_sizes(world, tp, pp)
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         port = int(os.environ["MASTER_PORT"]) if present else _free_port()
+        if not present:  # one process (e.g. ZeRO at launch.nproc=1): DeepSpeed asserts LOCAL_RANK is set
+            _SINGLE_PROCESS_ENV.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR=addr,
+                                       MASTER_PORT=str(port))
+            os.environ.update(_SINGLE_PROCESS_ENV)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(
@@ -130,6 +135,10 @@ def destroy(process_group: bool = True) -> None:
     ps.destroy_model_parallel()
     if process_group and dist.is_initialized():
         dist.destroy_process_group()
+    if process_group:
+        for key in _SINGLE_PROCESS_ENV:
+            os.environ.pop(key, None)
+        _SINGLE_PROCESS_ENV.clear()
 
 
 class DeepSpeedMpu:
