@@ -29,7 +29,7 @@ def group_device() -> torch.device:
 def _reduce(t: torch.Tensor, op, group=None) -> torch.Tensor:
     import torch.distributed as dist
 
-    on_group = t.to(group_device())
+    on_group = t.to(group_device(), copy=True)  # a copy: the caller's tensor is left as it was
     dist.all_reduce(on_group, op=op, group=group)
     return on_group.to(t.device)
 
