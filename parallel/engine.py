@@ -215,7 +215,9 @@ def deepspeed_config(
             "allgather_bucket_size": bucket,
             **({"stage3_prefetch_bucket_size": bucket} if zero_stage == 3 else {}),
         },
-        "bf16": {"enabled": dtype == "bf16"},
+        # bf16 is autocast over fp32 weights, as in the single process (the engines' autocast()):
+        # DeepSpeed's own bf16 mode would cast the parameters to bf16 and train a different model
+        "bf16": {"enabled": False},
         # our optimizer is torch's AdamW (fused on CUDA): DeepSpeed's FusedAdam/CPUAdam compile for ~45 s
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # progress is ours (tqdm + MLflow)

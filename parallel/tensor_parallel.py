@@ -43,6 +43,7 @@ the plain model's parameter names; the checkpoint converter builds on them.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -212,6 +213,20 @@ class _GatherLastDim(torch.autograd.Function):
         return grad.narrow(-1, rank * n, n).contiguous(), None
 
 
+@contextlib.contextmanager
+def _no_cpu_autocast(x: torch.Tensor):
+    """megatron-core's linears declare their autocast behaviour for CUDA only (custom_fwd/custom_bwd with
+    device_type="cuda"): under CPU autocast their forward computes in bf16 and their backward, which
+    runs outside autocast, multiplies the bf16 gradient by the fp32 weight and fails. On the CPU they
+    compute in fp32 (the weights are fp32 in every layout); on a GPU autocast applies to them as to
+    every other layer."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            yield x.float()
+    else:
+        yield x
+
+
 def _layer_classes():
     """megatron-core layers returning a tensor instead of (output, bias), so that they drop into
     the plain model's forward code (biases are added inside: skip_bias_add=False)."""
@@ -219,11 +234,13 @@ def _layer_classes():
 
     class ColumnParallel(ColumnParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0]
+            with _no_cpu_autocast(x) as x:
+                return super().forward(x)[0]
 
     class RowParallel(RowParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0]
+            with _no_cpu_autocast(x) as x:
+                return super().forward(x)[0]
 
     class VocabParallelHead(ColumnParallelLinear):
         """Column-parallel over the padded vocabulary, gathered, padding sliced off. Built with
@@ -232,7 +249,8 @@ def _layer_classes():
         vocab_size: int
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            logits = _GatherLastDim.apply(super().forward(x)[0], self.tp_group)
+            with _no_cpu_autocast(x) as x:
+                logits = _GatherLastDim.apply(super().forward(x)[0], self.tp_group)
             return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
 
     return ColumnParallel, RowParallel, VocabParallelHead
