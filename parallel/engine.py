@@ -88,6 +88,17 @@ def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
+def run_eval(engine, evaluate: Callable[[Any], dict[str, float]]) -> dict[str, float]:
+    """`evaluate(engine)` with the engine in eval mode and under its autocast; its mode restored after."""
+    was_training = engine.training
+    engine.eval()
+    try:
+        with engine.autocast():
+            return evaluate(engine)
+    finally:
+        engine.train(was_training)
+
+
 class _MicroBatchEngine:
     """`train_step` for the engines that run one micro-batch at a time in this process (plain,
     DeepSpeed): forward + loss under autocast, backward, and the subclass's `backward`/`step`.
@@ -128,13 +139,7 @@ class _MicroBatchEngine:
 
     def eval_step(self, evaluate: Callable[[Any], dict[str, float]]) -> dict[str, float]:
         """`evaluate(model)` (e.g. validation NLL over the validation stream) in eval mode under autocast."""
-        was_training = self.training
-        self.eval()
-        try:
-            with self.autocast():
-                return evaluate(self)
-        finally:
-            self.train(was_training)
+        return run_eval(self, evaluate)
 
 
 class PlainEngine(_MicroBatchEngine):

@@ -45,7 +45,14 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel import comm
-from parallel.engine import LossFn, StepOutput, _DeepSpeedBase, _use_cpu_accelerator, global_grad_norm
+from parallel.engine import (
+    LossFn,
+    StepOutput,
+    _DeepSpeedBase,
+    _use_cpu_accelerator,
+    global_grad_norm,
+    run_eval,
+)
 from parallel.topology import Topology
 from pretrain.model.attention_masks import block_len
 from pretrain.model.transformer import LayerContext, embed_tokens, layer_context, unembed
@@ -353,13 +360,7 @@ class PipelineEngine(_DeepSpeedBase):
         return StepOutput(applied, self._step_grad_norm(), summed)
 
     def eval_step(self, evaluate: Callable[[Any], dict[str, float]]) -> dict[str, float]:
-        was_training = self.training
-        self.eval()
-        try:
-            with self.autocast():
-                metrics = evaluate(self)
-        finally:
-            self.train(was_training)
+        metrics = run_eval(self, evaluate)
         keys = sorted(metrics)  # only the last stage saw real logits: its numbers for every stage
         values = comm.from_last_stage(torch.tensor([metrics[k] for k in keys], dtype=torch.float64),
                                       self.last_stage_rank)
