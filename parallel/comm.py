@@ -29,9 +29,21 @@ def group_device() -> torch.device:
 def _reduce(t: torch.Tensor, op, group=None) -> torch.Tensor:
     import torch.distributed as dist
 
-    on_group = t.to(group_device())
+    on_group = t.to(group_device(), copy=True)  # a copy: the caller's tensor is left as it was
     dist.all_reduce(on_group, op=op, group=group)
     return on_group.to(t.device)
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """`t` reduced (`op`: sum, max or min) over `group` (None: every rank), returned as a new tensor on
+    `t`'s device; `t` itself on one process. The engines' gradient norms and step agreements."""
+    if op not in ("sum", "max", "min"):  # checked on one process too, where it would pass unnoticed
+        raise ValueError(f"all_reduce op {op!r}: expected sum, max or min")
+    if not _distributed():
+        return t
+    import torch.distributed as dist
+
+    return _reduce(t, getattr(dist.ReduceOp, op.upper()), group)
 
 
 def all_reduce_max(value: float) -> float:

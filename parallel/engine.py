@@ -1,23 +1,25 @@
-"""The optimizer-step driver the trainer talks to: plain PyTorch, or DeepSpeed ZeRO (stages 0-3).
+"""The engines the trainer talks to: plain PyTorch, DeepSpeed ZeRO (stages 0-3), and DeepSpeed's
+pipeline engine (parallel/pipeline.py); `parallel.build.build_engine` picks one for the layout.
 
-One small interface so the training loop does not branch on the layout:
+One interface, so the training loop has one path whatever the layout:
 
-    logits = engine(x_t, t, key_padding_mask=...)   # forward through the (wrapped) model
-    engine.backward(loss)                           # loss of one micro-batch; accumulation handled
-    grad_norm = engine.step()                       # after every micro-batch; steps at the boundary
-    engine.save(dir) / engine.load(dir)             # every rank calls; DeepSpeed writes its shards
+    out = engine.train_step(micro_batches, loss_fn)   # one optimizer step (or a skip) -> StepOutput
+    metrics = engine.eval_step(evaluate)              # evaluate(model) in eval mode, every stage's answer
+    engine.save(dir) / engine.load(dir)               # every rank calls; DeepSpeed writes its shards
+    engine.module                                      # the (wrapped) model, e.g. for EMA or sampling
 
-Gradient accumulation: both engines divide each micro-batch loss by the number of accumulation
-steps, and DeepSpeed averages gradients over data-parallel ranks, so the trainer passes a loss whose
-sum over micro-batches and ranks is the global per-token loss times (dp x accumulation steps).
+`loss_fn(model, micro_batch, i) -> (loss, totals)` is the trainer's: it calls the model once. The
+engine runs it under autocast (bf16 compute over fp32 weights in every layout, or fp32), sums the
+totals over data-parallel ranks, scales each micro-batch's loss so the gradient is that of the
+global per-token loss, accumulates, clips and steps. `StepOutput` carries whether the step was
+applied, the global gradient norm before clipping (all data-parallel ranks' gradients averaged,
+every tensor-parallel shard counted once) and the summed totals.
 
-At the accumulation boundary `step()` returns a `StepResult`: the global gradient norm before
-clipping (all data-parallel ranks' gradients averaged, every tensor-parallel shard counted once)
-and whether the optimizer stepped. A non-finite gradient norm skips the optimizer step on every
-rank and clears the gradients: DeepSpeed's ZeRO 1-3 and bf16 optimizers do so themselves (their
-overflow path), the plain engine and ZeRO-0's torch optimizer here. The norm is all-reduced, so
-every rank takes the same decision. The trainer turns a non-finite loss into a non-finite gradient
-(`backward(loss * nan)`) so that one rule covers both.
+A non-finite loss or gradient in any micro-batch on any rank skips the whole optimizer step on every
+rank and clears the gradients: a non-finite loss becomes a non-finite gradient (`backward(loss *
+nan)`), and a non-finite global gradient norm skips the step (DeepSpeed's ZeRO 1-3 optimizers by
+their overflow path, the plain engine and ZeRO-0's torch optimizer here; the norm is all-reduced, so
+every rank takes the same decision).
 
 Why DeepSpeed for ZeRO (and not megatron-core's distributed optimizer): megatron's optimizer and
 gradient clipping assume CUDA, DeepSpeed's ZeRO 1-3 run on CPU over gloo (verified), and the same
@@ -26,14 +28,18 @@ engine saves and restores sharded optimizer state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from parallel import comm
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +63,97 @@ def global_grad_norm(params, counted=lambda p: True, group=None) -> float:
     else:
         sq = torch.zeros((), dtype=torch.float64)
     if group is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(sq, group=group)
+        sq = comm.all_reduce(sq, "sum", group)
     return float(sq.sqrt())
 
 
-class PlainEngine:
-    """Single-process PyTorch: clip, AdamW step, zero grads."""
+LossFn = Callable[[Any, dict, int], tuple[torch.Tensor, torch.Tensor]]
+"""`loss_fn(model, micro_batch, i) -> (loss, totals)`: the loss of micro-batch `i` (a scalar, mean over
+its tokens) and its float64 `totals` vector [loss x tokens, tokens, *anything the caller sums]. The
+engine sums `totals` over the data-parallel ranks (one all-reduce per micro-batch) and over the
+micro-batches, and hands the sums back; entries 0 and 1 weight the gradient (below)."""
+
+
+@dataclass
+class StepOutput:
+    applied: bool  # False: a non-finite loss or gradient somewhere skipped the step on every rank
+    grad_norm: float  # global L2 gradient norm before clipping (inf when skipped)
+    totals: torch.Tensor  # float64: the loss function's totals summed over micro-batches and dp ranks
+
+
+def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 compute over fp32 weights (autocast) in every layout, or nothing in fp32."""
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_eval(engine, evaluate: Callable[[Any], dict[str, float]]) -> dict[str, float]:
+    """`evaluate(engine)` with the engine in eval mode and under its autocast; its mode restored after."""
+    was_training = engine.training
+    engine.eval()
+    try:
+        with engine.autocast():
+            return evaluate(engine)
+    finally:
+        engine.train(was_training)
+
+
+class _MicroBatchEngine:
+    """`train_step` for the engines that run one micro-batch at a time in this process (plain,
+    DeepSpeed): forward + loss under autocast, backward, and the subclass's `backward`/`step`.
+
+    Each micro-batch's loss is rescaled so the gradient is that of the global per-token loss:
+    tokens are counted over the data-parallel group (ranks can hold different numbers of real
+    tokens), and the engines' averaging over ranks and micro-batches is undone. The same
+    all-reduce makes every rank see a non-finite loss on any rank. Every micro-batch still runs
+    its backward (gradient collectives and micro-step counters stay in step on all ranks); after a
+    non-finite loss it backpropagates `loss x NaN`, so the gradient is not finite and the one rule
+    (a non-finite global gradient norm skips the optimizer step and clears the gradients) skips the
+    step everywhere."""
+
+    dp_size = 1
+    device = torch.device("cpu")
+    dtype = "fp32"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return _autocast(self.device, self.dtype)
+
+    def _dp_sum(self, totals: torch.Tensor) -> torch.Tensor:
+        return comm.dp_sum(totals) if self.dp_size > 1 else totals.to(torch.float64)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> StepOutput:
+        summed, finite, result = None, True, None
+        for i, batch in enumerate(micro_batches):
+            with self.autocast():
+                loss, local = loss_fn(self, batch, i)
+            glob = self._dp_sum(local)
+            finite = finite and math.isfinite(float(glob[0]))
+            scale = float(local[1]) / max(float(glob[1]), 1.0) * self.dp_size
+            self.backward(loss * scale if finite else loss * math.nan)
+            result = self.step()
+            summed = glob if summed is None else summed + glob
+        if result is None:
+            raise RuntimeError(f"{len(micro_batches)} micro-batches did not reach the engine's accumulation boundary")
+        return StepOutput(result.applied, result.grad_norm if result.applied else math.inf, summed)
+
+    def eval_step(self, evaluate: Callable[[Any], dict[str, float]]) -> dict[str, float]:
+        """`evaluate(model)` (e.g. validation NLL over the validation stream) in eval mode under autocast."""
+        return run_eval(self, evaluate)
+
+
+class PlainEngine(_MicroBatchEngine):
+    """Single-process PyTorch: clip, optimizer step, zero grads."""
 
     kind = "plain"
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, accumulation: int):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, accumulation: int,
+                 device: torch.device | str = "cpu", dtype: str = "fp32"):
         self.module = model
-        self.optimizer = optimizer
+        self.optimizer = self.torch_optimizer = optimizer
         self.grad_clip = grad_clip
         self.accumulation = accumulation
+        self.device, self.dtype = torch.device(device), dtype
         self._micro = 0
 
     def __call__(self, *args, **kwargs):
@@ -139,7 +220,9 @@ def deepspeed_config(
             "allgather_bucket_size": bucket,
             **({"stage3_prefetch_bucket_size": bucket} if zero_stage == 3 else {}),
         },
-        "bf16": {"enabled": dtype == "bf16"},
+        # bf16 is autocast over fp32 weights, as in the single process (the engines' autocast()):
+        # DeepSpeed's own bf16 mode would cast the parameters to bf16 and train a different model
+        "bf16": {"enabled": False},
         # our optimizer is torch's AdamW (fused on CUDA): DeepSpeed's FusedAdam/CPUAdam compile for ~45 s
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # progress is ours (tqdm + MLflow)
@@ -147,20 +230,65 @@ def deepspeed_config(
     }
 
 
-class DeepSpeedEngine:
-    """DeepSpeed's engine around the plain model: ZeRO partitioning, DP gradient averaging, clipping."""
+def _use_cpu_accelerator(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator once, at import: the CPU one for a CPU run, even on a GPU machine."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    kind = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any], mpu=None):
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+class _DeepSpeedBase:
+    """What DeepSpeed's engine and its pipeline engine share: initialisation, modes, checkpoints."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any], mpu=None,
+                 device: torch.device | str = "cpu", dtype: str = "fp32", dp_size: int = 1):
+        self.device, self.dtype, self.dp_size = torch.device(device), dtype, dp_size
+        _use_cpu_accelerator(self.device)
         import deepspeed
 
+        self.torch_optimizer = optimizer
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                                  mpu=mpu)
         self.module = self.engine.module
         self._norm: float | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return _autocast(self.device, self.dtype)
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    @property
+    def training(self) -> bool:
+        return self.engine.training
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full (unpartitioned) weights; collective under ZeRO-3, call on every rank."""
+        if self.engine.zero_optimization_stage() == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict() or {}
+        return self.engine.module.state_dict()
+
+    def save(self, directory: Path, is_rank0: bool) -> None:
+        # collective: every rank writes its own ZeRO partition
+        self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False)
+
+    def load(self, directory: Path, device: torch.device) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{directory / DEEPSPEED_TAG} holds no DeepSpeed checkpoint")
+
+
+class DeepSpeedEngine(_MicroBatchEngine, _DeepSpeedBase):
+    """DeepSpeed's engine around the plain model: ZeRO partitioning, DP gradient averaging, clipping."""
+
+    kind = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any], mpu=None,
+                 device: torch.device | str = "cpu", dtype: str = "fp32", dp_size: int = 1):
+        _DeepSpeedBase.__init__(self, model, optimizer, config, mpu, device, dtype, dp_size)
         # ZeRO 1-3 and DeepSpeed's bf16 optimizer measure the norm (and skip a non-finite one); ZeRO-0 in
         # fp32 hands the gradient to our torch optimizer, which does neither: measure and guard it here
         if not hasattr(self.engine.optimizer, "_global_grad_norm"):
@@ -192,16 +320,6 @@ class DeepSpeedEngine:
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
 
-    def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
-
-    def eval(self) -> None:
-        self.engine.eval()
-
-    @property
-    def training(self) -> bool:
-        return self.engine.training
-
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scales by 1/accumulation itself
 
@@ -214,19 +332,3 @@ class DeepSpeedEngine:
         norm = self._norm if self._norm is not None else self.engine.get_global_grad_norm()
         # a skipped ZeRO-3 step leaves the previous step's norm in place: report it as not finite
         return StepResult(float(norm) if applied and norm is not None else math.inf, applied)
-
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full (unpartitioned) weights; collective under ZeRO-3, call on every rank."""
-        if self.engine.zero_optimization_stage() == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict() or {}
-        return self.engine.module.state_dict()
-
-    def save(self, directory: Path, is_rank0: bool) -> None:
-        # collective: every rank writes its own ZeRO partition
-        self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False)
-
-    def load(self, directory: Path, device: torch.device) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if path is None:
-            raise FileNotFoundError(f"{directory / DEEPSPEED_TAG} holds no DeepSpeed checkpoint")

@@ -3,7 +3,7 @@
 The model is not rewritten. `pipeline_module(model, topology)` wraps the plain model's own modules
 (same weights, same initialisation) as a flat list of layers,
 
-    EmbedStage (tok_emb, time_emb) -> PipeBlock x n_layers (blocks.i) -> HeadStage (norm_f, final_adaLN, head)
+    EmbedStage (embed) -> PipeBlock x n_layers (blocks.i) -> HeadStage (unembed: norm_f, final_adaLN, head)
 
 and DeepSpeed's `PipelineModule` keeps the layers of this rank's stage, balancing the transformer
 blocks over the stages (`partition_method="type:PipeBlock"`). Between stages travels a tuple of
@@ -20,20 +20,23 @@ checkpoint files (so `pretrain.convert` can consolidate them) and the same engin
 rest of the trainer already uses. DeepSpeed does not combine its pipeline engine with ZeRO-2/3;
 the config validator says so.
 
-How the diffusion objective runs through a pipeline (the objectives are not split): the objective
-corrupts the batch and calls the model once (`training_loss(model, batch, rng)`). Every rank runs
-it up to that call with `capture_forward`, which records the model's inputs (the first stage feeds
-them to the pipeline); the last stage runs the same objective again inside the pipeline's loss
-function with a model that returns the pipeline's logits. Both calls draw from generators rebuilt
-from (seed, step, dp rank, micro-batch), so they draw the same times and masks; the loss is
-bit-for-bit the one the unpipelined trainer computes.
+How the diffusion objective runs through a pipeline (the objectives are not split): the trainer's
+loss function corrupts the batch and calls the model once (parallel/engine.py, `LossFn`). Every rank
+runs it up to that call with `capture_forward`, which records the model's inputs (the first stage
+feeds them to the pipeline); the last stage runs the same loss function again inside the pipeline's
+loss with a model that returns the pipeline's logits. Both calls draw from generators rebuilt from
+(seed, step, dp rank, micro-batch), so they draw the same times and masks; the loss is bit-for-bit
+the one the unpipelined trainer computes.
+
+The stages call the model's own parts (pretrain/model/transformer.py: `embed_tokens`,
+`layer_context`, `unembed`), so the [x_t | x_0] concatenation, the masks, the rotary tables and the
+final adaLN exist once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -41,10 +44,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.engine import DeepSpeedEngine, global_grad_norm
+from parallel import comm
+from parallel.engine import (
+    LossFn,
+    StepOutput,
+    _DeepSpeedBase,
+    _use_cpu_accelerator,
+    global_grad_norm,
+    run_eval,
+)
 from parallel.topology import Topology
-from pretrain.model.attention_masks import attention_mask, block_len, two_stream_mask
-from pretrain.model.transformer import modulate
+from pretrain.model.attention_masks import block_len
+from pretrain.model.transformer import LayerContext, embed_tokens, layer_context, unembed
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +64,7 @@ _HAS_T, _HAS_X0, _HAS_REVEALED = 0, 1, 2
 
 
 class EmbedStage(nn.Module):
-    """Layer 0: token embedding (and the time embedding c) of the model's inputs."""
+    """Layer 0: the model's embed part (token embedding of x_t or [x_t | x_0], the time condition c)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -61,47 +72,42 @@ class EmbedStage(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         ids, pad, t, x0, revealed, present = inputs
-        if present[_HAS_X0]:
-            ids = torch.cat([ids, x0], dim=1)  # the two-stream pass: [x_t | x_0]
-        x = self.drop(self.tok_emb(ids))
-        if self.time_emb is None:
-            return x, pad, revealed, present
-        if not present[_HAS_T]:
-            raise ValueError("this model is time-conditioned (model.time_conditioning): pass t")
-        return x, self.time_emb(t), pad, revealed, present
+        x, c = embed_tokens(self.tok_emb, self.drop, self.time_emb, ids, t if present[_HAS_T] else None,
+                            x0 if present[_HAS_X0] else None)
+        return (x, pad, revealed, present) if c is None else (x, c, pad, revealed, present)
+
+
+def _context(cfg, rope_cos: torch.Tensor, rope_sin: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
+    """(hidden states, the model's LayerContext) from a stage's input tuple: what the model's
+    `context` builds once per pass, rebuilt per stage from the key padding, prompt and revealed
+    blocks that travel with the hidden states."""
+    x, *rest = inputs
+    c = rest[0] if len(rest) == 4 else None
+    pad, revealed, present = rest[-3:]
+    L = pad.shape[1]
+    # stage_inputs codes padding 0, real 1, real prompt token 2
+    ctx = layer_context(cfg, rope_cos, rope_sin, L, x.device, pad > 0, pad == 2,
+                        revealed.bool() if present[_HAS_REVEALED] else None, two_stream=x.shape[1] != L, c=c)
+    return x, ctx
 
 
 class PipeBlock(nn.Module):
-    """One transformer block; rebuilds the variant's attention mask from the key padding it receives."""
+    """One transformer block of the model, with the layer context rebuilt from the stage's inputs."""
 
     def __init__(self, model: nn.Module, index: int):
         super().__init__()
         self.block = model.blocks[index]
-        self.variant, self.block_size = model.cfg.variant, model.cfg.block_size
+        self.cfg = model.cfg
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x, *rest = inputs
-        c = rest[0] if len(rest) == 4 else None
-        pad, revealed, present = rest[-3:]
-        L = pad.shape[1]
-        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
-        revealed = revealed.bool() if present[_HAS_REVEALED] else None
-        prompt = pad == 2  # stage_inputs codes padding 0, real 1, real prompt token 2
-        if x.shape[1] == L:
-            mask, is_causal = attention_mask(self.variant, L, self.block_size, x.device, pad > 0, prompt, revealed)
-        else:  # two-stream: positions 0..L-1 twice
-            mask, is_causal = two_stream_mask(
-                self.variant, L, self.block_size, x.device, pad > 0, revealed, prompt,
-            ), False
-            cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)
-        return (self.block(x, c, cos, sin, mask, is_causal), *rest)
+        x, ctx = _context(self.cfg, self.rope_cos, self.rope_sin, inputs)
+        return (self.block(x, ctx.c, ctx.cos, ctx.sin, ctx.mask, ctx.is_causal), *inputs[1:])
 
 
 class HeadStage(nn.Module):
-    """The last layer: final norm (adaLN-modulated when time-conditioned) and the output head,
-    on the x_t half only for a two-stream pass."""
+    """The last layer: the model's unembed part (final norm, adaLN, head on the x_t half)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -109,12 +115,11 @@ class HeadStage(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, *rest = inputs
-        pad = rest[-3]
-        x = self.norm_f(x[:, : pad.shape[1]])
-        if self.final_adaLN is not None:
-            shift, scale = self.final_adaLN(rest[0])[:, None, :].chunk(2, dim=-1)
-            x = modulate(x, shift, scale)
-        return self.head(x)
+        c = rest[0] if len(rest) == 4 else None
+        # only c and the number of positions the head reads matter here (no mask, no rotary tables)
+        ctx = LayerContext(c=c, cos=x.new_empty(0), sin=x.new_empty(0), mask=None, is_causal=False,
+                           n_out=rest[-3].shape[1])
+        return unembed(self.norm_f, self.final_adaLN, self.head, x, ctx)
 
 
 def stage_layers(model: nn.Module) -> list[nn.Module]:
@@ -132,14 +137,14 @@ def plain_key(layer: int, key: str, n_layers: int) -> str:
     return key  # EmbedStage and HeadStage use the plain model's attribute names
 
 
-def pipeline_module(model: nn.Module, topology: Topology, loss_fn: Callable | None = None):
+def pipeline_module(model: nn.Module, topology: Topology, loss_fn: Callable | None = None,
+                    device: torch.device | str = "cpu"):
     """DeepSpeed's PipelineModule over the plain model's layers for this rank's pipeline stage.
 
     The process grid is DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model; model
     varies fastest), the same rank order as megatron-core's parallel_state, so both agree on who
     is whose data-parallel peer (`check_grid` verifies it)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _use_cpu_accelerator(torch.device(device))
     import deepspeed
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -249,24 +254,28 @@ def stage_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
     )
 
 
-class PipelineEngine(DeepSpeedEngine):
+class PipelineEngine(_DeepSpeedBase):
     """DeepSpeed's pipeline engine behind the trainer's engine interface.
 
-    - `train_batch(inputs, loss_fn)`: one optimizer step over the micro-batches (1F1B schedule,
-      gradient accumulation, data-parallel gradient averaging, clipping); `loss_fn(logits, i)`
-      runs on the last stage for micro-batch i.
-    - `engine(*model_args)`: a forward pass through the pipeline (evaluation): the logits on the
-      last stage, a placeholder of the same shape elsewhere (those ranks' results are replaced by
-      the last stage's, see Trainer.evaluate).
-    - A step whose loss was non-finite on any rank is skipped as a whole on every stage
-      (`skip_step()` from the loss function; the flag is all-reduced before the optimizer step),
-      and so is one whose gradient norm is not finite.
+    - `train_step(micro_batches, loss_fn)`: one optimizer step over the micro-batches (1F1B schedule,
+      gradient accumulation, data-parallel gradient averaging, clipping). Every rank runs `loss_fn` up
+      to its model call (`capture_forward`: the first stage feeds those inputs in); the last stage
+      runs it again on the pipeline's logits (`replay`) with the same arguments, so with the same
+      step RNG it computes the same loss, scaled as the other engines scale it. The totals go from
+      the last stage to the whole pipeline.
+    - `eval_step(evaluate)`: `evaluate(self)`, where calling the engine is a forward pass through the
+      pipeline: the logits on the last stage, a placeholder of the same shape elsewhere; the
+      resulting metrics are the last stage's, on every stage.
+    - A step whose loss was non-finite on any rank is skipped as a whole on every stage (the loss
+      function's flag is all-reduced before the optimizer step), and so is one whose gradient norm
+      is not finite.
     """
 
     kind = "pipeline"
 
-    def __init__(self, pipe, optimizer: torch.optim.Optimizer, config: dict[str, Any], vocab_size: int):
-        super().__init__(pipe, optimizer, config, mpu=None)
+    def __init__(self, pipe, optimizer: torch.optim.Optimizer, config: dict[str, Any], vocab_size: int,
+                 device: torch.device | str = "cpu", dtype: str = "fp32", dp_size: int = 1):
+        super().__init__(pipe, optimizer, config, None, device, dtype, dp_size)
         self.vocab_size = vocab_size
         self._skip = False
         take_step = self.engine._take_model_step
@@ -275,25 +284,22 @@ class PipelineEngine(DeepSpeedEngine):
 
         def guarded_step(lr_kwargs=None):
             self.engine._step_applied = False  # the pipeline schedule calls this without engine.step()
-            flag = torch.tensor([1.0 if self._skip else 0.0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every stage steps or skips together
+            # every stage steps or skips together
+            skip = comm.all_reduce_max(1.0 if self._skip else 0.0)
             self._norm = self._grad_norm() if own_norm else None
-            if flag.item() or (self._norm is not None and not math.isfinite(self._norm)):
+            if skip or (self._norm is not None and not math.isfinite(self._norm)):
                 self.engine.zero_grad()
                 return
             take_step(lr_kwargs)
 
         self.engine._take_model_step = guarded_step
 
-    def _guard_model_step(self, mpu) -> None:
-        """The pipeline installs its own guard (above): norm over the stages, the loss functions' flag."""
-
     def _grad_norm(self) -> float:
         """The global gradient norm (before clipping), counted as DeepSpeed's clipping counts it."""
         return global_grad_norm(self.engine.module.parameters(), lambda p: getattr(p, "model_parallel", False),
                                 self.engine.grid.get_model_parallel_group())
 
-    def step_grad_norm(self) -> float:
+    def _step_grad_norm(self) -> float:
         """The last train_batch's global gradient norm before clipping (inf when it was skipped)."""
         if not self.engine.was_step_applied():
             return math.inf
@@ -308,9 +314,6 @@ class PipelineEngine(DeepSpeedEngine):
     def last_stage_rank(self) -> int:
         """Global rank of the last stage of this rank's pipeline."""
         return self.engine.grid.stage_to_global(self.engine.num_stages - 1)
-
-    def skip_step(self) -> None:
-        self._skip = True
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         inputs = stage_inputs(args, kwargs)
@@ -327,18 +330,41 @@ class PipelineEngine(DeepSpeedEngine):
         # not the last stage: what the caller computes from this is discarded
         return torch.zeros(1, 1, self.vocab_size, device=inputs[0].device).expand(B, L, self.vocab_size)
 
-    def train_batch(self, inputs: list[tuple[torch.Tensor, ...]], loss_fn: Callable) -> bool:
-        """One optimizer step; returns False when it was skipped (non-finite loss or gradient somewhere)."""
+    def _dp_sum(self, totals: torch.Tensor) -> torch.Tensor:
+        return comm.dp_sum(totals) if self.dp_size > 1 else totals.to(torch.float64)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> StepOutput:
+        pipe = self.engine.module
+        inputs = [stage_inputs(*capture_forward(pipe, loss_fn, b, i)) for i, b in enumerate(micro_batches)]
+        results: list[torch.Tensor] = []
+
+        def pipe_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+            i = int(label[0])
+            loss, local = replay(pipe, loss_fn, logits, micro_batches[i], i)
+            glob = self._dp_sum(local)
+            results.append(glob)
+            if not math.isfinite(float(glob[0])):
+                self._skip = True
+                return loss * 0.0
+            return loss * (float(local[1]) / max(float(glob[1]), 1.0) * self.dp_size)
+
         self._skip = False
-        self.engine.module.loss_fn = loss_fn
-        self.engine.train_batch(iter([(x, torch.tensor([i])) for i, x in enumerate(inputs)]))
-        return self.engine.was_step_applied()
+        self.engine.module.loss_fn = pipe_loss
+        with self.autocast():
+            self.engine.train_batch(iter([(x, torch.tensor([i])) for i, x in enumerate(inputs)]))
+        # the last stage holds the totals; the others learn their length, then the totals themselves
+        n = comm.from_last_stage(torch.tensor([float(len(results[0]) if results else 0)]), self.last_stage_rank)
+        summed = torch.stack(results).sum(dim=0) if results else torch.zeros(int(n[0]), dtype=torch.float64)
+        summed = comm.from_last_stage(summed, self.last_stage_rank)
+        applied = self.engine.was_step_applied()
+        return StepOutput(applied, self._step_grad_norm(), summed)
 
-    def step(self) -> float | None:
-        raise RuntimeError("the pipeline engine steps inside train_batch")
-
-    def skip(self) -> None:
-        raise RuntimeError("the pipeline engine skips inside train_batch")
+    def eval_step(self, evaluate: Callable[[Any], dict[str, float]]) -> dict[str, float]:
+        metrics = run_eval(self, evaluate)
+        keys = sorted(metrics)  # only the last stage saw real logits: its numbers for every stage
+        values = comm.from_last_stage(torch.tensor([metrics[k] for k in keys], dtype=torch.float64),
+                                      self.last_stage_rank)
+        return dict(zip(keys, values.tolist(), strict=True))
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """This stage's layers under the plain model's keys (other stages hold the rest)."""

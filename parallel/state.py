@@ -32,6 +32,7 @@ import torch.distributed as dist
 from parallel.topology import Topology
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_SINGLE_PROCESS_ENV: dict[str, str] = {}  # what init_distributed set for a single process; destroy() unsets it
 
 
 def _free_port() -> int:
@@ -40,9 +41,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve_backend(backend: str) -> str:
-    """`auto`: nccl when CUDA is available, else gloo (the CPU path the tests run)."""
+def resolve_backend(backend: str, device: str | torch.device | None = None) -> str:
+    """`auto`: the backend of the device the ranks train on (`train.device`, resolved): nccl for
+    cuda, gloo for cpu, so a CPU run on a GPU machine does not put its CPU tensors into NCCL. With
+    no device given: nccl when CUDA is available, else gloo."""
     if backend == "auto":
+        if device is not None:
+            return "nccl" if torch.device(device).type == "cuda" else "gloo"
         return "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"unknown backend {backend!r}; expected auto, gloo or nccl")
@@ -63,15 +68,17 @@ def check_parallel_sizes(world_size: int, tp: int, pp: int) -> int:
     return world_size // (tp * pp)
 
 
-def init_distributed(backend: str = "auto", tp: int = 1, pp: int = 1, timeout_s: float = 1800.0) -> Topology:
+def init_distributed(backend: str = "auto", tp: int = 1, pp: int = 1, timeout_s: float = 1800.0,
+                     device: str | torch.device | None = None) -> Topology:
     """Initialise torch.distributed (unless already done, e.g. by deepspeed.init_distributed) and
     megatron-core's tensor/pipeline/data groups; return this process's Topology.
 
     Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and LOCAL_RANK (torchrun, Slurm via our
     launcher). With none of them set it runs as a single process (rank 0 of 1, a free local port),
-    so the same code path serves a laptop run. The tp x pp check happens before any process group
+    so the same code path serves a laptop run. `device`: what the ranks train on, which `auto` picks
+    the backend for (resolve_backend). The tp x pp check happens before any process group
     exists, so a bad layout fails fast on every rank instead of hanging in a collective."""
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, device)
     if dist.is_initialized():
         world = dist.get_world_size()
         check_parallel_sizes(world, tp, pp)
@@ -85,6 +92,10 @@ def init_distributed(backend: str = "auto", tp: int = 1, pp: int = 1, timeout_s:
         check_parallel_sizes(world, tp, pp)
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         port = int(os.environ["MASTER_PORT"]) if present else _free_port()
+        if not present:  # one process (e.g. ZeRO at launch.nproc=1): DeepSpeed asserts LOCAL_RANK is set
+            _SINGLE_PROCESS_ENV.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR=addr,
+                                       MASTER_PORT=str(port))
+            os.environ.update(_SINGLE_PROCESS_ENV)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(
@@ -124,6 +135,10 @@ def destroy(process_group: bool = True) -> None:
     ps.destroy_model_parallel()
     if process_group and dist.is_initialized():
         dist.destroy_process_group()
+    if process_group:
+        for key in _SINGLE_PROCESS_ENV:
+            os.environ.pop(key, None)
+        _SINGLE_PROCESS_ENV.clear()
 
 
 def _megatron(name: str):

@@ -43,11 +43,14 @@ the plain model's parameter names; the checkpoint converter builds on them.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from parallel import comm
 
 # module-name pattern (full match) -> how it is split; the single source of truth for both the
 # module substitution and the state-dict conversions
@@ -210,6 +213,20 @@ class _GatherLastDim(torch.autograd.Function):
         return grad.narrow(-1, rank * n, n).contiguous(), None
 
 
+@contextlib.contextmanager
+def _no_cpu_autocast(x: torch.Tensor):
+    """megatron-core's linears declare their autocast behaviour for CUDA only (custom_fwd/custom_bwd with
+    device_type="cuda"): under CPU autocast their forward computes in bf16 and their backward, which
+    runs outside autocast, multiplies the bf16 gradient by the fp32 weight and fails. On the CPU they
+    compute in fp32 (the weights are fp32 in every layout); on a GPU autocast applies to them as to
+    every other layer."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            yield x.float()
+    else:
+        yield x
+
+
 def _layer_classes():
     """megatron-core layers returning a tensor instead of (output, bias), so that they drop into
     the plain model's forward code (biases are added inside: skip_bias_add=False)."""
@@ -217,11 +234,13 @@ def _layer_classes():
 
     class ColumnParallel(ColumnParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0]
+            with _no_cpu_autocast(x) as x:
+                return super().forward(x)[0]
 
     class RowParallel(RowParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0]
+            with _no_cpu_autocast(x) as x:
+                return super().forward(x)[0]
 
     class VocabParallelHead(ColumnParallelLinear):
         """Column-parallel over the padded vocabulary, gathered, padding sliced off. Built with
@@ -230,7 +249,8 @@ def _layer_classes():
         vocab_size: int
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            logits = _GatherLastDim.apply(super().forward(x)[0], self.tp_group)
+            with _no_cpu_autocast(x) as x:
+                logits = _GatherLastDim.apply(super().forward(x)[0], self.tp_group)
             return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
 
     return ColumnParallel, RowParallel, VocabParallelHead
@@ -242,11 +262,7 @@ def _check_same_weights(model: nn.Module, group) -> None:
     sums = torch.stack([p.detach().double().sum() for p in model.parameters()] or [torch.zeros(())]).cpu()
     sq = torch.stack([p.detach().double().square().sum() for p in model.parameters()] or [torch.zeros(())]).cpu()
     local = torch.cat([sums, sq])
-    if dist.get_backend(group) == "nccl":
-        local = local.cuda()
-    hi, lo = local.clone(), local.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    hi, lo = comm.all_reduce(local, "max", group), comm.all_reduce(local, "min", group)
     if not torch.equal(hi, lo):
         raise ValueError(
             "the plain model's weights differ across tensor-parallel ranks: build it with the same seed "

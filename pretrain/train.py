@@ -35,7 +35,7 @@ from data_pipeline.stream import (
     skipped_rows,
 )
 from parallel import comm
-from parallel.engine import PlainEngine
+from parallel.build import build_engine
 from parallel.topology import Topology
 from pretrain import checkpoint as ckpt
 from pretrain.callbacks import (
@@ -77,12 +77,6 @@ class TrainState:
 
 def resolve_dtype(name: str, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if name == "auto" else name
-
-
-def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def lr_multiplier(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -128,7 +122,6 @@ class Trainer:
         self.callbacks = callbacks
         self.device = resolve_device(cfg.train.device, "train.device")
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
-        self.autocast = autocast_for(self.device, self.dtype)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.data = ensure_shards(cfg.data)
@@ -148,52 +141,17 @@ class Trainer:
                 model.load_state_dict(consolidated_state_dict(self.portable))
             except RuntimeError as e:
                 raise ckpt.CheckpointError(f"checkpoint {self.portable} does not fit this model: {e}") from None
-        t = cfg.train
-        if topology.tp_size > 1:
-            from parallel.tensor_parallel import apply_tensor_parallel
-
-            model = apply_tensor_parallel(model)  # megatron-core layers, weights copied from the plain init
-        if t.activation_checkpointing != "none":  # after TP (it swaps sub-modules), before the pipeline split
-            from parallel.activation_checkpointing import apply_activation_checkpointing
-
-            apply_activation_checkpointing(model, t.activation_checkpointing, t.activation_checkpointing_k)
-        if t.compile:  # in place: parameter names and checkpoints stay those of the plain model (tp = pp = 1)
-            model.compile()
-        if topology.pp_size > 1:  # DeepSpeed's pipeline engine over this rank's stage of the plain model
-            from parallel.pipeline import pipeline_module
-
-            model = pipeline_module(model, topology)
         self.objective = build_objective(cfg.diffusion, cfg.model.variant, mask_id=self.data.mask_id,
                                          jigsaw_streams=cfg.model.jigsaw_streams)
-        optimizer = build_optimizer(model, t, self.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr_ratio),
-        )
+        t = cfg.train
         dp = topology.dp_size
         self.micro_batch = t.micro_batch_size or t.batch_size // dp
         self.accumulation = t.batch_size // (self.micro_batch * dp)
-        ds_config = None
-        if topology.world_size > 1 or cfg.parallel.zero_stage > 0:
-            from parallel.engine import deepspeed_config
-
-            ds_config = deepspeed_config(self.micro_batch, self.accumulation, dp, t.grad_clip,
-                                         cfg.parallel.zero_stage, self.dtype, n_params=self.n_params)
-        if topology.pp_size > 1:
-            from parallel.pipeline import PipelineEngine, check_grid
-
-            self.engine = PipelineEngine(model, optimizer, ds_config, vocab_size=self.data.vocab_size)
-            check_grid(model)
-        elif ds_config is not None:
-            from parallel.engine import DeepSpeedEngine
-
-            mpu = None
-            if topology.world_size > 1:
-                from parallel.state import DeepSpeedMpu
-
-                mpu = DeepSpeedMpu()
-            self.engine = DeepSpeedEngine(model, optimizer, ds_config, mpu=mpu)
-        else:
-            self.engine = PlainEngine(model, optimizer, t.grad_clip, self.accumulation)
+        self.engine = build_engine(
+            model, cfg, topology, make_optimizer=self._make_optimizer, device=self.device, dtype=self.dtype,
+            micro_batch=self.micro_batch, accumulation=self.accumulation, vocab_size=self.data.vocab_size,
+            n_params=self.n_params,
+        )
         self.ema = None
         if t.ema > 0:
             from pretrain.ema import EMA
@@ -209,6 +167,15 @@ class Trainer:
         self.start_step = 0  # where this process began (the checkpoint's step when resuming)
         self.peak_flops = device_peak_flops(self.device, self.dtype, t.peak_tflops)
 
+    def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """The optimizer over the parallelised model and its LR schedule (set before the engine wraps it)."""
+        t = self.cfg.train
+        optimizer = build_optimizer(model, t, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr_ratio),
+        )
+        return optimizer
+
     @property
     def layout(self) -> dict[str, Any]:
         tp = self.topology
@@ -221,16 +188,6 @@ class Trainer:
         if self.topology.dp_size == 1:
             return values
         return comm.dp_sum(values)
-
-    def _global_totals(self, loss: torch.Tensor, stats: dict, extra: tuple[float, ...] = ()) -> torch.Tensor:
-        """One micro-batch's [loss x tokens, tokens, per-t-bucket loss sums, bucket counts, *extra],
-        summed over the data-parallel group (one all-reduce), float64."""
-        n_local = float(stats["n_tokens"])
-        return self._dp_sum(torch.cat([
-            torch.tensor([float(loss.detach()) * n_local, n_local], dtype=torch.float64),
-            stats["t_bucket_loss_sum"].double(), stats["t_bucket_count"].double(),
-            torch.tensor(extra, dtype=torch.float64),
-        ]))
 
     def _barrier(self) -> None:
         comm.barrier()
@@ -326,16 +283,11 @@ class Trainer:
         with self.ema_weights():
             # eval_batches counts global batches (train.batch_size sequences), so every layout evaluates
             # the same validation sequences whatever its micro-batch size
-            metrics = validation_nll(
-                self.engine, self.objective, self.val_loader, self.device, seed=self.cfg.seed,
-                max_batches=self.cfg.train.eval_batches * self.accumulation, autocast=self.autocast,
+            metrics = self.engine.eval_step(lambda model: validation_nll(
+                model, self.objective, self.val_loader, self.device, seed=self.cfg.seed,
+                max_batches=self.cfg.train.eval_batches * self.accumulation,
                 reduce=self._dp_sum, dp_rank=self.topology.dp_rank, dp_size=self.topology.dp_size,
-            )
-        if self.engine.kind == "pipeline":  # only the last stage saw real logits: its numbers for all
-            keys = sorted(metrics)
-            values = comm.from_last_stage(torch.tensor([metrics[k] for k in keys], dtype=torch.float64),
-                                          self.engine.last_stage_rank)
-            metrics = dict(zip(keys, values.tolist(), strict=True))
+            ))
         self.state.elapsed_s = self._elapsed_base + (time.perf_counter() - self._fit_start)
         metrics["val/tokens_seen"] = float(self.state.tokens)
         metrics["val/elapsed_s"] = self.state.elapsed_s
@@ -351,104 +303,44 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any] | None:
         """One optimizer step over `accumulation` micro-batches; None when it was skipped (a non-finite
-        loss or gradient in any micro-batch on any rank: every rank skips the whole step).
-
-        Each micro-batch's loss is rescaled so the gradient is that of the global per-token loss:
-        tokens are counted over the data-parallel group (ranks can hold different numbers of real
-        tokens), and the engines' averaging over ranks and micro-batches is undone. The same
-        all-reduce makes every rank see a non-finite loss on any rank. Every micro-batch still runs
-        its backward (the engines' gradient collectives and micro-step counters stay in step on all
-        ranks); after a non-finite loss it backpropagates `loss x NaN`, so the gradient is not
-        finite and the engine's one rule (parallel/engine.py: a non-finite global gradient norm
-        skips the optimizer step and clears the gradients) skips the step everywhere."""
-        if self.engine.kind == "pipeline":
-            return self._pipeline_train_step(micro_batches)
+        loss or gradient in any micro-batch on any rank: every rank skips the whole step). The engine
+        (parallel/engine.py) runs the layout: loss scaling to the global per-token loss, accumulation,
+        the skip rule; this method says what a micro-batch's loss is and what its statistics are."""
         dp, n_micro = self.topology.dp_size, len(micro_batches)
-        loss_sum = tokens = real_tokens = 0.0
-        buckets = None
-        finite = True
-        result = None
-        for i, batch in enumerate(micro_batches):
+
+        def loss_fn(model, batch: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
             rng = step_rng(self.cfg.seed, self.state.step, self.topology.dp_rank, dp, micro=i, n_micro=n_micro)
-            with self.autocast:
-                loss, stats = self.objective.training_loss(self.engine, batch, rng)
-            n_local = float(stats["n_tokens"])
-            k = len(stats["t_bucket_loss_sum"])
-            glob = self._global_totals(loss, stats, extra=(self._real_tokens(batch),))
-            finite = finite and math.isfinite(float(glob[0]))
-            scale = n_local / max(float(glob[1]), 1.0) * dp
-            self.engine.backward(loss * scale if finite else loss * math.nan)
-            result = self.engine.step()
-            loss_sum += float(glob[0])
-            tokens += float(glob[1])
-            real_tokens += float(glob[-1])
-            buckets = glob[2:-1] if buckets is None else buckets + glob[2:-1]
-        if result is None:
-            raise RuntimeError(f"{n_micro} micro-batches did not reach the engine's accumulation boundary")
-        if not result.applied:
+            loss, stats = self.objective.training_loss(model, batch, rng)
+            return loss, self._loss_totals(loss, stats, batch)
+
+        out = self.engine.train_step(micro_batches, loss_fn)
+        if not out.applied:
             return None
         self.scheduler.step()
+        return self._step_stats(out.totals, out.grad_norm, n_micro)
+
+    # The statistics of a step, in one place: what one micro-batch contributes (summed by the engine over
+    # micro-batches and data-parallel ranks) and what the step reports from those sums.
+    def _loss_totals(self, loss: torch.Tensor, stats: dict, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """float64 [loss x tokens, tokens, per-t-bucket loss sums, bucket counts, real tokens, masked fraction]
+        of one micro-batch on this rank (real tokens: non-padding, what MFU counts)."""
+        n_local = float(stats["n_tokens"])
+        return torch.cat([
+            torch.tensor([float(loss.detach()) * n_local, n_local], dtype=torch.float64),
+            stats["t_bucket_loss_sum"].detach().double().cpu(), stats["t_bucket_count"].double().cpu(),
+            torch.tensor([float((batch["input_ids"] != self.data.pad_id).sum()),
+                          float(stats.get("masked_fraction", 0.0))], dtype=torch.float64),
+        ])
+
+    def _step_stats(self, totals: torch.Tensor, grad_norm: float, n_micro: int) -> dict[str, Any]:
+        k = (len(totals) - 4) // 2
         return {
-            "loss": loss_sum / max(tokens, 1.0),
-            "grad_norm": result.grad_norm,
-            "real_tokens": real_tokens,
-            "masked_fraction": stats.get("masked_fraction", 0.0),
-            "t_bucket_loss_sum": buckets[:k],
-            "t_bucket_count": buckets[k:],
-        }
-
-    def _real_tokens(self, batch: dict[str, torch.Tensor]) -> float:
-        """Non-padding tokens of a micro-batch on this rank (what MFU counts)."""
-        return float((batch["input_ids"] != self.data.pad_id).sum())
-
-    def _pipeline_train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any] | None:
-        """train_step through the pipeline engine (parallel/pipeline.py): every rank corrupts the
-        micro-batches up to the model call (the first stage feeds those inputs in); the last stage
-        recomputes the same objective on the pipeline's logits with the same step RNG and scales
-        each micro-batch's loss exactly as train_step does. Its statistics then go to the whole
-        pipeline. A non-finite loss skips the whole step on every stage."""
-        from parallel.pipeline import capture_forward, replay, stage_inputs
-
-        dp, n_micro = self.topology.dp_size, len(micro_batches)
-
-        def rng(i: int):
-            return step_rng(self.cfg.seed, self.state.step, self.topology.dp_rank, dp, micro=i, n_micro=n_micro)
-
-        pipe = self.engine.module
-        inputs = [stage_inputs(*capture_forward(pipe, self.objective.training_loss, b, rng(i)))
-                  for i, b in enumerate(micro_batches)]
-        results: list[torch.Tensor] = []
-
-        def loss_fn(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-            i = int(label[0])
-            loss, stats = replay(pipe, self.objective.training_loss, logits, micro_batches[i], rng(i))
-            n_local = float(stats["n_tokens"])
-            glob = self._global_totals(loss, stats, extra=(self._real_tokens(micro_batches[i]),
-                                                           stats.get("masked_fraction", 0.0)))
-            results.append(glob)
-            if not math.isfinite(float(glob[0])):
-                self.engine.skip_step()
-                return loss * 0.0
-            return loss * (n_local / float(glob[1]) * dp)
-
-        with self.autocast:
-            stepped = self.engine.train_batch(inputs, loss_fn)
-        k = self.objective.loss_buckets
-        summed = torch.zeros(4 + 2 * k, dtype=torch.float64)
-        if results:  # the last stage; the others receive its sums below
-            summed = torch.stack(results).sum(dim=0)
-            summed[-1] = results[-1][-1] / dp  # masked fraction: the last micro-batch's, mean over dp
-        summed = comm.from_last_stage(summed, self.engine.last_stage_rank)
-        if not stepped:
-            return None
-        self.scheduler.step()
-        return {
-            "loss": float(summed[0] / summed[1].clamp(min=1.0)),
-            "grad_norm": self.engine.step_grad_norm(),
-            "real_tokens": float(summed[-2]),
-            "masked_fraction": float(summed[-1]),
-            "t_bucket_loss_sum": summed[2:2 + k],
-            "t_bucket_count": summed[2 + k:2 + 2 * k],
+            "loss": float(totals[0] / totals[1].clamp(min=1.0)),
+            "grad_norm": grad_norm,
+            "real_tokens": float(totals[-2]),
+            "masked_fraction": float(totals[-1]) / (n_micro * self.topology.dp_size),  # mean over micro-batches
+            "t_bucket_loss_sum": totals[2:2 + k],
+            "t_bucket_count": totals[2 + k:2 + 2 * k],
         }
 
     def fit(self) -> dict[str, Any]:
@@ -593,7 +485,7 @@ def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tupl
     """Train `cfg` in `run_dir` (resuming if it holds a checkpoint) and return the run's summary.
 
     Every rank calls this. With several ranks (WORLD_SIZE from the launcher) or ZeRO, it first
-    builds the process groups (torch.distributed + megatron-core's tensor/pipeline/data groups).
+    builds the process groups (parallel.state.init_distributed: tensor, pipeline and data groups).
     `extra_callbacks` run after the built-in ones on every rank. `stop_signals` (Ctrl-C and SIGTERM by
     default) and `stop_flags` (e.g. Slurm's preemption flag) stop the run at a step boundary with a
     checkpoint, raising `pretrain.stop.Stopped` (see pretrain/stop.py). Once the MLflow run exists,
@@ -611,7 +503,7 @@ def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tupl
             from parallel.state import init_distributed
 
             topology = init_distributed("auto", tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-                                        timeout_s=cfg.parallel.timeout_s)
+                                        timeout_s=cfg.parallel.timeout_s, device=resolve_device(cfg.train.device))
         else:
             topology = Topology()
         callbacks: list[Callback] = [CheckpointCallback()]

@@ -32,6 +32,7 @@ column-sharded qkv holds whole heads and the attention code runs unchanged on ea
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -197,6 +198,71 @@ class TimestepEmbedder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# The three parts of a pass: embed -> blocks -> unembed (a pipeline cuts between them)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerContext:
+    """What every block of one pass needs besides the hidden states, built once per pass (or per
+    pipeline stage, from the small tensors that travel between stages). Absent inputs are None
+    (torchtitan's pass-through: a model without time conditioning has c = None)."""
+
+    c: torch.Tensor | None  # time condition [B, cond_dim] (adaLN), or None
+    cos: torch.Tensor  # rotary tables for the pass's positions [positions, head_dim / 2]
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # SDPA's boolean attention mask, or None
+    is_causal: bool
+    n_out: int  # positions the head reads: the x_t half of a two-stream pass, else all
+    kernel: str = "sdpa:dense-mask"  # the attention kernel the mask selects (attention_kernel.py)
+
+
+def layer_context(cfg: ModelConfig, rope_cos: torch.Tensor, rope_sin: torch.Tensor, L: int, device: torch.device,
+                  key_padding_mask: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+                  revealed_blocks: torch.Tensor | None = None, two_stream: bool = False,
+                  c: torch.Tensor | None = None, dropout_active: bool = False,
+                  use_flex: bool | None = False) -> LayerContext:
+    """The variant's attention mask and rotary tables for L data positions (a two-stream pass: the
+    [x_t | x_0] mask over 2L positions, rotary positions 0..L-1 twice: a clean token and its noised
+    copy sit at the same position). The single-stream mask is what attention_kernel.py picks for the
+    batch: none without padding (flash can run), a FlexAttention block mask (use_flex; None = on CUDA;
+    the pipeline keeps False: a block mask does not travel between stages), else SDPA's dense mask."""
+    cos, sin = rope_cos[:L], rope_sin[:L]
+    if not two_stream:
+        mask, is_causal, kernel = attention_inputs(cfg.variant, L, cfg.block_size, device, key_padding_mask,
+                                                   prompt_mask, revealed_blocks, dropout_active=dropout_active,
+                                                   use_flex=use_flex)
+        return LayerContext(c, cos, sin, mask, is_causal, L, kernel)
+    mask = two_stream_mask(cfg.variant, L, cfg.block_size, device, key_padding_mask, revealed_blocks, prompt_mask)
+    return LayerContext(c, cos.repeat(2, 1), sin.repeat(2, 1), mask, False, L, "sdpa:dense-mask")
+
+
+def embed_tokens(tok_emb: nn.Module, drop: nn.Module, time_emb: nn.Module | None, input_ids: torch.Tensor,
+                 t: torch.Tensor | None = None, x0: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, time condition c or None): the token embedding of input_ids, or of [x_t | x_0]
+    for a two-stream pass (x0 given), and the time embedding of t when the model is time-conditioned."""
+    c = None
+    if time_emb is not None:
+        if t is None:
+            raise ValueError("this model is time-conditioned (model.time_conditioning): pass t")
+        c = time_emb(t.to(input_ids.device))
+    if x0 is not None:
+        input_ids = torch.cat([input_ids, x0], dim=1)  # [x_t | x_0]
+    return drop(tok_emb(input_ids)), c
+
+
+def unembed(norm_f: nn.Module, final_adaLN: nn.Module | None, head: nn.Module, x: torch.Tensor,
+            ctx: LayerContext) -> torch.Tensor:
+    """Logits of the first ctx.n_out positions: final norm (adaLN-modulated when time-conditioned), head."""
+    x = norm_f(x[:, : ctx.n_out])  # the x_t half (everything, for a single stream)
+    if final_adaLN is not None:
+        shift, scale = final_adaLN(ctx.c)[:, None, :].chunk(2, dim=-1)
+        x = modulate(x, shift, scale)
+    return head(x)
+
+
+# ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
 
@@ -279,50 +345,45 @@ class DiffusionTransformer(nn.Module):
         if kv_cache is not None:
             if x0 is not None or revealed_blocks is not None or prompt_mask is not None:
                 raise ValueError("a KV-cached pass (ar, block) takes neither x0, revealed_blocks nor prompt_mask")
-            return self.head(self.norm_f(self._cached_backbone(input_ids, key_padding_mask, kv_cache, extend_cache)))
+            x, ctx = self._cached_backbone(input_ids, key_padding_mask, kv_cache, extend_cache)
+            return self.unembed(x, ctx)
         B, L = input_ids.shape
         if L > self.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds the model's max_seq_len {self.max_seq_len}")
-        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
-        if x0 is None:
-            mask, is_causal, kernel = attention_inputs(
-                self.cfg.variant, L, self.cfg.block_size, input_ids.device, key_padding_mask, prompt_mask,
-                revealed_blocks, dropout_active=self.training and self.cfg.dropout > 0, use_flex=self.use_flex,
-            )
-        else:
-            if not self.two_stream:
-                raise ValueError("x0 (the two-stream pass) is for variant block and for jigsaw with "
-                                 f"model.jigsaw_streams=2, not {self.cfg.variant!r} "
-                                 f"(jigsaw_streams={self.cfg.jigsaw_streams})")
-            mask, is_causal = two_stream_mask(
-                self.cfg.variant, L, self.cfg.block_size, input_ids.device, key_padding_mask, revealed_blocks,
-                prompt_mask,
-            ), False
-            kernel = "sdpa:dense-mask"
-            input_ids = torch.cat([input_ids, x0], dim=1)  # [x_t | x_0]
-            cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)  # positions 0..L-1, twice
-        self.attention_kernel = kernel  # which kernel this batch took (attention_kernel.py)
-        note_kernel(kernel)
-        c = None
-        if self.time_emb is not None:
-            if t is None:
-                raise ValueError("this model is time-conditioned (model.time_conditioning): pass t")
-            c = self.time_emb(t.to(input_ids.device))
-        x = self.drop(self.tok_emb(input_ids))
+        if x0 is not None and not self.two_stream:
+            raise ValueError("x0 (the two-stream pass) is for variant block and for jigsaw with "
+                             f"model.jigsaw_streams=2, not {self.cfg.variant!r} "
+                             f"(jigsaw_streams={self.cfg.jigsaw_streams})")
+        x, c = self.embed(input_ids, t, x0)
+        ctx = self.context(L, input_ids.device, key_padding_mask, prompt_mask, revealed_blocks,
+                           two_stream=x0 is not None, c=c)
+        self.attention_kernel = ctx.kernel  # which kernel this batch took (attention_kernel.py)
+        note_kernel(ctx.kernel)
         for block in self.blocks:
-            x = block(x, c, cos, sin, mask, is_causal)
-        x = self.norm_f(x[:, :L])  # the x_t half (everything, for a single stream)
-        if self.final_adaLN is not None:
-            shift, scale = self.final_adaLN(c)[:, None, :].chunk(2, dim=-1)
-            x = modulate(x, shift, scale)
-        return self.head(x)
+            x = block(x, ctx.c, ctx.cos, ctx.sin, ctx.mask, ctx.is_causal)
+        return self.unembed(x, ctx)
+
+    # the three parts of forward, which the pipeline (parallel/pipeline.py) runs on different stages
+    def embed(self, input_ids: torch.Tensor, t: torch.Tensor | None = None, x0: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return embed_tokens(self.tok_emb, self.drop, self.time_emb, input_ids, t, x0)
+
+    def context(self, L: int, device: torch.device, key_padding_mask=None, prompt_mask=None, revealed_blocks=None,
+                two_stream: bool = False, c: torch.Tensor | None = None) -> LayerContext:
+        return layer_context(self.cfg, self.rope_cos, self.rope_sin, L, device, key_padding_mask, prompt_mask,
+                             revealed_blocks, two_stream, c, dropout_active=self.training and self.cfg.dropout > 0,
+                             use_flex=self.use_flex)
+
+    def unembed(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        return unembed(self.norm_f, self.final_adaLN, self.head, x, ctx)
 
     def prefill(self, input_ids: torch.Tensor, kv_cache: KVCache, key_padding_mask: torch.Tensor | None = None) -> None:
         """Append the clean, committed tokens input_ids [B, n] (the positions right after the cached
         prefix) to kv_cache; no logits are computed (e.g. a prompt, or a block BD3-LM just decoded)."""
         self._cached_backbone(input_ids, key_padding_mask, kv_cache, extend=True)
 
-    def _cached_backbone(self, input_ids, key_padding_mask, kv_cache: KVCache, extend: bool) -> torch.Tensor:
+    def _cached_backbone(self, input_ids, key_padding_mask, kv_cache: KVCache, extend: bool
+                         ) -> tuple[torch.Tensor, LayerContext]:
         """The blocks over new positions start..start+n-1 against the cached prefix 0..start-1."""
         reason = cache_support(self.cfg.variant, self.cfg.block_size, self.time_emb is not None)
         if reason is not None:
@@ -337,11 +398,12 @@ class DiffusionTransformer(nn.Module):
                 else key_padding_mask.to(input_ids.device).bool())
         keys_real = kv_cache.begin(real, extend)
         mask = cached_attention_mask(self.cfg.variant, start, n, self.cfg.block_size, keys_real)
-        cos, sin = self.rope_cos[start : start + n], self.rope_sin[start : start + n]  # absolute positions
-        x = self.drop(self.tok_emb(input_ids))
+        ctx = LayerContext(c=None, cos=self.rope_cos[start : start + n], sin=self.rope_sin[start : start + n],
+                           mask=mask, is_causal=False, n_out=n)  # absolute positions
+        x, _ = self.embed(input_ids)
         for block, kv in zip(self.blocks, kv_cache.layers, strict=True):
-            x = block(x, None, cos, sin, mask, False, kv)
-        return x
+            x = block(x, ctx.c, ctx.cos, ctx.sin, ctx.mask, ctx.is_causal, kv)
+        return x, ctx
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; exclude_embeddings drops the token-embedding table (with tied

@@ -42,6 +42,8 @@ LAYOUTS = {  # name: (optimizer, overrides)
     "tp2": ("sgd", ["launch.nproc=2", "parallel.tp=2"]),
     "tp2-dp2-zero1": ("adamw", ["launch.nproc=4", "parallel.tp=2", "parallel.zero_stage=1"]),
     "dp1-accum2": ("sgd", ["launch.nproc=1", "train.micro_batch_size=4"]),
+    # ZeRO on one process: DeepSpeed's engine without a launcher's environment (LOCAL_RANK unset)
+    "dp1-zero1": ("adamw", ["launch.nproc=1", "parallel.zero_stage=1"]),
     "dp2-zero2-accum2": ("sgd", ["launch.nproc=2", "parallel.zero_stage=2", "train.micro_batch_size=2"]),
     "pp2": ("adamw", ["launch.nproc=2", "parallel.pp=2"]),
     "pp2-accum2": ("sgd", ["launch.nproc=2", "parallel.pp=2", "train.micro_batch_size=4"]),
@@ -61,7 +63,7 @@ REL = 1e-5
 EXACT = {"pp2-accum2": "dp1-accum2"}
 
 
-def run_layout(tmp: Path, shards: Path, extra: list[str]) -> dict[int, dict[str, float]]:
+def run_layout(tmp: Path, shards: Path, extra: list[str], steps: int = STEPS) -> dict[int, dict[str, float]]:
     # one BLAS thread per rank: a thread count that differs between runs changes summation order
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -72,7 +74,7 @@ def run_layout(tmp: Path, shards: Path, extra: list[str]) -> dict[int, dict[str,
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run_dir,) = (tmp / "runs" / "quickstart").iterdir()
     metrics = read_metrics(run_dir)
-    assert sorted(metrics) == list(range(1, STEPS + 1))
+    assert sorted(metrics) == list(range(1, steps + 1))
     metrics[0] = read_metrics(run_dir, "eval")[0]  # validation of the initial weights (the same everywhere)
     return metrics
 
