@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm.cluster import TERMINAL, SlurmError, explain_failure, job_state, refuse_if_hopeless, slurm_answers
+from slurm.cluster import (
+    TERMINAL,
+    SlurmError,
+    array_task_ids,
+    explain_failure,
+    job_state,
+    refuse_if_hopeless,
+    slurm_answers,
+)
 from slurm.executor import (
     executor_parameters,
     make_executor,
@@ -172,7 +180,8 @@ def log_paths(folder: Path, job_id: str, task: int = 0) -> tuple[Path, Path]:
     return folder / f"{job_id}_{task}_log.out", folder / f"{job_id}_{task}_log.err"
 
 
-SRUN_FAILURE = re.compile(r"^srun: error: (\S+): tasks? ([\d,\-]+): (.+)$")
+# searched anywhere in a line: srun writes into the batch log after a progress bar that ended without a newline
+SRUN_FAILURE = re.compile(r"srun: error: (\S+): tasks? ([\d,\-]+): ([^\r\n]+)")
 
 
 # what a rank logs when a peer it was talking to disappeared (gloo, NCCL, the TCP store)
@@ -188,12 +197,8 @@ def srun_failures(batch_log: Path | str) -> list[tuple[int, str, str]]:
     except OSError:
         return []
     out = []
-    for line in text.splitlines():
-        m = SRUN_FAILURE.match(line.strip())
-        if m:
-            from slurm.cluster import array_task_ids
-
-            out += [(k, m.group(1), m.group(3).strip()) for k in array_task_ids(m.group(2))]
+    for m in SRUN_FAILURE.finditer(text):
+        out += [(k, m.group(1), m.group(3).strip()) for k in array_task_ids(m.group(2))]
     return out
 
 

@@ -127,6 +127,14 @@ def test_the_task_srun_saw_fail_first_is_reported_not_the_one_it_took_down(tmp_p
                      "srun: error: dlmnode2: task 1: Killed\n")
     k, text = first_failure([batch, other])
     assert k == 1 and "on dlmnode2" in text and "Killed" in text and "also failed: task 0" in text, text
+    # srun's line lands after a progress bar that ended without a newline (tqdm's carriage returns)
+    batch.write_text("train:   1%|          | 3/400 [00:03<06:24, loss=2.7030]\r"
+                     "train:   1%|          | 3/400 [00:03<06:24, loss=2.7030]srun: error: dlmnode2: task 1: Killed\n"
+                     "srun: error: dlmnode1: task 0: Exited with exit code 1\n"
+                     "[rank0]: RuntimeError: [pair.cc:553] Connection closed by peer [10.0.0.3]:42648\n")
+    assert srun_failures(batch) == [(1, "dlmnode2", "Killed"), (0, "dlmnode1", "Exited with exit code 1")]
+    k, text = first_failure([batch, other])
+    assert k == 1 and "on dlmnode2: Killed" in text, text
 
 
 def test_preflight_refuses_what_the_job_would_fail_on_before_submitting(tmp_path):
