@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.fsutil import TMP_MARK, atomic_write_bytes
 from data_pipeline import remote
 from data_pipeline.config import DataConfig
 from data_pipeline.dedup import (
@@ -51,7 +52,6 @@ from data_pipeline.dedup import (
 )
 from data_pipeline.density.annotators import STATS_FILE, check_density_config, needs_stats
 from data_pipeline.encode import LONG_DOC_POLICIES, default_workers
-from data_pipeline.fsutil import TMP_MARK, atomic_write_bytes
 from data_pipeline.merge import IncompleteBuildError, merge_split
 from data_pipeline.shards import INDEX_FILE, ShardFormatError, ShardReader
 from data_pipeline.sources import (
@@ -188,7 +188,7 @@ def is_complete(shard_dir: Path) -> bool:
 
 def check_config(cfg: DataConfig) -> None:
     """The build's enumerations and limits, checked before any work starts."""
-    from data_pipeline.config_file import ConfigError
+    from common.config_file import ConfigError
 
     for key, allowed in (("txt_documents", TXT_MODES), ("decode_errors", DECODE_MODES),
                          ("long_docs", LONG_DOC_POLICIES)):
@@ -508,7 +508,8 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_pipeline.config_file import ConfigError, load_data_config
+    from common.config_file import ConfigError
+    from data_pipeline.config import load_data_config
 
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline.build",

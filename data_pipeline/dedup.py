@@ -141,7 +141,7 @@ def find_removed(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, int]
 def save_removed(path, removed: dict[str, np.ndarray]) -> None:
     import io
 
-    from data_pipeline.fsutil import atomic_write_bytes
+    from common.fsutil import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez(buf, **removed)

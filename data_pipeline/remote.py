@@ -33,7 +33,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from data_pipeline.fsutil import TMP_MARK, atomic_write_bytes
+from common.fsutil import TMP_MARK, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

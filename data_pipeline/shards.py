@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from data_pipeline.fsutil import atomic_write_bytes
+from common.fsutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.fsutil import atomic_write_bytes
 from data_pipeline.config import DataConfig
 from data_pipeline.document import Document
-from data_pipeline.fsutil import atomic_write_bytes
 from data_pipeline.shards import token_dtype
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from common.config_file import ConfigError, merge_layers, read_layers
 from data_pipeline.config import DataConfig, SudokuTaskConfig, TaskConfig  # noqa: F401  (re-exported)
-from data_pipeline.config_file import ConfigError, merge_layers, read_layers
 from pretrain.diffusion.masking import DENSITY_FORMS, MASKING_POLICIES, SYNTACTIC_FORMS
 from pretrain.diffusion.objective import PARAMETERIZATIONS, WEIGHTINGS
 from pretrain.diffusion.schedules import SCHEDULES
@@ -235,7 +235,7 @@ def choices() -> dict[str, tuple[str, ...]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Loading (the mechanics are shared with the shard builder: data_pipeline/config_file.py)
+# Loading (the mechanics are shared with the shard builder: common/config_file.py)
 # --------------------------------------------------------------------------------------------
 
 

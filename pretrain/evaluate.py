@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from data_pipeline.device import resolve_device
+    from common.device import resolve_device
     from data_pipeline.sources import DataSourceUnavailable
     from pretrain.checkpoint import CheckpointError, run_dir_of
     from pretrain.config import ConfigError

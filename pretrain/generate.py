@@ -122,7 +122,7 @@ def build_parser(prog: str = "python -m pretrain.generate") -> argparse.Argument
 
 def main(argv: list[str] | None = None, prog: str = "python -m pretrain.generate") -> int:
     args = build_parser(prog).parse_args(argv)
-    from data_pipeline.device import resolve_device
+    from common.device import resolve_device
     from data_pipeline.tokenizer import TokenizerError
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError

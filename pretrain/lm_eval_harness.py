@@ -41,7 +41,7 @@ class DLMEvalHarness(LM):
                  sampler: str = "auto", steps: int | str = 0, temperature: float | str = 0.0,
                  device: str | None = None, batch_size: int | str | None = None, **_ignored):
         super().__init__()
-        from data_pipeline.device import resolve_device
+        from common.device import resolve_device
         from pretrain.generate import load_run
         from pretrain.variants import objective_for
 

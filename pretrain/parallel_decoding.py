@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows (and what was run) to this JSON file")
     args = p.parse_args(argv)
 
-    from data_pipeline.device import resolve_device
+    from common.device import resolve_device
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
     from pretrain.evaluate import load_model

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common.device import resolve_device
 from data_pipeline.build import ensure_shards
-from data_pipeline.device import resolve_device
 from data_pipeline.stream import (
     check_shards_before_training,
     make_train_loader,

@@ -30,7 +30,7 @@ from slurm.executor import (
 
 def load_slurm_config(path: str | None, overrides: list[str]) -> SlurmConfig:
     """The `launch.slurm` section of a run recipe (its `inherit:` chain followed) plus launch.slurm.* overrides."""
-    from data_pipeline.config_file import ConfigError, merge_layers, read_layers
+    from common.config_file import ConfigError, merge_layers, read_layers
 
     layers = []
     for origin, data in read_layers(path, overrides):
@@ -137,7 +137,8 @@ def submit_build(cfg: DataConfig, slurm: SlurmConfig, n_parts: int, workers: int
 def main_slurm(config: str | None, overrides: list[str], n_parts: int, workers: int | None, dry_run: bool,
                wait: bool) -> int:
     """What `data_pipeline.build --slurm K` runs (after its own argument parsing)."""
-    from data_pipeline.config_file import ConfigError, load_data_config
+    from common.config_file import ConfigError
+    from data_pipeline.config import load_data_config
 
     try:
         slurm = load_slurm_config(config, [o for o in overrides if o.strip().startswith("launch.slurm.")])

@@ -23,7 +23,7 @@ from slurm.cluster import SlurmError, use_scontrol_states
 from slurm.config import SlurmConfig
 
 # the packages a job imports from the snapshot (pyproject's package set)
-PACKAGES = ("pretrain", "data_pipeline", "parallel", "slurm")
+PACKAGES = ("common", "pretrain", "data_pipeline", "parallel", "slurm")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -78,8 +78,8 @@ def preflight(cfg) -> None:
     """What the local launcher finds out before any rank starts, checked before submitting: the shards are
     built, or their source exists (a local path) and the build settings are valid. A SlurmError says what
     is wrong and that nothing was submitted."""
+    from common.config_file import ConfigError
     from data_pipeline.build import check_config, is_complete, resolve_shard_dir
-    from data_pipeline.config_file import ConfigError
     from data_pipeline.sources import DataSourceError, local_files
 
     d = cfg.data

@@ -83,7 +83,7 @@ def chunk_counts(flat: np.ndarray, lengths: np.ndarray, vocab_size: int) -> tupl
 
 
 def save_stats(path: Path, counts: np.ndarray, df: np.ndarray, n_docs: int) -> None:
-    from data_pipeline.fsutil import atomic_write_bytes
+    from common.fsutil import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez(buf, counts=counts, doc_freq=df, n_docs=np.int64(n_docs))
@@ -263,7 +263,7 @@ class ModelAnnotator(Annotator):
                  context_masks: int = 4, normalize: str = "minmax"):
         super().__init__(normalize)
 
-        from data_pipeline.device import resolve_device
+        from common.device import resolve_device
         from pretrain.checkpoint import load_model_for_inference  # the one public entry into pretrain
 
         self.device = resolve_device(device, "density.device")
