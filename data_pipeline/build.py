@@ -38,9 +38,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.config_file import ConfigError
 from common.fsutil import TMP_MARK, atomic_write_bytes
+from common.plugins import load_plugin
 from data_pipeline import remote
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, load_data_config
 from data_pipeline.dedup import (
     FILTER_FILE,
     RULES,
@@ -71,6 +73,9 @@ DEFAULT_ROOT = Path("data/shards")
 BUILD_FILE = "build.json"
 SPLITS = ("train", "val")
 PLAN_VERSION = 1
+# `--slurm K` submits through the slurm package, the top layer: named, resolved only for --slurm
+# (common/plugins.py), so data_pipeline never imports slurm
+SLURM_BUILD = "slurm.data:main_slurm"
 # Content settings added after the first version: they enter the default directory's hash only when
 # changed, so existing default directories keep their names.
 LATER_FIELDS = {"text_template": "", "filter": None, "txt_documents": "line", "tokenizer_model_type": "unigram", "max_doc_tokens": 0,
@@ -188,7 +193,6 @@ def is_complete(shard_dir: Path) -> bool:
 
 def check_config(cfg: DataConfig) -> None:
     """The build's enumerations and limits, checked before any work starts."""
-    from common.config_file import ConfigError
 
     for key, allowed in (("txt_documents", TXT_MODES), ("decode_errors", DECODE_MODES),
                          ("long_docs", LONG_DOC_POLICIES)):
@@ -508,9 +512,6 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.config_file import ConfigError
-    from data_pipeline.config import load_data_config
-
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline.build",
         description="Tokenize a data source into train/val shards (reused if already built; an interrupted build "
@@ -551,8 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.slurm is not None:
         if args.slurm < 1 or args.part or args.merge or args.prepare or args.repair:
             parser.error("--slurm K needs K >= 1 and excludes --prepare/--part/--merge/--repair (it submits them)")
-        from slurm.data import main_slurm
-
+        main_slurm = load_plugin(SLURM_BUILD, "build --slurm")
         return main_slurm(args.config, args.overrides, args.slurm, args.workers, args.dry_run, args.wait)
     if args.dry_run or args.wait:
         parser.error("--dry-run and --wait go with --slurm K")
