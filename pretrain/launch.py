@@ -18,6 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from common.plugins import load_plugin
 from pretrain.config import (
     Config,
     ConfigError,
@@ -435,28 +436,24 @@ def next_steps(cfg: Config, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+# The Slurm backend lives in slurm/, the layer above pretrain: named, resolved only when a run may go
+# there (common/plugins.py), so pretrain never imports slurm. The module provides
+# choose_backend(cfg) -> (backend, why) and launch(cfg, run_dir, run_name, *, dry_run, wait, log_level) -> int
+SLURM_BACKEND = "slurm.submit"
+
+
 def choose_backend(cfg: Config) -> tuple[str, str]:
     """`local` or `slurm` (and why); `auto` asks Slurm only when the job does not fit here."""
     if cfg.launch.backend == "local":
         return "local", "launch.backend"
-    from slurm.submit import choose_backend as choose
-
-    return choose(cfg)
+    return load_plugin(f"{SLURM_BACKEND}:choose_backend", f"launch.backend={cfg.launch.backend}")(cfg)
 
 
 def launch_slurm(cfg: Config, args: argparse.Namespace) -> int:
     """Submit (or with --dry-run describe) the Slurm job; Slurm's refusals are reported, not raised."""
-    from slurm.cluster import SlurmError
-    from slurm.submit import dry_run_text, submit_training
-
-    if args.dry_run:
-        print(dry_run_text(cfg, run_dir_for(cfg), run_name_for(cfg)), flush=True)
-        return 0
-    try:
-        return submit_training(cfg, run_dir_for(cfg), run_name_for(cfg), wait=args.wait, log_level=args.log_level)
-    except SlurmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    launch = load_plugin(f"{SLURM_BACKEND}:launch", "launch.backend=slurm")
+    return launch(cfg, run_dir_for(cfg), run_name_for(cfg), dry_run=args.dry_run, wait=args.wait,
+                  log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from data_pipeline.config import DataConfig
+from pretrain.config import SlurmConfig, slurm_problems
 from slurm.cluster import SlurmError, refuse_if_hopeless
-from slurm.config import SlurmConfig, slurm_problems
 from slurm.executor import (
     executor_parameters,
     make_executor,

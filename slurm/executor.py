@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pretrain.config import SlurmConfig
 from slurm.cluster import SlurmError, use_scontrol_states
-from slurm.config import SlurmConfig
 
 # the packages a job imports from the snapshot (pyproject's package set)
 PACKAGES = ("common", "pretrain", "data_pipeline", "parallel", "slurm")

@@ -152,6 +152,20 @@ def submit_training(cfg, run_dir: Path, run_name: str, wait: bool = False, log_l
                     task_logs=[log_paths(folder, job.job_id, k)[1] for k in range(n_tasks)])
 
 
+def launch(cfg, run_dir: Path, run_name: str, *, dry_run: bool = False, wait: bool = False,
+           log_level: str = "INFO") -> int:
+    """`launch.backend=slurm` for pretrain.launch: submit (or with dry_run describe) the training job;
+    Slurm's refusals are reported, not raised."""
+    if dry_run:
+        print(dry_run_text(cfg, run_dir, run_name), flush=True)
+        return 0
+    try:
+        return submit_training(cfg, run_dir, run_name, wait=wait, log_level=log_level)
+    except SlurmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def _forget_refused(message: str, run_dir: Path | None, code_dir: Path | None) -> str:
     """Nothing ran: remove the code snapshot, and the run directory when this submission created it (a
     later launch must not take it for a run to resume). The refused script's #SBATCH lines go into the
