@@ -283,7 +283,7 @@ def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokeniz
     shard_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(shard_dir)
     if needs_stats(cfg.density) and not (shard_dir / STATS_FILE).is_file():
-        from data_pipeline.density.stats import collect_stats
+        from data_pipeline.density_stats import collect_stats
 
         collect_stats(cfg, tokenizer, shard_dir, workers or 1)  # the unigram/tfidf first pass
     filter_counts = None

@@ -135,7 +135,7 @@ class Trainer:
         self.resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.launch.resume else None
         self.portable = self._portable_checkpoint()
         if self.portable is not None:  # weights from another layout: load before sharding/wrapping
-            from pretrain.convert import consolidated_state_dict
+            from pretrain.checkpoint import consolidated_state_dict
 
             try:
                 model.load_state_dict(consolidated_state_dict(self.portable))
