@@ -52,18 +52,22 @@ from data_pipeline.dedup import (
     load_removed,
     save_removed,
 )
-from data_pipeline.density.annotators import STATS_FILE, check_density_config, needs_stats
+from data_pipeline.density.annotators import ANNOTATOR_VERSION, STATS_FILE, check_density_config, needs_stats
 from data_pipeline.encode import LONG_DOC_POLICIES, default_workers
 from data_pipeline.merge import IncompleteBuildError, merge_split
-from data_pipeline.shards import INDEX_FILE, ShardFormatError, ShardReader
+from data_pipeline.shards import INDEX_FILE, ShardFormatError, ShardReader, repair_hint
 from data_pipeline.sources import (
     DECODE_MODES,
     TXT_MODES,
+    DataSourceError,
     iter_documents,
     source_changes,
     source_fingerprint,
     source_names,
+    template_fields,
 )
+from data_pipeline.stream import trains_on_response
+from data_pipeline.tasks import get_task
 from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, make_tokenizer
 from data_pipeline.units import PartResult, build_parts, docs_per_shard
 
@@ -138,8 +142,6 @@ def _density_content(cfg: DataConfig) -> dict | None:
     d = density_settings(cfg)
     if d is None:
         return None
-    from data_pipeline.density.annotators import ANNOTATOR_VERSION
-
     return {**{k: v for k, v in d.items() if k not in ("device", "batch_size")}, "version": ANNOTATOR_VERSION}
 
 
@@ -156,15 +158,11 @@ def density_settings(cfg: DataConfig) -> dict | None:
 
 def _prompt_separator_text(cfg: DataConfig) -> str | None:
     """data.prompt_separator (or the task's separator) when the data trains on responses, else None."""
-    from data_pipeline.stream import trains_on_response
-
     if not trains_on_response(cfg):
         return None
     if cfg.prompt_separator:
         return cfg.prompt_separator
     if cfg.source.startswith("task:"):
-        from data_pipeline.tasks import get_task
-
         return get_task(cfg.source.removeprefix("task:")).separator
     return None  # the loader refuses train_on=response without a separator
 
@@ -206,8 +204,6 @@ def check_config(cfg: DataConfig) -> None:
     if cfg.cache_limit_gb < 0:
         raise ConfigError(f"data.cache_limit_gb={cfg.cache_limit_gb}: must be >= 0 (0 = no bound)")
     if cfg.text_template:
-        from data_pipeline.sources import template_fields
-
         try:
             names = template_fields(cfg.text_template)
         except ValueError as e:
@@ -242,8 +238,6 @@ def _check_source(shard_dir: Path, plan: dict, cfg: DataConfig) -> None:
     recorded = plan.get("sources")
     if not recorded:  # a task/HF source, or a build made before fingerprints were recorded
         return
-    from data_pipeline.sources import DataSourceError
-
     try:
         changes = source_changes(recorded, cfg)
     except DataSourceError as e:  # shards copied to a machine without the source: they are what was built
@@ -316,8 +310,6 @@ def verify_build(shard_dir: Path) -> list[str]:
     """One line per problem of a build directory: a split without its index.json, a prepared file
     (tokenizer, density statistics) that is missing or not the bytes recorded in build.json.
     The shards themselves are checked by `ShardReader.problems`."""
-    from data_pipeline.shards import repair_hint
-
     plan = json.loads((shard_dir / BUILD_FILE).read_text())
     problems = []
     for split in plan.get("docs_per_shard", dict.fromkeys(SPLITS)):

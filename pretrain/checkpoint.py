@@ -28,6 +28,13 @@ from typing import Any
 
 import torch
 
+from data_pipeline.build import resolve_shard_dir
+from data_pipeline.stream import trains_on_response
+from parallel.pipeline import consolidate_layer_files, plain_key
+from parallel.tensor_parallel import merge_state_dicts
+from pretrain.config import load_config
+from pretrain.model import build_model
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -246,8 +253,6 @@ def load_rank_state(path: str | Path, rank: int) -> dict[str, Any] | None:
 
 def _trains_on_response(data_cfg) -> bool:
     """Whether the run trained on responses (prompt clean and visible): data_pipeline.stream's rule."""
-    from data_pipeline.stream import trains_on_response
-
     return trains_on_response(data_cfg)
 
 
@@ -301,8 +306,6 @@ def consolidated_state_dict(path: str | Path, ema: bool = False) -> dict[str, to
         raise CheckpointError(f"{path}: layout {layout} but no deepspeed/ directory; the checkpoint is incomplete")
     tp = int(layout.get("tp", 1))
     if layout["engine"] == "pipeline":  # one file per pipeline layer (and tensor-parallel rank)
-        from parallel.pipeline import consolidate_layer_files
-
         try:
             shards = [consolidate_layer_files(ds_dir, r) for r in range(tp)]
         except FileNotFoundError as e:
@@ -322,8 +325,6 @@ def consolidated_state_dict(path: str | Path, ema: bool = False) -> dict[str, to
             shards.append(torch.load(f, map_location="cpu", weights_only=True)["module"])
     if tp == 1:
         return {k: v for k, v in shards[0].items() if isinstance(v, torch.Tensor)}
-    from parallel.tensor_parallel import merge_state_dicts
-
     vocab = state.get("vocab_size")
     if vocab is None:
         raise CheckpointError(f"{path}: the trainer state does not record vocab_size, needed to merge TP shards")
@@ -348,15 +349,11 @@ def consolidated_ema(path: Path, state: dict, layout: dict) -> dict[str, torch.T
             merged.update(average)
         per_tp.append(merged)
     if pp > 1:
-        from parallel.pipeline import plain_key
-
         n_layers = max(int(k.split(".", 1)[0]) for k in per_tp[0]) - 1
         per_tp = [{plain_key(int(k.split(".", 1)[0]), k.split(".", 1)[1], n_layers): v for k, v in d.items()}
                   for d in per_tp]
     if tp == 1:
         return per_tp[0]
-    from parallel.tensor_parallel import merge_state_dicts
-
     return merge_state_dicts(per_tp, int(state["vocab_size"]))
 
 
@@ -372,9 +369,6 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     when the run's shard directory is still there (None otherwise). `ema` None: the moving average
     when the run kept one (train.ema > 0), as MDLM evaluates. The public entry point through which
     `data_pipeline` (the density `model` annotator) may load a trained model."""
-    from pretrain.config import load_config
-    from pretrain.model import build_model
-
     path = resolve_checkpoint(path)
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"{path}: config.yaml is missing, so the model cannot be rebuilt")
@@ -393,8 +387,6 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     fingerprint = None
     try:
         import json
-
-        from data_pipeline.build import resolve_shard_dir
 
         tok_file = resolve_shard_dir(cfg.data) / "tokenizer.json"
         if tok_file.is_file():

@@ -26,6 +26,7 @@ from pretrain.diffusion.masking import DENSITY_FORMS, MASKING_POLICIES, SYNTACTI
 from pretrain.diffusion.objective import PARAMETERIZATIONS, WEIGHTINGS
 from pretrain.diffusion.schedules import SCHEDULES
 from pretrain.diffusion.time_samplers import BELL_FAMILIES, TIME_SAMPLERS, BellConfig
+from pretrain.model.transformer import swiglu_hidden
 from pretrain.variants import VARIANTS, elbo_weight_problems, variant_problems
 
 # --------------------------------------------------------------------------------------------
@@ -450,8 +451,6 @@ def validate(cfg: Config) -> None:
 
 def _mlp_hidden(m: ModelConfig) -> int:
     """The MLP's hidden width, as the model computes it (pretrain/model/transformer.py)."""
-    from pretrain.model.transformer import swiglu_hidden
-
     return swiglu_hidden(m.d_model, m.mlp_ratio) if m.mlp == "swiglu" else int(m.mlp_ratio * m.d_model)
 
 

@@ -30,13 +30,21 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import PORTABLE, CheckpointError, consolidated_state_dict, load_trainer_state
+from pretrain.checkpoint import (
+    PORTABLE,
+    CheckpointError,
+    _write_latest,
+    checkpoint_root,
+    consolidated_state_dict,
+    load_trainer_state,
+    resolve_checkpoint,
+    seal,
+)
+from pretrain.generate import load_tokenizer_for
 
 
 def write_portable(src: str | Path, run_dir: str | Path) -> Path:
     """Write checkpoint `src` as a portable checkpoint of run directory `run_dir`; returns its path."""
-    from pretrain.checkpoint import _write_latest, checkpoint_root, seal
-
     src = Path(src)
     state = load_trainer_state(src)
     weights = consolidated_state_dict(src)
@@ -83,8 +91,6 @@ def export_hf(src: str | Path, out: str | Path, ema: bool | None = None) -> Path
     except ImportError:
         raise CheckpointError("the Hugging Face export needs safetensors: pip install 'dlm-pretrain[hf]'") from None
     from pretrain.checkpoint import load_model_for_inference
-    from pretrain.generate import load_tokenizer_for
-
     out = Path(out)
     model, info = load_model_for_inference(src, ema=ema)
     ckpt, cfg = info["checkpoint"], info["config"]
@@ -140,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ema", action="store_true", help="with --hf: the raw weights, not their moving average")
     args = p.parse_args(argv)
     try:
-        from pretrain.checkpoint import resolve_checkpoint
-
         src = resolve_checkpoint(args.checkpoint)
         if args.hf:
             dst = export_hf(src, args.hf, ema=False if args.no_ema else None)

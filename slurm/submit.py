@@ -15,7 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm.cluster import TERMINAL, SlurmError, explain_failure, job_state, refuse_if_hopeless, slurm_answers
+from common.config_file import ConfigError
+from data_pipeline.build import check_config, is_complete, resolve_shard_dir
+from data_pipeline.sources import DataSourceError, local_files
+from pretrain.config import save_config
+from pretrain.tracking import prepare_store
+from slurm.cluster import (
+    TERMINAL,
+    SlurmError,
+    array_task_ids,
+    explain_failure,
+    job_state,
+    refuse_if_hopeless,
+    slurm_answers,
+)
 from slurm.executor import (
     executor_parameters,
     make_executor,
@@ -78,10 +91,6 @@ def preflight(cfg) -> None:
     """What the local launcher finds out before any rank starts, checked before submitting: the shards are
     built, or their source exists (a local path) and the build settings are valid. A SlurmError says what
     is wrong and that nothing was submitted."""
-    from common.config_file import ConfigError
-    from data_pipeline.build import check_config, is_complete, resolve_shard_dir
-    from data_pipeline.sources import DataSourceError, local_files
-
     d = cfg.data
     if is_complete(resolve_shard_dir(d)):
         return
@@ -112,7 +121,6 @@ def dry_run_text(cfg, run_dir: Path, run_name: str) -> str:
 
 def submit_training(cfg, run_dir: Path, run_name: str, wait: bool = False, log_level: str = "INFO") -> int:
     """Submit the training job; print its id, logs and how to follow them; with `wait`, its outcome."""
-    from pretrain.config import save_config
     from slurm.job import TrainJob
 
     preflight(cfg)
@@ -121,8 +129,6 @@ def submit_training(cfg, run_dir: Path, run_name: str, wait: bool = False, log_l
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")  # the resolved config, as submitted (the job carries it too)
     if cfg.tracking.enabled:
-        from pretrain.tracking import prepare_store
-
         prepare_store(cfg.tracking.uri)  # create/migrate a local store once, before the ranks use it
     code_dir = snapshot_code(snapshot_dir(run_dir)) if cfg.launch.slurm.snapshot else None
     folder = folder_for(cfg, run_dir)
@@ -205,8 +211,6 @@ def srun_failures(batch_log: Path | str) -> list[tuple[int, str, str]]:
     for line in text.splitlines():
         m = SRUN_FAILURE.match(line.strip())
         if m:
-            from slurm.cluster import array_task_ids
-
             out += [(k, m.group(1), m.group(3).strip()) for k in array_task_ids(m.group(2))]
     return out
 
