@@ -41,7 +41,7 @@ from pathlib import Path
 from common.config_file import ConfigError
 from common.fsutil import TMP_MARK, atomic_write_bytes
 from common.plugins import load_plugin
-from data_pipeline import remote
+from data_pipeline import density_stats, remote
 from data_pipeline.config import DataConfig, load_data_config
 from data_pipeline.dedup import (
     FILTER_FILE,
@@ -277,9 +277,7 @@ def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokeniz
     shard_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(shard_dir)
     if needs_stats(cfg.density) and not (shard_dir / STATS_FILE).is_file():
-        from data_pipeline.density_stats import collect_stats
-
-        collect_stats(cfg, tokenizer, shard_dir, workers or 1)  # the unigram/tfidf first pass
+        density_stats.collect_stats(cfg, tokenizer, shard_dir, workers or 1)  # the unigram/tfidf first pass
     filter_counts = None
     if is_active(cfg.filter):  # the documents to drop, decided over the whole source, once
         removed, filter_counts = find_removed(cfg)

@@ -36,6 +36,7 @@ from pretrain.checkpoint import (
     _write_latest,
     checkpoint_root,
     consolidated_state_dict,
+    load_model_for_inference,
     load_trainer_state,
     resolve_checkpoint,
     seal,
@@ -90,7 +91,6 @@ def export_hf(src: str | Path, out: str | Path, ema: bool | None = None) -> Path
         from safetensors.torch import save_file
     except ImportError:
         raise CheckpointError("the Hugging Face export needs safetensors: pip install 'dlm-pretrain[hf]'") from None
-    from pretrain.checkpoint import load_model_for_inference
     out = Path(out)
     model, info = load_model_for_inference(src, ema=ema)
     ckpt, cfg = info["checkpoint"], info["config"]

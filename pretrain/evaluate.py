@@ -22,7 +22,7 @@ from data_pipeline.sources import DataSourceUnavailable
 from data_pipeline.stream import make_val_loader, trains_on_response
 from data_pipeline.tasks import get_task
 from data_pipeline.tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer
-from pretrain.checkpoint import CheckpointError, resolve_checkpoint, run_dir_of
+from pretrain.checkpoint import CheckpointError, load_model_for_inference, resolve_checkpoint, run_dir_of
 from pretrain.config import ConfigError
 from pretrain.diffusion.objective import Objective
 from pretrain.diffusion.rng import SampleRNG
@@ -112,8 +112,6 @@ def load_model(checkpoint, device: torch.device | str = "cpu", ema: bool | None 
     of a checkpoint or run directory, any layout, loaded by `pretrain.checkpoint.load_model_for_inference`
     (the moving average of the weights when the run kept one, unless `ema` is False); the dataset info
     (tokenizer, special ids, splits) is the run's shards', built again when they are gone."""
-    from pretrain.checkpoint import CheckpointError, load_model_for_inference
-
     model, meta = load_model_for_inference(checkpoint, device=device, ema=ema)
     cfg = meta["config"]
     info = ensure_shards(cfg.data, progress=False)

@@ -27,7 +27,7 @@ from common.device import resolve_device
 from data_pipeline.build import ensure_shards, resolve_shard_dir
 from data_pipeline.stream import trains_on_response
 from data_pipeline.tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import CheckpointError, load_model_for_inference
 from pretrain.config import ConfigError
 from pretrain.diffusion.schedules import build_schedule
 from pretrain.sample import SAMPLERS, SamplerConfig, generate, resolve_sampler
@@ -53,8 +53,6 @@ def load_tokenizer_for(cfg):
 
 def load_run(run: str | Path, device: str | torch.device = "cpu", ema: bool | None = None):
     """(model, info, Config, tokenizer) of a run or checkpoint directory, for inference."""
-    from pretrain.checkpoint import load_model_for_inference
-
     model, info = load_model_for_inference(run, device=device, ema=ema)
     cfg = info["config"]
     tok = load_tokenizer_for(cfg)

@@ -29,7 +29,7 @@ from data_pipeline.sources import (
     parse_hf_source,
 )
 from data_pipeline.tasks import get_task
-from data_pipeline.tokenizer import TokenizerError, load_tokenizer
+from data_pipeline.tokenizer import TokenizerError, load_tokenizer, make_tokenizer
 from parallel.topology import from_env
 from pretrain.checkpoint import CheckpointError, latest_checkpoint
 from pretrain.config import (
@@ -200,8 +200,6 @@ def _vocab_size(cfg: Config) -> tuple[int, str]:
         return cfg.model.vocab_size, "model.vocab_size"
     if cfg.data.tokenizer == "task" and cfg.data.source.startswith("task:"):
         try:
-            from data_pipeline.tokenizer import make_tokenizer
-
             return make_tokenizer(cfg.data).vocab_size, "the task's tokenizer"
         except Exception:
             pass
