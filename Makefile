@@ -19,6 +19,7 @@ quickstart: install
 
 lint:
 	$(PYTHON) -m ruff check .
+	lint-imports --no-logo
 
 test: install-dev lint
 	$(PYTHON) -m pytest

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from data_pipeline.device import resolve_device  # noqa: E402
+from common.device import resolve_device  # noqa: E402
 from pretrain.config import ModelConfig  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
 from pretrain.sample import SamplerConfig, generate  # noqa: E402

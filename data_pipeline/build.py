@@ -38,8 +38,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline import remote
-from data_pipeline.config import DataConfig
+from common.config_file import ConfigError
+from common.fsutil import TMP_MARK, atomic_write_bytes
+from common.plugins import load_plugin
+from data_pipeline import density_stats, remote
+from data_pipeline.config import DataConfig, load_data_config
 from data_pipeline.dedup import (
     FILTER_FILE,
     RULES,
@@ -49,19 +52,22 @@ from data_pipeline.dedup import (
     load_removed,
     save_removed,
 )
-from data_pipeline.density.annotators import STATS_FILE, check_density_config, needs_stats
+from data_pipeline.density.annotators import ANNOTATOR_VERSION, STATS_FILE, check_density_config, needs_stats
 from data_pipeline.encode import LONG_DOC_POLICIES, default_workers
-from data_pipeline.fsutil import TMP_MARK, atomic_write_bytes
 from data_pipeline.merge import IncompleteBuildError, merge_split
-from data_pipeline.shards import INDEX_FILE, ShardFormatError, ShardReader
+from data_pipeline.shards import INDEX_FILE, ShardFormatError, ShardReader, repair_hint
 from data_pipeline.sources import (
     DECODE_MODES,
     TXT_MODES,
+    DataSourceError,
     iter_documents,
     source_changes,
     source_fingerprint,
     source_names,
+    template_fields,
 )
+from data_pipeline.stream import trains_on_response
+from data_pipeline.tasks import get_task
 from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, make_tokenizer
 from data_pipeline.units import PartResult, build_parts, docs_per_shard
 
@@ -71,6 +77,9 @@ DEFAULT_ROOT = Path("data/shards")
 BUILD_FILE = "build.json"
 SPLITS = ("train", "val")
 PLAN_VERSION = 1
+# `--slurm K` submits through the slurm package, the top layer: named, resolved only for --slurm
+# (common/plugins.py), so data_pipeline never imports slurm
+SLURM_BUILD = "slurm.data:main_slurm"
 # Content settings added after the first version: they enter the default directory's hash only when
 # changed, so existing default directories keep their names.
 LATER_FIELDS = {"text_template": "", "filter": None, "txt_documents": "line", "tokenizer_model_type": "unigram", "max_doc_tokens": 0,
@@ -133,8 +142,6 @@ def _density_content(cfg: DataConfig) -> dict | None:
     d = density_settings(cfg)
     if d is None:
         return None
-    from data_pipeline.density.annotators import ANNOTATOR_VERSION
-
     return {**{k: v for k, v in d.items() if k not in ("device", "batch_size")}, "version": ANNOTATOR_VERSION}
 
 
@@ -151,15 +158,11 @@ def density_settings(cfg: DataConfig) -> dict | None:
 
 def _prompt_separator_text(cfg: DataConfig) -> str | None:
     """data.prompt_separator (or the task's separator) when the data trains on responses, else None."""
-    from data_pipeline.stream import trains_on_response
-
     if not trains_on_response(cfg):
         return None
     if cfg.prompt_separator:
         return cfg.prompt_separator
     if cfg.source.startswith("task:"):
-        from data_pipeline.tasks import get_task
-
         return get_task(cfg.source.removeprefix("task:")).separator
     return None  # the loader refuses train_on=response without a separator
 
@@ -188,7 +191,6 @@ def is_complete(shard_dir: Path) -> bool:
 
 def check_config(cfg: DataConfig) -> None:
     """The build's enumerations and limits, checked before any work starts."""
-    from data_pipeline.config_file import ConfigError
 
     for key, allowed in (("txt_documents", TXT_MODES), ("decode_errors", DECODE_MODES),
                          ("long_docs", LONG_DOC_POLICIES)):
@@ -202,8 +204,6 @@ def check_config(cfg: DataConfig) -> None:
     if cfg.cache_limit_gb < 0:
         raise ConfigError(f"data.cache_limit_gb={cfg.cache_limit_gb}: must be >= 0 (0 = no bound)")
     if cfg.text_template:
-        from data_pipeline.sources import template_fields
-
         try:
             names = template_fields(cfg.text_template)
         except ValueError as e:
@@ -238,8 +238,6 @@ def _check_source(shard_dir: Path, plan: dict, cfg: DataConfig) -> None:
     recorded = plan.get("sources")
     if not recorded:  # a task/HF source, or a build made before fingerprints were recorded
         return
-    from data_pipeline.sources import DataSourceError
-
     try:
         changes = source_changes(recorded, cfg)
     except DataSourceError as e:  # shards copied to a machine without the source: they are what was built
@@ -279,9 +277,7 @@ def prepare(cfg: DataConfig, shard_dir: Path, workers: int = 1) -> tuple[Tokeniz
     shard_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(shard_dir)
     if needs_stats(cfg.density) and not (shard_dir / STATS_FILE).is_file():
-        from data_pipeline.density.stats import collect_stats
-
-        collect_stats(cfg, tokenizer, shard_dir, workers or 1)  # the unigram/tfidf first pass
+        density_stats.collect_stats(cfg, tokenizer, shard_dir, workers or 1)  # the unigram/tfidf first pass
     filter_counts = None
     if is_active(cfg.filter):  # the documents to drop, decided over the whole source, once
         removed, filter_counts = find_removed(cfg)
@@ -312,8 +308,6 @@ def verify_build(shard_dir: Path) -> list[str]:
     """One line per problem of a build directory: a split without its index.json, a prepared file
     (tokenizer, density statistics) that is missing or not the bytes recorded in build.json.
     The shards themselves are checked by `ShardReader.problems`."""
-    from data_pipeline.shards import repair_hint
-
     plan = json.loads((shard_dir / BUILD_FILE).read_text())
     problems = []
     for split in plan.get("docs_per_shard", dict.fromkeys(SPLITS)):
@@ -508,8 +502,6 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_pipeline.config_file import ConfigError, load_data_config
-
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline.build",
         description="Tokenize a data source into train/val shards (reused if already built; an interrupted build "
@@ -550,8 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.slurm is not None:
         if args.slurm < 1 or args.part or args.merge or args.prepare or args.repair:
             parser.error("--slurm K needs K >= 1 and excludes --prepare/--part/--merge/--repair (it submits them)")
-        from slurm.data import main_slurm
-
+        main_slurm = load_plugin(SLURM_BUILD, "build --slurm")
         return main_slurm(args.config, args.overrides, args.slurm, args.workers, args.dry_run, args.wait)
     if args.dry_run or args.wait:
         parser.error("--dry-run and --wait go with --slurm K")

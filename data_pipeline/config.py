@@ -6,6 +6,9 @@ data flows one way: `data_pipeline` never imports `pretrain`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config_file import ConfigError, merge_layers, read_layers
 
 
 @dataclass
@@ -171,3 +174,20 @@ class DataConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     density: DensityConfig = field(default_factory=DensityConfig)
+
+
+def load_data_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DataConfig:
+    """The `data:` section of a run recipe (other sections ignored); `--set` keys must be `data.*`."""
+    for item in overrides or []:
+        if not item.strip().startswith("data."):
+            raise ConfigError(
+                f"--set {item!r}: expected data.KEY=VALUE (the shard builder reads only data.* keys), "
+                "e.g. data.source=/path/train.txt"
+            )
+    layers = []
+    for origin, data in read_layers(path, overrides):
+        section = data.get("data") or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{origin}: `data:` must be a mapping, got {type(section).__name__}")
+        layers.append((origin, section))
+    return merge_layers(DataConfig, layers, prefix="data.")

@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.fsutil import atomic_write_bytes
+from common.fsutil import atomic_write_bytes
 
 DEFAULT_DEST = Path("../shared/corpora")
 

@@ -27,7 +27,9 @@ from collections import Counter
 
 import numpy as np
 
+from common.fsutil import atomic_write_bytes
 from data_pipeline.config import DataConfig, FilterConfig
+from data_pipeline.sources import iter_text_runs
 
 FILTER_FILE = "filter.npz"
 RULES = ("too_short", "too_long", "nonprintable", "exact", "near", "val_in_train")
@@ -89,8 +91,6 @@ def _minhash(text: str, f: FilterConfig):
 
 def find_removed(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """(split -> sorted provenance keys of the documents to drop, count per rule)."""
-    from data_pipeline.sources import iter_text_runs
-
     f = cfg.filter
     counts: Counter = Counter({r: 0 for r in RULES})
     removed: dict[str, list[int]] = {"train": [], "val": []}
@@ -140,8 +140,6 @@ def find_removed(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, int]
 
 def save_removed(path, removed: dict[str, np.ndarray]) -> None:
     import io
-
-    from data_pipeline.fsutil import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez(buf, **removed)

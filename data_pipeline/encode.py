@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.density import annotate, build_annotator
 from data_pipeline.shards import token_dtype
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
@@ -80,8 +81,6 @@ def encode_annotate_chunk(texts: Sequence[str] | str, max_doc_tokens: int = 0, l
         annotator = _get_worker_annotator(tokenizer)
     if annotator is None:
         return flat, lengths, n_long, None, pieces
-    from data_pipeline.density import annotate
-
     prompt_id = None
     if dens.get("prompt_separator"):  # trained on responses: density over each document's response only
         tok = tokenizer if tokenizer is not None else _worker_tokenizer
@@ -98,8 +97,6 @@ def _get_worker_annotator(tokenizer: Tokenizer | None):
     global _worker_annotator
     if _worker_annotator is None and _worker_density is not None:
         from types import SimpleNamespace
-
-        from data_pipeline.density import build_annotator
 
         tok = tokenizer if tokenizer is not None else _worker_tokenizer
         _worker_annotator = build_annotator(SimpleNamespace(**_worker_density), tok, _worker_dir)
@@ -212,8 +209,6 @@ def make_executor(workers: int, tokenizer: Tokenizer, tokenizer_dir: Path, densi
         annotator = None
         if density is not None:
             from types import SimpleNamespace
-
-            from data_pipeline.density import build_annotator
 
             annotator = build_annotator(SimpleNamespace(**density), tokenizer, tokenizer_dir)
         return InlineExecutor(tokenizer, annotator, density)

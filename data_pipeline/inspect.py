@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from data_pipeline.build import BUILD_FILE, verify_build
 from data_pipeline.shards import INDEX_FILE, ShardFormatError, ShardReader
+from data_pipeline.sources import KEY_BITS
 from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,6 @@ def document_provenance(build_dir: Path, split: str, n: int) -> dict:
     from (the shards' `source` column, with the file list of build.json): `file` and `line` (1-based;
     a parquet row is 0-based) for local sources, and `source`, a sentence saying it."""
     import json
-
-    from data_pipeline.sources import KEY_BITS
 
     build_dir = Path(build_dir)
     reader = ShardReader(build_dir / split)

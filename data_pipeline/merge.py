@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from data_pipeline.fsutil import remove_stale_temps
+from common.fsutil import remove_stale_temps
 from data_pipeline.shards import ShardFormatError, make_index, shard_name, write_index
 
 log = logging.getLogger(__name__)

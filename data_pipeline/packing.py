@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.remote import AHEAD
 from data_pipeline.shards import CorruptShardError, ShardData, ShardFormatError, ShardReader
 
 log = logging.getLogger(__name__)
@@ -267,8 +268,6 @@ class SplitSamples:
         order, _ = self._plan(epoch)
         k = int(order[pos])
         if self.reader.remote is not None:  # download the next shards of the order while this one decodes
-            from data_pipeline.remote import AHEAD
-
             self.reader.prefetch(order[pos + 1:pos + 1 + AHEAD])
         try:
             cols = self._columns(k)

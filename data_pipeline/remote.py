@@ -33,7 +33,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from data_pipeline.fsutil import TMP_MARK, atomic_write_bytes
+from common.fsutil import TMP_MARK, atomic_write_bytes
+from data_pipeline.shard_errors import CorruptShardError
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +317,6 @@ class ShardCache:
                     problem = _download(fs, rpath, self.local(entry), entry["bytes"], entry["sha256"])
                     break
                 except FileNotFoundError:
-                    from data_pipeline.shards import CorruptShardError
-
                     raise CorruptShardError(f"shard {url} is missing from remote storage (index.json lists it); "
                                             "rebuild and upload the split") from None
                 except Exception as e:  # noqa: BLE001 - transient: dropped connection, timeout, throttling
@@ -333,8 +332,6 @@ class ShardCache:
                 self.stats["bytes"] += entry["bytes"]
                 return
             log.warning("downloaded shard %s is corrupt (%s)%s", url, problem, "; fetching it again" if not attempt else "")
-        from data_pipeline.shards import CorruptShardError
-
         raise CorruptShardError(f"shard {url} is corrupt in remote storage: {problem}, twice. Rebuild the split "
                                 "and upload it again (python -m data_pipeline.build with data.shard_dir set to it)")
 

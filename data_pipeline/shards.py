@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from data_pipeline.fsutil import atomic_write_bytes
+from common.fsutil import atomic_write_bytes
+from data_pipeline.remote import ShardCache, remote_origin
+from data_pipeline.shard_errors import CorruptShardError, ShardFormatError
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,6 @@ FRAME_BYTES = 2 << 20  # uncompressed bytes per zstd frame
 ZSTD_LEVEL = 3
 DEFAULT_SHARD_BYTES = 64 << 20
 DENSITY_DTYPES = ("float16", "uint8")
-
-
-class ShardFormatError(ValueError):
-    """A split directory or shard file that this version cannot read."""
-
-
-class CorruptShardError(ShardFormatError):
-    """A shard whose bytes do not match its index entry."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -416,8 +410,6 @@ class ShardReader:
         self._cache: dict[int, ShardFile] = {}  # the most recently opened shard
         self._verified: set[int] = set()  # shards whose checksum this reader has already checked
         # a mirror of a remote split (data_pipeline.remote): shards come through the bounded local cache
-        from data_pipeline.remote import ShardCache, remote_origin
-
         origin = remote_origin(self.dir)
         self.remote: ShardCache | None = ShardCache(self.dir, origin) if origin else None
 

@@ -31,7 +31,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from data_pipeline.config import DataConfig
+from data_pipeline.corpora import fetch_hint
 from data_pipeline.document import Document
+from data_pipeline.remote import is_remote, local_copy, local_path
 from data_pipeline.tasks import get_task
 
 __all__ = ["DataSourceError", "DataSourceUnavailable", "Document", "SourceStats", "iter_documents", "is_val_id"]
@@ -267,8 +269,6 @@ def is_val_id(doc_id: str, val_fraction: float) -> bool:
 
 def local_roots(source: str) -> list[Path]:
     """The paths of a local source: one file or directory, or several joined by commas."""
-    from data_pipeline.remote import is_remote, local_copy, local_path
-
     # a URL (s3://, gs://) is read from its copy in the cache (data_pipeline.remote); file:// is local
     return [local_copy(p) if is_remote(p) else local_path(p) for p in (x.strip() for x in source.split(",")) if p]
 
@@ -282,8 +282,6 @@ def local_files(source: str) -> list[tuple[Path, str]]:
     out: list[tuple[Path, str]] = []
     for root in roots:
         if not root.exists():
-            from data_pipeline.corpora import fetch_hint
-
             raise DataSourceError(f"data source {str(root)!r} is neither task:NAME, hf:NAME nor an existing file or "
                                   f"directory{fetch_hint(root)}")
         if root.is_file():

@@ -50,9 +50,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline import remote
 from data_pipeline.config import DataConfig
 from data_pipeline.packing import CACHE_BYTES, PACKINGS, Rows, SplitSamples
-from data_pipeline.shards import INDEX_FILE, ShardFormatError
+from data_pipeline.shards import INDEX_FILE, CorruptShardError, ShardFormatError, ShardReader, repair_hint
+from data_pipeline.tasks import get_task
 
 if TYPE_CHECKING:
     from data_pipeline.build import DatasetInfo
@@ -447,8 +449,6 @@ def prompt_separator_id(data_cfg: DataConfig, info: DatasetInfo) -> int | None:
     if not text:
         if not data_cfg.source.startswith("task:"):
             raise ValueError("data.train_on=response: set data.prompt_separator (the token ending each prompt)")
-        from data_pipeline.tasks import get_task
-
         text = get_task(data_cfg.source.removeprefix("task:")).separator
     ids = info.tokenizer.encode(text)
     if len(ids) != 1:
@@ -462,8 +462,6 @@ def _tokenizer_fingerprint(info: DatasetInfo) -> str | None:
 
 def _train_split(shard_dir: str | Path) -> Path:
     """A mixture entry names a built shard directory (its train/ split) or a split directory."""
-    from data_pipeline import remote
-
     if remote.is_remote(shard_dir):  # a remote build: its local mirror (shards fetched on demand)
         if not remote.is_complete_remote(shard_dir):
             raise ShardFormatError(f"data.mixture entry {shard_dir}: not a complete build (no train/index.json, "
@@ -484,8 +482,6 @@ def check_shards_before_training(data_cfg: DataConfig, info: DatasetInfo) -> Non
     loader reaches it, or never in a short run. CorruptShardError names every bad one and the
     command that rebuilds them; with data.skip_corrupt_shards the run is told to survive them, so
     they are logged and training goes on (their rows count in train/skipped_rows)."""
-    from data_pipeline.shards import CorruptShardError, ShardReader, repair_hint
-
     dirs = [Path(info.train_dir), Path(info.val_dir)]
     dirs += [_train_split(e.shard_dir) for e in getattr(data_cfg, "mixture", None) or []]
     full = bool(getattr(data_cfg, "verify_shards", False))

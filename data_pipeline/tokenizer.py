@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from common.fsutil import atomic_write_bytes
 from data_pipeline.config import DataConfig
 from data_pipeline.document import Document
-from data_pipeline.fsutil import atomic_write_bytes
 from data_pipeline.shards import token_dtype
+from data_pipeline.sources import SPLITS, hub_reachable, iter_documents
+from data_pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +258,6 @@ class HFTokenizer(Tokenizer):
             elif path.is_dir() and (path / "tokenizer.json").is_file():
                 self.hf = HFFast.from_file(str(path / "tokenizer.json"))
             else:
-                from data_pipeline.sources import hub_reachable
-
                 if not hub_reachable():  # fail in ~3 s, not after half a minute of retries
                     raise ConnectionError("the Hugging Face hub is not reachable from this machine")
                 self.hf = HFFast.from_pretrained(name_or_path)
@@ -341,15 +341,11 @@ def make_tokenizer(cfg: DataConfig, documents_sample: Iterable[Document] | None 
                 f"data.tokenizer=task needs a task:NAME source, but data.source={cfg.source!r}; "
                 "use data.tokenizer=sentencepiece (trained at build time) or hf:NAME"
             )
-        from data_pipeline.tasks import get_task
-
         return CharTokenizer(get_task(cfg.source.removeprefix("task:")).symbols)
     if spec == "char":
         # character-level text (issue 22): one id per character of the source. The alphabet is
         # read from both splits, so a character seen only in the held-out lines still encodes
         # (char-rnn's convention); it leaks nothing but which characters exist.
-        from data_pipeline.sources import SPLITS, iter_documents
-
         chars: set[str] = set()
         for split in SPLITS:
             for doc in iter_documents(cfg, split):

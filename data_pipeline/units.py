@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.fsutil import atomic_write_bytes
 from data_pipeline.config import DataConfig
 from data_pipeline.encode import (
     InlineExecutor,
@@ -40,7 +41,6 @@ from data_pipeline.encode import (
     make_executor,
     pack_texts,
 )
-from data_pipeline.fsutil import atomic_write_bytes
 from data_pipeline.shards import (
     INDEX_FILE,
     CorruptShardError,

@@ -18,7 +18,11 @@ from collections.abc import Callable
 
 import torch
 
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.engine import DeepSpeedEngine, PlainEngine, deepspeed_config
+from parallel.pipeline import PipelineEngine, check_grid, pipeline_module
+from parallel.state import DeepSpeedMpu
+from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Topology
 
 
@@ -31,18 +35,12 @@ def build_engine(model: torch.nn.Module, cfg, topology: Topology, *,
     as `torch_optimizer` (the LR scheduler's)."""
     t = cfg.train
     if topology.tp_size > 1:
-        from parallel.tensor_parallel import apply_tensor_parallel
-
         model = apply_tensor_parallel(model)  # megatron-core layers, weights copied from the plain init
     if t.activation_checkpointing != "none":  # after TP (it swaps sub-modules), before the pipeline split
-        from parallel.activation_checkpointing import apply_activation_checkpointing
-
         apply_activation_checkpointing(model, t.activation_checkpointing, t.activation_checkpointing_k)
     if t.compile:  # in place: parameter names and checkpoints stay those of the plain model (tp = pp = 1)
         model.compile()
     if topology.pp_size > 1:  # DeepSpeed's pipeline engine over this rank's stage of the plain model
-        from parallel.pipeline import pipeline_module
-
         model = pipeline_module(model, topology, device=device)
     optimizer = make_optimizer(model)
     dp = topology.dp_size
@@ -51,15 +49,11 @@ def build_engine(model: torch.nn.Module, cfg, topology: Topology, *,
     ds_config = deepspeed_config(micro_batch, accumulation, dp, t.grad_clip, cfg.parallel.zero_stage, dtype,
                                  n_params=n_params)
     if topology.pp_size > 1:
-        from parallel.pipeline import PipelineEngine, check_grid
-
         engine = PipelineEngine(model, optimizer, ds_config, vocab_size=vocab_size, device=device, dtype=dtype,
                                 dp_size=dp)
         check_grid(model)
         return engine
     mpu = None
     if topology.world_size > 1:
-        from parallel.state import DeepSpeedMpu
-
         mpu = DeepSpeedMpu()
     return DeepSpeedEngine(model, optimizer, ds_config, mpu=mpu, device=device, dtype=dtype, dp_size=dp)

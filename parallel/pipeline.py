@@ -28,8 +28,9 @@ loss with a model that returns the pipeline's logits. Both calls draw from gener
 (seed, step, dp rank, micro-batch), so they draw the same times and masks; the loss is bit-for-bit
 the one the unpipelined trainer computes.
 
-The stages call the model's own parts (pretrain/model/transformer.py: `embed_tokens`,
-`layer_context`, `unembed`), so the [x_t | x_0] concatenation, the masks, the rotary tables and the
+The stages call the model's own parts through the model they are cut from (its `embed_fn`,
+`context_fn`, `unembed_fn`: plain functions of pretrain/model/transformer.py, so parallel/ imports
+nothing from pretrain/): the [x_t | x_0] concatenation, the masks, the rotary tables and the
 final adaLN exist once.
 """
 
@@ -54,8 +55,6 @@ from parallel.engine import (
     run_eval,
 )
 from parallel.topology import Topology
-from pretrain.model.attention_masks import block_len
-from pretrain.model.transformer import LayerContext, embed_tokens, layer_context, unembed
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +68,17 @@ class EmbedStage(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.tok_emb, self.drop, self.time_emb = model.tok_emb, model.drop, model.time_emb
+        self.embed_fn = model.embed_fn
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         ids, pad, t, x0, revealed, present = inputs
-        x, c = embed_tokens(self.tok_emb, self.drop, self.time_emb, ids, t if present[_HAS_T] else None,
+        x, c = self.embed_fn(self.tok_emb, self.drop, self.time_emb, ids, t if present[_HAS_T] else None,
                             x0 if present[_HAS_X0] else None)
         return (x, pad, revealed, present) if c is None else (x, c, pad, revealed, present)
 
 
-def _context(cfg, rope_cos: torch.Tensor, rope_sin: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
+def _context(cfg, context_fn: Callable, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+             inputs: tuple[torch.Tensor, ...]):
     """(hidden states, the model's LayerContext) from a stage's input tuple: what the model's
     `context` builds once per pass, rebuilt per stage from the key padding, prompt and revealed
     blocks that travel with the hidden states."""
@@ -86,7 +87,7 @@ def _context(cfg, rope_cos: torch.Tensor, rope_sin: torch.Tensor, inputs: tuple[
     pad, revealed, present = rest[-3:]
     L = pad.shape[1]
     # stage_inputs codes padding 0, real 1, real prompt token 2
-    ctx = layer_context(cfg, rope_cos, rope_sin, L, x.device, pad > 0, pad == 2,
+    ctx = context_fn(cfg, rope_cos, rope_sin, L, x.device, pad > 0, pad == 2,
                         revealed.bool() if present[_HAS_REVEALED] else None, two_stream=x.shape[1] != L, c=c)
     return x, ctx
 
@@ -97,12 +98,12 @@ class PipeBlock(nn.Module):
     def __init__(self, model: nn.Module, index: int):
         super().__init__()
         self.block = model.blocks[index]
-        self.cfg = model.cfg
+        self.cfg, self.context_fn = model.cfg, model.context_fn
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x, ctx = _context(self.cfg, self.rope_cos, self.rope_sin, inputs)
+        x, ctx = _context(self.cfg, self.context_fn, self.rope_cos, self.rope_sin, inputs)
         return (self.block(x, ctx.c, ctx.cos, ctx.sin, ctx.mask, ctx.is_causal), *inputs[1:])
 
 
@@ -112,14 +113,15 @@ class HeadStage(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.norm_f, self.final_adaLN, self.head = model.norm_f, model.final_adaLN, model.head
+        self.unembed_fn, self.layer_context_type = model.unembed_fn, model.LayerContext
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, *rest = inputs
         c = rest[0] if len(rest) == 4 else None
         # only c and the number of positions the head reads matter here (no mask, no rotary tables)
-        ctx = LayerContext(c=c, cos=x.new_empty(0), sin=x.new_empty(0), mask=None, is_causal=False,
+        ctx = self.layer_context_type(c=c, cos=x.new_empty(0), sin=x.new_empty(0), mask=None, is_causal=False,
                            n_out=rest[-3].shape[1])
-        return unembed(self.norm_f, self.final_adaLN, self.head, x, ctx)
+        return self.unembed_fn(self.norm_f, self.final_adaLN, self.head, x, ctx)
 
 
 def stage_layers(model: nn.Module) -> list[nn.Module]:
@@ -178,8 +180,8 @@ def pipeline_module(model: nn.Module, topology: Topology, loss_fn: Callable | No
     pipe.n_blocks = n_blocks
     # the blockwise objectives ask the model for its block length; a plain function, not the model's
     # bound method, which would keep every stage's layers alive on every rank
-    block_size = model.cfg.block_size
-    pipe.block_len = lambda seq_len: block_len(seq_len, block_size)
+    block_size, block_len_fn = model.cfg.block_size, model.block_len_fn
+    pipe.block_len = lambda seq_len: block_len_fn(seq_len, block_size)
     return pipe
 
 

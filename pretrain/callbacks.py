@@ -22,6 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from pretrain import checkpoint as ckpt
+from pretrain.convert import export_hf
+from pretrain.evaluate import task_metrics
+from pretrain.sample import SamplerConfig, generate
+from pretrain.tracking import dataset_input, system_metrics
 
 if TYPE_CHECKING:
     from pretrain.train import Trainer
@@ -155,8 +159,6 @@ class SamplesCallback(Callback):
         topo = trainer.topology
         if not self.due(trainer) or trainer.cfg.parallel.zero_stage == 3 or topo.tp_size > 1 or topo.pp_size > 1:
             return
-        from pretrain.sample import SamplerConfig, generate
-
         cfg, data, model = trainer.cfg, trainer.data, trainer.engine.module
         self.decoded_at.append(trainer.state.step)
         was_training = model.training
@@ -164,8 +166,6 @@ class SamplesCallback(Callback):
         try:
             with torch.no_grad(), trainer.ema_weights():
                 if cfg.data.source.startswith("task:"):
-                    from pretrain.evaluate import task_metrics
-
                     scores, shown = task_metrics(model, cfg, data, SamplerConfig(), num_samples=self.n,
                                                  device=trainer.device, return_samples=self.n)
                     lines = [f"prompt: {p}\nsample: {g}\nanswer: {a}\n" for p, g, a in shown]
@@ -198,16 +198,12 @@ class TrackingCallback(Callback):
         self.tracker = tracker
 
     def on_train_start(self, trainer: Trainer) -> None:
-        from pretrain.tracking import dataset_input
-
         data = trainer.data  # logged again on a resume: MLflow keeps one input per digest
         self.tracker.log_dataset(dataset_input(trainer.cfg.data.source, data.shard_dir,
                                                {"train": data.train_dir, "val": data.val_dir}))
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if trainer.state.step % trainer.cfg.train.log_every == 0:
-            from pretrain.tracking import system_metrics
-
             self.tracker.log_metrics({**metrics, **system_metrics()}, step=trainer.state.step)
 
     def on_step_skipped(self, trainer: Trainer, metrics: dict[str, float]) -> None:
@@ -226,8 +222,6 @@ class TrackingCallback(Callback):
         if latest is not None:
             self.tracker.set_tags({"checkpoint.latest": str(latest.resolve())})
         if status == "FINISHED" and latest is not None and trainer.cfg.tracking.log_model == "hf":
-            from pretrain.convert import export_hf
-
             try:  # the final checkpoint is on disk (CheckpointCallback ran first)
                 out = export_hf(latest, trainer.run_dir / "hf")
                 self.tracker.log_artifacts(out, "model")

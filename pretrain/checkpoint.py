@@ -28,6 +28,13 @@ from typing import Any
 
 import torch
 
+from data_pipeline.build import resolve_shard_dir
+from data_pipeline.stream import trains_on_response
+from parallel.pipeline import consolidate_layer_files, plain_key
+from parallel.tensor_parallel import merge_state_dicts
+from pretrain.config import load_config
+from pretrain.model import build_model
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -246,8 +253,6 @@ def load_rank_state(path: str | Path, rank: int) -> dict[str, Any] | None:
 
 def _trains_on_response(data_cfg) -> bool:
     """Whether the run trained on responses (prompt clean and visible): data_pipeline.stream's rule."""
-    from data_pipeline.stream import trains_on_response
-
     return trains_on_response(data_cfg)
 
 
@@ -279,6 +284,79 @@ def run_dir_of(checkpoint: str | Path) -> Path | None:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
 
 
+# ---------------------------------------------------------------------------------------------
+# Consolidation: the plain model's state dict from any layout (inference, convert, portable)
+# ---------------------------------------------------------------------------------------------
+
+PORTABLE = "portable"  # the engine of a checkpoint `pretrain.convert --portable` wrote: model.pt only
+
+
+def consolidated_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The full, plain (single-process) model state dict of checkpoint directory `path`; with `ema`,
+    the moving average of the weights (train.ema) instead of the weights."""
+    path = Path(path)
+    state = load_trainer_state(path)
+    layout = state.get("layout", {"engine": "plain"})
+    if ema:
+        return consolidated_ema(path, state, layout)
+    if layout["engine"] in ("plain", PORTABLE):
+        return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    ds_dir = path / "deepspeed"
+    if not ds_dir.is_dir():
+        raise CheckpointError(f"{path}: layout {layout} but no deepspeed/ directory; the checkpoint is incomplete")
+    tp = int(layout.get("tp", 1))
+    if layout["engine"] == "pipeline":  # one file per pipeline layer (and tensor-parallel rank)
+        try:
+            shards = [consolidate_layer_files(ds_dir, r) for r in range(tp)]
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    elif int(layout.get("zero_stage", 0)) == 3:
+        if tp > 1:
+            raise CheckpointError(f"{path}: consolidating ZeRO-3 with tensor parallelism is not supported")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed"))
+    else:
+        shards = []
+        for r in range(tp):
+            f = ds_dir / f"mp_rank_{r:02d}_model_states.pt"
+            if not f.is_file():
+                raise CheckpointError(f"{path}: {f.name} is missing (tensor-parallel rank {r} of {tp})")
+            shards.append(torch.load(f, map_location="cpu", weights_only=True)["module"])
+    if tp == 1:
+        return {k: v for k, v in shards[0].items() if isinstance(v, torch.Tensor)}
+    vocab = state.get("vocab_size")
+    if vocab is None:
+        raise CheckpointError(f"{path}: the trainer state does not record vocab_size, needed to merge TP shards")
+    return merge_state_dicts(shards, int(vocab))
+
+
+def consolidated_ema(path: Path, state: dict, layout: dict) -> dict[str, torch.Tensor]:
+    """The weight average from the rank files: of every pipeline stage and tensor-parallel rank, the
+    data-parallel rank 0's (ranks are ordered tp fastest, then dp, then pp, as megatron-core and
+    DeepSpeed order them), renamed to the plain model's keys and merged over tensor ranks."""
+    if layout["engine"] == PORTABLE:
+        raise CheckpointError(f"{path}: a portable checkpoint carries the weights only, not their average (train.ema)")
+    tp, pp, dp = (int(layout.get(k, 1)) for k in ("tp", "pp", "dp"))
+    per_tp = []
+    for r in range(tp):
+        merged: dict[str, torch.Tensor] = {}
+        for stage in range(pp):
+            f = path / rank_state_file(stage * dp * tp + r)
+            average = torch.load(f, map_location="cpu", weights_only=True).get("ema") if f.is_file() else None
+            if average is None:
+                raise CheckpointError(f"{path}: {f.name} holds no weight average; was the run trained with train.ema > 0?")
+            merged.update(average)
+        per_tp.append(merged)
+    if pp > 1:
+        n_layers = max(int(k.split(".", 1)[0]) for k in per_tp[0]) - 1
+        per_tp = [{plain_key(int(k.split(".", 1)[0]), k.split(".", 1)[1], n_layers): v for k, v in d.items()}
+                  for d in per_tp]
+    if tp == 1:
+        return per_tp[0]
+    return merge_state_dicts(per_tp, int(state["vocab_size"]))
+
+
 def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu", ema: bool | None = None):
     """(model in eval mode on `device`, info) from a checkpoint directory (.../checkpoints/step_*), a
     file inside one, or a run directory (its latest checkpoint), any layout (weights consolidated by
@@ -291,10 +369,6 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     when the run's shard directory is still there (None otherwise). `ema` None: the moving average
     when the run kept one (train.ema > 0), as MDLM evaluates. The public entry point through which
     `data_pipeline` (the density `model` annotator) may load a trained model."""
-    from pretrain.config import load_config
-    from pretrain.convert import consolidated_state_dict
-    from pretrain.model import build_model
-
     path = resolve_checkpoint(path)
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"{path}: config.yaml is missing, so the model cannot be rebuilt")
@@ -313,8 +387,6 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     fingerprint = None
     try:
         import json
-
-        from data_pipeline.build import resolve_shard_dir
 
         tok_file = resolve_shard_dir(cfg.data) / "tokenizer.json"
         if tok_file.is_file():

@@ -38,6 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.build import ensure_shards
+from data_pipeline.shards import open_split
+from pretrain.config import load_config
+
 log = logging.getLogger(__name__)
 ARMS = "arms"  # `--headline` given without a value
 
@@ -388,10 +392,6 @@ def unigram_nll(config: str | Path) -> float:
     """Cross-entropy (nats/token) of the held-out split under the training split's token frequencies
     (add-one smoothed): what a model that ignores context can reach. Counts every token of the
     shards' documents (the separators the packed rows add are not counted: an approximation)."""
-    from data_pipeline.build import ensure_shards
-    from data_pipeline.shards import open_split
-    from pretrain.config import load_config
-
     info = ensure_shards(load_config(config).data, progress=False)
     counts = np.ones(info.vocab_size)
     for doc in open_split(info.shard_dir / "train").iter_documents():

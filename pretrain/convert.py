@@ -30,91 +30,22 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointError, load_trainer_state
-
-PORTABLE = "portable"
-
-
-def consolidated_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
-    """The full, plain (single-process) model state dict of checkpoint directory `path`; with `ema`,
-    the moving average of the weights (train.ema) instead of the weights."""
-    path = Path(path)
-    state = load_trainer_state(path)
-    layout = state.get("layout", {"engine": "plain"})
-    if ema:
-        return consolidated_ema(path, state, layout)
-    if layout["engine"] in ("plain", PORTABLE):
-        return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    ds_dir = path / "deepspeed"
-    if not ds_dir.is_dir():
-        raise CheckpointError(f"{path}: layout {layout} but no deepspeed/ directory; the checkpoint is incomplete")
-    tp = int(layout.get("tp", 1))
-    if layout["engine"] == "pipeline":  # one file per pipeline layer (and tensor-parallel rank)
-        from parallel.pipeline import consolidate_layer_files
-
-        try:
-            shards = [consolidate_layer_files(ds_dir, r) for r in range(tp)]
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-    elif int(layout.get("zero_stage", 0)) == 3:
-        if tp > 1:
-            raise CheckpointError(f"{path}: consolidating ZeRO-3 with tensor parallelism is not supported")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed"))
-    else:
-        shards = []
-        for r in range(tp):
-            f = ds_dir / f"mp_rank_{r:02d}_model_states.pt"
-            if not f.is_file():
-                raise CheckpointError(f"{path}: {f.name} is missing (tensor-parallel rank {r} of {tp})")
-            shards.append(torch.load(f, map_location="cpu", weights_only=True)["module"])
-    if tp == 1:
-        return {k: v for k, v in shards[0].items() if isinstance(v, torch.Tensor)}
-    from parallel.tensor_parallel import merge_state_dicts
-
-    vocab = state.get("vocab_size")
-    if vocab is None:
-        raise CheckpointError(f"{path}: the trainer state does not record vocab_size, needed to merge TP shards")
-    return merge_state_dicts(shards, int(vocab))
-
-
-def consolidated_ema(path: Path, state: dict, layout: dict) -> dict[str, torch.Tensor]:
-    """The weight average from the rank files: of every pipeline stage and tensor-parallel rank, the
-    data-parallel rank 0's (ranks are ordered tp fastest, then dp, then pp, as megatron-core and
-    DeepSpeed order them), renamed to the plain model's keys and merged over tensor ranks."""
-    from pretrain.checkpoint import rank_state_file
-
-    if layout["engine"] == PORTABLE:
-        raise CheckpointError(f"{path}: a portable checkpoint carries the weights only, not their average (train.ema)")
-    tp, pp, dp = (int(layout.get(k, 1)) for k in ("tp", "pp", "dp"))
-    per_tp = []
-    for r in range(tp):
-        merged: dict[str, torch.Tensor] = {}
-        for stage in range(pp):
-            f = path / rank_state_file(stage * dp * tp + r)
-            average = torch.load(f, map_location="cpu", weights_only=True).get("ema") if f.is_file() else None
-            if average is None:
-                raise CheckpointError(f"{path}: {f.name} holds no weight average; was the run trained with train.ema > 0?")
-            merged.update(average)
-        per_tp.append(merged)
-    if pp > 1:
-        from parallel.pipeline import plain_key
-
-        n_layers = max(int(k.split(".", 1)[0]) for k in per_tp[0]) - 1
-        per_tp = [{plain_key(int(k.split(".", 1)[0]), k.split(".", 1)[1], n_layers): v for k, v in d.items()}
-                  for d in per_tp]
-    if tp == 1:
-        return per_tp[0]
-    from parallel.tensor_parallel import merge_state_dicts
-
-    return merge_state_dicts(per_tp, int(state["vocab_size"]))
+from pretrain.checkpoint import (
+    PORTABLE,
+    CheckpointError,
+    _write_latest,
+    checkpoint_root,
+    consolidated_state_dict,
+    load_model_for_inference,
+    load_trainer_state,
+    resolve_checkpoint,
+    seal,
+)
+from pretrain.generate import load_tokenizer_for
 
 
 def write_portable(src: str | Path, run_dir: str | Path) -> Path:
     """Write checkpoint `src` as a portable checkpoint of run directory `run_dir`; returns its path."""
-    from pretrain.checkpoint import _write_latest, checkpoint_root, seal
-
     src = Path(src)
     state = load_trainer_state(src)
     weights = consolidated_state_dict(src)
@@ -160,9 +91,6 @@ def export_hf(src: str | Path, out: str | Path, ema: bool | None = None) -> Path
         from safetensors.torch import save_file
     except ImportError:
         raise CheckpointError("the Hugging Face export needs safetensors: pip install 'dlm-pretrain[hf]'") from None
-    from pretrain.checkpoint import load_model_for_inference
-    from pretrain.generate import load_tokenizer_for
-
     out = Path(out)
     model, info = load_model_for_inference(src, ema=ema)
     ckpt, cfg = info["checkpoint"], info["config"]
@@ -218,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ema", action="store_true", help="with --hf: the raw weights, not their moving average")
     args = p.parse_args(argv)
     try:
-        from pretrain.checkpoint import resolve_checkpoint
-
         src = resolve_checkpoint(args.checkpoint)
         if args.hf:
             dst = export_hf(src, args.hf, ema=False if args.no_ema else None)

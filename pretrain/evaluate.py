@@ -15,8 +15,28 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from common.device import resolve_device
+from data_pipeline.build import ensure_shards, resolve_shard_dir
+from data_pipeline.config import DensityConfig
+from data_pipeline.sources import DataSourceUnavailable
+from data_pipeline.stream import make_val_loader, trains_on_response
+from data_pipeline.tasks import get_task
+from data_pipeline.tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer
+from pretrain.checkpoint import CheckpointError, load_model_for_inference, resolve_checkpoint, run_dir_of
+from pretrain.config import ConfigError
 from pretrain.diffusion.objective import Objective
 from pretrain.diffusion.rng import SampleRNG
+from pretrain.diffusion.schedules import build_schedule
+from pretrain.sample import (
+    JIGSAW_ORDERS,
+    SAMPLERS,
+    SamplerConfig,
+    generate,
+    generative_nll,
+    sample_lengths,
+    unigram_entropy,
+)
+from pretrain.tracking import RUN_ID_FILE, RUN_INFO_FILE
 from pretrain.variants import objective_for, resolve_sampler
 
 EVAL_SEED_OFFSET = 10_007  # eval draws never coincide with training draws of the same seed
@@ -92,9 +112,6 @@ def load_model(checkpoint, device: torch.device | str = "cpu", ema: bool | None 
     of a checkpoint or run directory, any layout, loaded by `pretrain.checkpoint.load_model_for_inference`
     (the moving average of the weights when the run kept one, unless `ema` is False); the dataset info
     (tokenizer, special ids, splits) is the run's shards', built again when they are gone."""
-    from data_pipeline.build import ensure_shards
-    from pretrain.checkpoint import CheckpointError, load_model_for_inference
-
     model, meta = load_model_for_inference(checkpoint, device=device, ema=ema)
     cfg = meta["config"]
     info = ensure_shards(cfg.data, progress=False)
@@ -128,11 +145,6 @@ def task_metrics(model, cfg, info, sampler_cfg, num_samples: int = 256, batch_si
     """Decode the answers of the first `num_samples` validation examples and score them: the task's
     metrics (mean over examples) prefixed `task/`, plus task/nfe (forwards per batch). With
     return_samples > 0 also returns [(prompt, generated, reference)] of the first ones."""
-    from data_pipeline.stream import trains_on_response
-    from data_pipeline.tasks import get_task
-    from pretrain.diffusion.schedules import build_schedule
-    from pretrain.sample import generate
-
     task = get_task(cfg.data.source.removeprefix("task:"))
     on_response = trains_on_response(cfg.data)
     tok = info.tokenizer
@@ -170,9 +182,6 @@ def language_metrics(model, cfg, info, sampler_cfg, num_samples: int = 64, batch
     model on the same tokenizer) when given. Draws in float64 unless sampler_cfg.float64 is off."""
     import dataclasses
 
-    from pretrain.diffusion.schedules import build_schedule
-    from pretrain.sample import generate, generative_nll, sample_lengths, unigram_entropy
-
     L = cfg.data.seq_len
     nll = count = 0.0
     ents = []
@@ -202,9 +211,6 @@ def load_reference(reference: str, info, device: torch.device | str = "cpu", ema
     """The AR reference model scoring generative perplexity: a checkpoint (dir or model.pt) or a run
     dir of this framework. Refused up front (before any sampling) unless it is an `ar` model on the
     same vocabulary as the evaluated run: its likelihoods of other token ids would mean nothing."""
-    from pretrain.checkpoint import resolve_checkpoint
-    from pretrain.config import ConfigError
-
     path = resolve_checkpoint(reference)
     ref, ref_cfg, ref_info, _ = load_model(path, device, ema=ema)
     if ref_cfg.model.variant != "ar":
@@ -223,8 +229,6 @@ def tracking_client(run_dir):
     by the trainer's tracker), or None when the run was not tracked."""
     import json
     from pathlib import Path
-
-    from pretrain.tracking import RUN_ID_FILE, RUN_INFO_FILE
 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_ID_FILE).is_file() or not (run_dir / RUN_INFO_FILE).is_file():
@@ -268,11 +272,6 @@ def zero_shot_data_config(cfg, source: str):
     import dataclasses
     from pathlib import Path
 
-    from data_pipeline.build import resolve_shard_dir
-    from data_pipeline.config import DensityConfig
-    from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer
-    from pretrain.config import ConfigError
-
     d = cfg.data
     spec = d.tokenizer
     if spec == "task":
@@ -301,10 +300,6 @@ def zero_shot_nll(model, cfg, source: str, device, batch_size: int = 32, max_bat
     diffusion models, exact for `ar` (the same bound as val/nll), keys `zeroshot/<name>/{nll,ppl,tokens}`."""
     import dataclasses
     import re
-
-    from data_pipeline.build import ensure_shards
-    from data_pipeline.stream import make_val_loader
-    from data_pipeline.tokenizer import TokenizerError
 
     dcfg = zero_shot_data_config(cfg, source)
     info = ensure_shards(dcfg, progress=False)
@@ -338,8 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     import logging
     import sys
     from pathlib import Path
-
-    from pretrain.sample import JIGSAW_ORDERS, SAMPLERS, SamplerConfig
 
     p = argparse.ArgumentParser(prog="python -m pretrain.evaluate",
                                 description="Evaluate a trained run: validation NLL, task metrics or sample quality.")
@@ -378,11 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from data_pipeline.device import resolve_device
-    from data_pipeline.sources import DataSourceUnavailable
-    from pretrain.checkpoint import CheckpointError, run_dir_of
-    from pretrain.config import ConfigError
-
     try:
         device = resolve_device(args.device, "--device")
         ema = False if args.no_ema else None
@@ -407,8 +395,6 @@ def main(argv: list[str] | None = None) -> int:
             metrics.update(zero_shot_nll(model, cfg, args.data, device, batch_size=min(cfg.train.batch_size, 64),
                                          max_batches=max(args.eval_batches, 0)))
         elif args.eval_batches >= 0:
-            from data_pipeline.stream import make_val_loader
-
             objective = objective_for(cfg, info.mask_id)
             loader = make_val_loader(cfg.data, info, batch_size=min(cfg.train.batch_size, 64))
             metrics.update(validation_nll(model, objective, loader, device, seed=cfg.seed, max_batches=args.eval_batches))

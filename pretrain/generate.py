@@ -23,6 +23,15 @@ from pathlib import Path
 
 import torch
 
+from common.device import resolve_device
+from data_pipeline.build import ensure_shards, resolve_shard_dir
+from data_pipeline.stream import trains_on_response
+from data_pipeline.tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer
+from pretrain.checkpoint import CheckpointError, load_model_for_inference
+from pretrain.config import ConfigError
+from pretrain.diffusion.schedules import build_schedule
+from pretrain.sample import SAMPLERS, SamplerConfig, generate, resolve_sampler
+
 
 @dataclass
 class Generation:
@@ -36,9 +45,6 @@ class Generation:
 
 def load_tokenizer_for(cfg):
     """The run's tokenizer: the one saved with its shards (built first when they are gone)."""
-    from data_pipeline.build import ensure_shards, resolve_shard_dir
-    from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer
-
     shard_dir = resolve_shard_dir(cfg.data)
     if (shard_dir / TOKENIZER_FILE).is_file():
         return load_tokenizer(shard_dir)
@@ -47,8 +53,6 @@ def load_tokenizer_for(cfg):
 
 def load_run(run: str | Path, device: str | torch.device = "cpu", ema: bool | None = None):
     """(model, info, Config, tokenizer) of a run or checkpoint directory, for inference."""
-    from pretrain.checkpoint import load_model_for_inference
-
     model, info = load_model_for_inference(run, device=device, ema=ema)
     cfg = info["config"]
     tok = load_tokenizer_for(cfg)
@@ -63,10 +67,6 @@ def generate_text(model, cfg, tok, prompt: str = "", max_new_tokens: int = 64, n
                   sampler_cfg=None, ema: bool = False, prompt_ids: list[int] | None = None) -> Generation:
     """Fill `max_new_tokens` positions after `[BOS] prompt` for `num_samples` rows (`prompt_ids`:
     the prompt already encoded, instead of `prompt`)."""
-    from data_pipeline.stream import trains_on_response
-    from pretrain.diffusion.schedules import build_schedule
-    from pretrain.sample import SamplerConfig, generate, resolve_sampler
-
     sampler_cfg = sampler_cfg or SamplerConfig()
     if prompt_ids is None:
         prompt_ids = tok.encode(prompt) if prompt else []
@@ -101,8 +101,6 @@ def generate_text(model, cfg, tok, prompt: str = "", max_new_tokens: int = 64, n
 
 
 def build_parser(prog: str = "python -m pretrain.generate") -> argparse.ArgumentParser:
-    from pretrain.sample import SAMPLERS
-
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--prompt", default="", help="text after [BOS]; empty = unconditional")
@@ -122,12 +120,6 @@ def build_parser(prog: str = "python -m pretrain.generate") -> argparse.Argument
 
 def main(argv: list[str] | None = None, prog: str = "python -m pretrain.generate") -> int:
     args = build_parser(prog).parse_args(argv)
-    from data_pipeline.device import resolve_device
-    from data_pipeline.tokenizer import TokenizerError
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.config import ConfigError
-    from pretrain.sample import SamplerConfig
-
     try:
         device = resolve_device(args.device, "--device")
         model, info, cfg, tok = load_run(args.run, device, ema=False if args.no_ema else None)

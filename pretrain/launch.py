@@ -18,16 +18,37 @@ import shlex
 import sys
 from pathlib import Path
 
+from common.plugins import load_plugin
+from data_pipeline.build import ensure_shards, is_complete, resolve_shard_dir
+from data_pipeline.shards import ShardFormatError
+from data_pipeline.sources import (
+    DataSourceError,
+    DataSourceUnavailable,
+    hub_reachable,
+    local_files,
+    parse_hf_source,
+)
+from data_pipeline.tasks import get_task
+from data_pipeline.tokenizer import TokenizerError, load_tokenizer, make_tokenizer
+from parallel.topology import from_env
+from pretrain.checkpoint import CheckpointError, latest_checkpoint
 from pretrain.config import (
+    RUN_LENGTH_KEYS,
     Config,
     ConfigError,
     config_hash,
     descriptive_run_name,
+    flatten,
     load_config,
     recipe_defaults,
     save_config,
     to_yaml,
 )
+from pretrain.model import build_model
+from pretrain.model.attention_masks import is_two_stream
+from pretrain.stop import Stopped
+from pretrain.tracking import prepare_store
+from pretrain.train import NonFiniteLossError, train
 
 log = logging.getLogger("pretrain.launch")
 
@@ -125,14 +146,9 @@ def check_data_sources(cfg: Config) -> None:
     """Fail now, not minutes into the run, on a source that cannot be read: a local file or directory
     that does not exist, an unknown task, a mixture shard directory that is not there. Nothing is
     checked when the shards are already built (the source is then not read again)."""
-    from data_pipeline.build import is_complete, resolve_shard_dir
-    from data_pipeline.sources import DataSourceError, local_files, parse_hf_source
-
     d = cfg.data
     if not is_complete(resolve_shard_dir(d)):
         if d.source.startswith("task:"):
-            from data_pipeline.tasks import get_task
-
             try:
                 get_task(d.source.removeprefix("task:"))
             except ValueError as e:
@@ -163,9 +179,6 @@ def model_size(cfg: Config, vocab_size: int) -> tuple[int, int]:
     so both terms double. An estimate: masks are not subtracted and norms/softmax are ignored."""
     import torch
 
-    from pretrain.model import build_model
-    from pretrain.model.attention_masks import is_two_stream
-
     with torch.device("meta"):
         model = build_model(cfg.model, vocab_size, cfg.data.seq_len)
     params = sum(p.numel() for p in model.parameters())
@@ -178,12 +191,8 @@ def model_size(cfg: Config, vocab_size: int) -> tuple[int, int]:
 
 def _vocab_size(cfg: Config) -> tuple[int, str]:
     """The tokenizer's size (and where it came from) without building anything."""
-    from data_pipeline.build import resolve_shard_dir
-
     shard_dir = resolve_shard_dir(cfg.data)
     try:
-        from data_pipeline.tokenizer import load_tokenizer
-
         return load_tokenizer(shard_dir).vocab_size, "the built tokenizer"
     except Exception:
         pass
@@ -191,8 +200,6 @@ def _vocab_size(cfg: Config) -> tuple[int, str]:
         return cfg.model.vocab_size, "model.vocab_size"
     if cfg.data.tokenizer == "task" and cfg.data.source.startswith("task:"):
         try:
-            from data_pipeline.tokenizer import make_tokenizer
-
             return make_tokenizer(cfg.data).vocab_size, "the task's tokenizer"
         except Exception:
             pass
@@ -211,9 +218,6 @@ def resume_changes(cfg: Config, run_dir: Path) -> str | None:
 
     Refuses (ConfigError naming every differing key) a resume whose model would not be the one
     the checkpoint holds; run-length keys (config.RUN_LENGTH_KEYS) and others are reported."""
-    from pretrain.checkpoint import CheckpointError, latest_checkpoint
-    from pretrain.config import RUN_LENGTH_KEYS, flatten
-
     if not cfg.launch.resume:
         return None
     try:
@@ -248,9 +252,6 @@ def resume_changes(cfg: Config, run_dir: Path) -> str | None:
 
 def plan(cfg: Config) -> str:
     """What will run where, in a few lines (printed by --dry-run and at start)."""
-    from data_pipeline.build import resolve_shard_dir
-    from pretrain.checkpoint import CheckpointError, latest_checkpoint
-
     d, m, f, t = cfg.data, cfg.model, cfg.diffusion, cfg.train
     shard_dir = resolve_shard_dir(d)
     built = (shard_dir / "train" / "index.json").is_file()
@@ -263,8 +264,6 @@ def plan(cfg: Config) -> str:
     vocab, vocab_from = _vocab_size(cfg)
     params, flops = model_size(cfg, max(vocab, 1))
     if d.source.startswith("hf:") and not built:
-        from data_pipeline.sources import hub_reachable
-
         hub = f"yes, to build the shards (hub reachable now: {'yes' if hub_reachable() else 'NO'})"
     else:
         hub = "no" + (" (shards built)" if built else f" ({d.source.split(':')[0] if ':' in d.source else 'local'} source)")
@@ -411,8 +410,6 @@ def next_steps(cfg: Config, run_dir: Path) -> str:
     """The commands to run next on the run just made: evaluate, generate, export, compare, look."""
     run = shlex.quote(str(run_dir))
     if cfg.data.source.startswith("task:"):  # a real validation prompt of the task, answer left out
-        from data_pipeline.tasks import get_task
-
         task = get_task(cfg.data.source.removeprefix("task:"))
         example = task.example("val", 0, cfg.data.task.seed, cfg.data.task)
         answer_len = len(example.answer)
@@ -435,35 +432,29 @@ def next_steps(cfg: Config, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+# The Slurm backend lives in slurm/, the layer above pretrain: named, resolved only when a run may go
+# there (common/plugins.py), so pretrain never imports slurm. The module provides
+# choose_backend(cfg) -> (backend, why) and launch(cfg, run_dir, run_name, *, dry_run, wait, log_level) -> int
+SLURM_BACKEND = "slurm.submit"
+
+
 def choose_backend(cfg: Config) -> tuple[str, str]:
     """`local` or `slurm` (and why); `auto` asks Slurm only when the job does not fit here."""
     if cfg.launch.backend == "local":
         return "local", "launch.backend"
-    from slurm.submit import choose_backend as choose
-
-    return choose(cfg)
+    return load_plugin(f"{SLURM_BACKEND}:choose_backend", f"launch.backend={cfg.launch.backend}")(cfg)
 
 
 def launch_slurm(cfg: Config, args: argparse.Namespace) -> int:
     """Submit (or with --dry-run describe) the Slurm job; Slurm's refusals are reported, not raised."""
-    from slurm.cluster import SlurmError
-    from slurm.submit import dry_run_text, submit_training
-
-    if args.dry_run:
-        print(dry_run_text(cfg, run_dir_for(cfg), run_name_for(cfg)), flush=True)
-        return 0
-    try:
-        return submit_training(cfg, run_dir_for(cfg), run_name_for(cfg), wait=args.wait, log_level=args.log_level)
-    except SlurmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    launch = load_plugin(f"{SLURM_BACKEND}:launch", "launch.backend=slurm")
+    return launch(cfg, run_dir_for(cfg), run_name_for(cfg), dry_run=args.dry_run, wait=args.wait,
+                  log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    from parallel.topology import from_env
-
     topology = from_env()
     is_child = os.environ.get(CHILD_ENV) == "1"
     if is_child:
@@ -515,20 +506,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config, args: argparse.Namespace, argv: list[str], run_dir: Path, topology, is_child: bool,
          console: ConsoleLog) -> int:
     """Train (or spawn the ranks that train) and print how it ended."""
-    from data_pipeline.build import ensure_shards
-    from data_pipeline.shards import ShardFormatError
-    from data_pipeline.sources import DataSourceError, DataSourceUnavailable
-    from data_pipeline.tokenizer import TokenizerError
-    from pretrain.checkpoint import CheckpointError, latest_checkpoint
-    from pretrain.stop import Stopped
-    from pretrain.train import NonFiniteLossError, train
-
     try:
         if topology.is_rank0 and not is_child:
             save_config(cfg, run_dir / "config.yaml")
             if cfg.tracking.enabled:
-                from pretrain.tracking import prepare_store
-
                 prepare_store(cfg.tracking.uri)  # create/migrate a local store once, before ranks use it
             if cfg.launch.nproc > 1:
                 ensure_shards(cfg.data)  # build once here, not once per rank

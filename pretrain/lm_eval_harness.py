@@ -34,6 +34,11 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from common.device import resolve_device
+from pretrain.generate import generate_text, load_run
+from pretrain.sample import SamplerConfig
+from pretrain.variants import objective_for
+
 
 @register_model("dlm")
 class DLMEvalHarness(LM):
@@ -41,10 +46,6 @@ class DLMEvalHarness(LM):
                  sampler: str = "auto", steps: int | str = 0, temperature: float | str = 0.0,
                  device: str | None = None, batch_size: int | str | None = None, **_ignored):
         super().__init__()
-        from data_pipeline.device import resolve_device
-        from pretrain.generate import load_run
-        from pretrain.variants import objective_for
-
         if isinstance(ema, str):
             ema = ema.lower() in ("1", "true", "yes")
         dev = device or "auto"
@@ -130,9 +131,6 @@ class DLMEvalHarness(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from pretrain.generate import generate_text
-        from pretrain.sample import SamplerConfig
-
         out = []
         for req in requests:
             context, kwargs = req.args

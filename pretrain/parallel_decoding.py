@@ -40,6 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
+from common.device import resolve_device
+from data_pipeline.tasks import get_task, sudoku
+from pretrain.checkpoint import CheckpointError
+from pretrain.config import ConfigError
+from pretrain.evaluate import _prompt_batch, load_model
 from pretrain.model import unwrap
 from pretrain.sample import MDM_SAMPLERS, SamplerConfig, _select_top, draw, order_scores, transfer_counts
 
@@ -197,8 +202,6 @@ def decode_parallel(
 
 
 def _sudoku_counts(example, text: str) -> dict[str, float]:
-    from data_pipeline.tasks import sudoku
-
     cells = [int(ch) if ch in "123456789" else 0 for ch in text[:81].ljust(81, "0")]
     puzzle = sudoku.from_text(example.prompt[:81])
     dup = sudoku.unit_duplicates(cells)
@@ -217,9 +220,6 @@ def parallel_decoding_metrics(model, cfg, info, ks: Sequence[int], block_sizes: 
     the task's metrics (`task/...`, means), Sudoku's violations (`sudoku/...`, means per puzzle),
     `gap/step`, `gap/token`, `nll/marginal`, `nll/joint` (per decoded token), `steps` (decoding
     forwards per batch) and `joint_forwards` (extra forwards per batch)."""
-    from data_pipeline.tasks import get_task
-    from pretrain.evaluate import _prompt_batch
-
     if not cfg.data.source.startswith("task:"):
         raise ValueError(f"parallel decoding is measured on a task run (data.source task:NAME); got {cfg.data.source!r}")
     task = get_task(cfg.data.source.removeprefix("task:"))
@@ -309,11 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", help="also write the rows (and what was run) to this JSON file")
     args = p.parse_args(argv)
-
-    from data_pipeline.device import resolve_device
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.config import ConfigError
-    from pretrain.evaluate import load_model
 
     try:
         device = resolve_device(args.device, "--device")

@@ -74,6 +74,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.diffusion.schedules import build_schedule
 from pretrain.model import unwrap
 from pretrain.model.attention_masks import check_prompt_prefix, max_blocks, response_blocks, response_index
 from pretrain.model.kv_cache import KVCache, cache_support
@@ -424,8 +425,6 @@ def generate(
     variant = inner_model.cfg.variant
     name = resolve_sampler(variant, cfg.name)
     if schedule is None:
-        from pretrain.diffusion.schedules import build_schedule
-
         schedule = build_schedule("loglinear")
     device = x.device
     x = x.clone()

@@ -20,6 +20,7 @@ import signal
 import threading
 from typing import Any
 
+from parallel import comm
 from pretrain.callbacks import Callback, StepInfo
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,6 @@ class StopFlag:
 
 def _agree(code: int, trainer) -> int:
     """The largest `code` over all ranks (one tiny all-reduce per step; no-op on one process)."""
-    from parallel import comm
-
     return int(comm.all_reduce_max(code))
 
 

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common.device import resolve_device
 from data_pipeline.build import ensure_shards
-from data_pipeline.device import resolve_device
 from data_pipeline.stream import (
     check_shards_before_training,
     make_train_loader,
@@ -36,6 +36,7 @@ from data_pipeline.stream import (
 )
 from parallel import comm
 from parallel.build import build_engine
+from parallel.state import destroy, init_distributed
 from parallel.topology import Topology
 from pretrain import checkpoint as ckpt
 from pretrain.callbacks import (
@@ -47,11 +48,15 @@ from pretrain.callbacks import (
     StepInfo,
     TrackingCallback,
 )
+from pretrain.checkpoint import consolidated_state_dict
 from pretrain.config import Config, flatten, to_yaml
 from pretrain.diffusion import step_rng
+from pretrain.ema import EMA
 from pretrain.evaluate import validation_nll
 from pretrain.model import build_model
+from pretrain.stop import StopFlag, make_stop_callback
 from pretrain.throughput import device_peak_flops, mfu
+from pretrain.tracking import MlflowTracker, git_state
 from pretrain.variants import build_objective
 
 if TYPE_CHECKING:
@@ -135,8 +140,6 @@ class Trainer:
         self.resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.launch.resume else None
         self.portable = self._portable_checkpoint()
         if self.portable is not None:  # weights from another layout: load before sharding/wrapping
-            from pretrain.convert import consolidated_state_dict
-
             try:
                 model.load_state_dict(consolidated_state_dict(self.portable))
             except RuntimeError as e:
@@ -154,8 +157,6 @@ class Trainer:
         )
         self.ema = None
         if t.ema > 0:
-            from pretrain.ema import EMA
-
             self.ema = EMA(self.engine.module, t.ema)
         self.train_loader = make_train_loader(
             cfg.data, self.data, batch_size=self.micro_batch, dp_rank=topology.dp_rank, dp_size=dp, seed=cfg.seed,
@@ -464,8 +465,6 @@ class Trainer:
 
 
 def run_tags(cfg: Config, trainer_device: str) -> dict[str, str]:
-    from pretrain.tracking import git_state
-
     return {
         "variant": cfg.model.variant,
         "time_sampler": cfg.diffusion.time_sampler,
@@ -490,8 +489,6 @@ def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tupl
     default) and `stop_flags` (e.g. Slurm's preemption flag) stop the run at a step boundary with a
     checkpoint, raising `pretrain.stop.Stopped` (see pretrain/stop.py). Once the MLflow run exists,
     no way out of here leaves it RUNNING: FINISHED, KILLED (stopped on request) or FAILED."""
-    from pretrain.stop import StopFlag, make_stop_callback
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     signal_flag = StopFlag().install(stop_signals) if stop_signals else None
@@ -500,8 +497,6 @@ def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tupl
     tracker = None
     try:
         if distributed:
-            from parallel.state import init_distributed
-
             topology = init_distributed("auto", tp=cfg.parallel.tp, pp=cfg.parallel.pp,
                                         timeout_s=cfg.parallel.timeout_s, device=resolve_device(cfg.train.device))
         else:
@@ -521,8 +516,6 @@ def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tupl
         callbacks.insert(0, ProgressCallback())
         callbacks.append(MetricsFileCallback(run_dir / "metrics.jsonl"))
         if cfg.tracking.enabled:
-            from pretrain.tracking import MlflowTracker
-
             tracker = MlflowTracker(
                 cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location, run_dir, run_name,
                 params=flatten(cfg), tags=run_tags(cfg, trainer.device.type),
@@ -544,6 +537,4 @@ def train(cfg: Config, run_dir: str | Path, run_name: str, extra_callbacks: tupl
         if signal_flag is not None:
             signal_flag.uninstall()
         if distributed:
-            from parallel.state import destroy
-
             destroy()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from data_pipeline.config import DataConfig
+from common.config_file import ConfigError, merge_layers, read_layers
+from data_pipeline.build import build, ensure_shards, merge, prepare_build, resolve_shard_dir, summary
+from data_pipeline.config import DataConfig, load_data_config
+from pretrain.config import SlurmConfig, slurm_problems
 from slurm.cluster import SlurmError, refuse_if_hopeless
-from slurm.config import SlurmConfig, slurm_problems
 from slurm.executor import (
     executor_parameters,
     make_executor,
@@ -26,12 +28,11 @@ from slurm.executor import (
     submit,
     submit_array,
 )
+from slurm.submit import wait_for
 
 
 def load_slurm_config(path: str | None, overrides: list[str]) -> SlurmConfig:
     """The `launch.slurm` section of a run recipe (its `inherit:` chain followed) plus launch.slurm.* overrides."""
-    from data_pipeline.config_file import ConfigError, merge_layers, read_layers
-
     layers = []
     for origin, data in read_layers(path, overrides):
         section = ((data.get("launch") or {}) if isinstance(data, dict) else {}).get("slurm") or {}
@@ -48,8 +49,6 @@ def prepare_parts(cfg: DataConfig, workers: int | None) -> str:
     """The first job: the tokenizer, density statistics and plan that every part then loads."""
     import logging
 
-    from data_pipeline.build import prepare_build
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     return f"prepared {prepare_build(cfg, workers=workers)}"
 
@@ -62,8 +61,6 @@ def build_part(cfg: DataConfig, part: int, n_parts: int, workers: int | None) ->
     """One array task: the shards of part `part` of `n_parts`."""
     import logging
 
-    from data_pipeline.build import build
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     report = build(cfg, workers=workers, part=part, n_parts=n_parts, progress=False)
     return f"part {part}/{n_parts} of {report.shard_dir} in {report.seconds:.1f} s"
@@ -73,8 +70,6 @@ def merge_parts(cfg: DataConfig) -> str:
     """The dependent job: every split's index once all parts exist."""
     import logging
 
-    from data_pipeline.build import ensure_shards, merge, resolve_shard_dir, summary
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     merge(resolve_shard_dir(cfg))
     return summary(ensure_shards(cfg, progress=False))
@@ -82,8 +77,6 @@ def merge_parts(cfg: DataConfig) -> str:
 
 def submit_build(cfg: DataConfig, slurm: SlurmConfig, n_parts: int, workers: int | None = None,
                  dry_run: bool = False, wait: bool = False) -> int:
-    from data_pipeline.build import resolve_shard_dir
-
     shard_dir = resolve_shard_dir(cfg).resolve()
     cfg.shard_dir = str(shard_dir)  # pin the output directory (the default one is relative to the cwd)
     folder = Path(slurm.folder).expanduser().resolve() if slurm.folder else shard_dir.parent / f".slurm-{shard_dir.name}"
@@ -119,8 +112,6 @@ def submit_build(cfg: DataConfig, slurm: SlurmConfig, n_parts: int, workers: int
           flush=True)
     if not wait:
         return 0
-    from slurm.submit import wait_for
-
     code_ = wait_for(prep_job.job_id, Path(folder) / f"{prep_job.job_id}_0_log.err")
     if code_:
         return code_
@@ -137,8 +128,6 @@ def submit_build(cfg: DataConfig, slurm: SlurmConfig, n_parts: int, workers: int
 def main_slurm(config: str | None, overrides: list[str], n_parts: int, workers: int | None, dry_run: bool,
                wait: bool) -> int:
     """What `data_pipeline.build --slurm K` runs (after its own argument parsing)."""
-    from data_pipeline.config_file import ConfigError, load_data_config
-
     try:
         slurm = load_slurm_config(config, [o for o in overrides if o.strip().startswith("launch.slurm.")])
         cfg = load_data_config(config, [o for o in overrides if not o.strip().startswith("launch.slurm.")])

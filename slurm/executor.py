@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pretrain.config import SlurmConfig
 from slurm.cluster import SlurmError, use_scontrol_states
-from slurm.config import SlurmConfig
 
 # the packages a job imports from the snapshot (pyproject's package set)
-PACKAGES = ("pretrain", "data_pipeline", "parallel", "slurm")
+PACKAGES = ("common", "pretrain", "data_pipeline", "parallel", "slurm")
 REPO = Path(__file__).resolve().parents[1]
 
 

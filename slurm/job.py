@@ -30,8 +30,12 @@ from typing import Any
 
 import submitit
 
+import pretrain
+from data_pipeline.build import ensure_shards, is_complete, resolve_shard_dir
+from pretrain.launch import setup_logging
 from pretrain.stop import StopFlag as BaseStopFlag
 from pretrain.stop import Stopped, make_stop_callback
+from pretrain.train import train
 
 log = logging.getLogger("slurm.job")
 
@@ -113,12 +117,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         os.environ.update(rendezvous_env(env))
         stop = StopFlag().install()
-        from pretrain.launch import setup_logging
-
         setup_logging(self.log_level, env.global_rank)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        import pretrain
-
         where = (f"Slurm job {env.job_id}, task {env.global_rank} of {env.num_tasks} on {env.hostname}; restart "
                  f"{restarts}; code {Path(pretrain.__file__).parent.parent}; master {os.environ['MASTER_ADDR']}:"
                  f"{os.environ['MASTER_PORT']}")
@@ -127,8 +127,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         else:  # the other ranks log warnings only, but each task's own log must say where it ran (several nodes)
             print(f"[rank {env.global_rank}] {where}", file=sys.stderr, flush=True)
         self._shards(env.global_rank)
-        from pretrain.train import train
-
         try:
             # SIGTERM stays submitit's (it ignores the one Slurm sends around a requeue)
             return train(self.cfg, Path(self.run_dir), self.run_name, stop_flags=(stop,), stop_signals=())
@@ -137,8 +135,6 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def _shards(self, rank: int) -> None:
         """Task 0 builds the shards if needed; the others wait for them instead of building them again."""
-        from data_pipeline.build import ensure_shards, is_complete, resolve_shard_dir
-
         if rank == 0:
             ensure_shards(self.cfg.data, progress=False)
             return

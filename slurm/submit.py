@@ -15,6 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.config_file import ConfigError
+from data_pipeline.build import check_config, is_complete, resolve_shard_dir
+from data_pipeline.sources import DataSourceError, local_files
+from pretrain.config import save_config
+from pretrain.tracking import prepare_store
 from slurm.cluster import (
     TERMINAL,
     SlurmError,
@@ -86,10 +91,6 @@ def preflight(cfg) -> None:
     """What the local launcher finds out before any rank starts, checked before submitting: the shards are
     built, or their source exists (a local path) and the build settings are valid. A SlurmError says what
     is wrong and that nothing was submitted."""
-    from data_pipeline.build import check_config, is_complete, resolve_shard_dir
-    from data_pipeline.config_file import ConfigError
-    from data_pipeline.sources import DataSourceError, local_files
-
     d = cfg.data
     if is_complete(resolve_shard_dir(d)):
         return
@@ -120,7 +121,6 @@ def dry_run_text(cfg, run_dir: Path, run_name: str) -> str:
 
 def submit_training(cfg, run_dir: Path, run_name: str, wait: bool = False, log_level: str = "INFO") -> int:
     """Submit the training job; print its id, logs and how to follow them; with `wait`, its outcome."""
-    from pretrain.config import save_config
     from slurm.job import TrainJob
 
     preflight(cfg)
@@ -129,8 +129,6 @@ def submit_training(cfg, run_dir: Path, run_name: str, wait: bool = False, log_l
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")  # the resolved config, as submitted (the job carries it too)
     if cfg.tracking.enabled:
-        from pretrain.tracking import prepare_store
-
         prepare_store(cfg.tracking.uri)  # create/migrate a local store once, before the ranks use it
     code_dir = snapshot_code(snapshot_dir(run_dir)) if cfg.launch.slurm.snapshot else None
     folder = folder_for(cfg, run_dir)
@@ -158,6 +156,20 @@ def submit_training(cfg, run_dir: Path, run_name: str, wait: bool = False, log_l
     n_tasks = cfg.launch.nodes * cfg.launch.nproc
     return wait_for(job.job_id, err, lambda: job.results()[0],  # task 0's return value
                     task_logs=[log_paths(folder, job.job_id, k)[1] for k in range(n_tasks)])
+
+
+def launch(cfg, run_dir: Path, run_name: str, *, dry_run: bool = False, wait: bool = False,
+           log_level: str = "INFO") -> int:
+    """`launch.backend=slurm` for pretrain.launch: submit (or with dry_run describe) the training job;
+    Slurm's refusals are reported, not raised."""
+    if dry_run:
+        print(dry_run_text(cfg, run_dir, run_name), flush=True)
+        return 0
+    try:
+        return submit_training(cfg, run_dir, run_name, wait=wait, log_level=log_level)
+    except SlurmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def _forget_refused(message: str, run_dir: Path | None, code_dir: Path | None) -> str:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.device import resolve_device
+from common.fsutil import atomic_write_bytes
+from common.plugins import load_plugin
 from data_pipeline.density.normalize import NORMALIZERS, hubs, normalize_per_document
 
 ANNOTATOR_VERSION = 1  # part of the build's content hash: bump when an annotator's scores change
@@ -83,8 +86,6 @@ def chunk_counts(flat: np.ndarray, lengths: np.ndarray, vocab_size: int) -> tupl
 
 
 def save_stats(path: Path, counts: np.ndarray, df: np.ndarray, n_docs: int) -> None:
-    from data_pipeline.fsutil import atomic_write_bytes
-
     buf = io.BytesIO()
     np.savez(buf, counts=counts, doc_freq=df, n_docs=np.int64(n_docs))
     atomic_write_bytes(path, buf.getvalue())
@@ -249,6 +250,11 @@ class StructureAnnotator(Annotator):
 # ------------------------------------------------------------------------------------------------
 
 
+# The checkpoint loader lives in pretrain, a layer above: named, resolved when a model annotator is
+# built (common/plugins.py), so data_pipeline never imports pretrain. (checkpoint, device=) -> (model, info)
+MODEL_LOADER = "pretrain.checkpoint:load_model_for_inference"
+
+
 class ModelAnnotator(Annotator):
     """Per-token loss (nats) of a trained checkpoint as surprisal. Documents are cut into windows of
     the checkpoint's seq_len - 2 tokens laid out as the trainer sees them ([BOS] tokens [EOS] PAD...),
@@ -263,10 +269,8 @@ class ModelAnnotator(Annotator):
                  context_masks: int = 4, normalize: str = "minmax"):
         super().__init__(normalize)
 
-        from data_pipeline.device import resolve_device
-        from pretrain.checkpoint import load_model_for_inference  # the one public entry into pretrain
-
         self.device = resolve_device(device, "density.device")
+        load_model_for_inference = load_plugin(MODEL_LOADER, "data.density.annotator=model")
         self.model, info = load_model_for_inference(checkpoint, device=self.device)
         if info["vocab_size"] != tokenizer.vocab_size:
             raise ValueError(f"data.density.checkpoint {checkpoint}: its vocabulary has {info['vocab_size']} ids, "

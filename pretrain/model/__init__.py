@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from data_pipeline.config_file import ConfigError
+from common.config_file import ConfigError
 from pretrain.model.attention_masks import attention_mask, base_mask
 from pretrain.model.kv_cache import KVCache, cache_support
 from pretrain.model.transformer import DiffusionTransformer

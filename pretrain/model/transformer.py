@@ -268,6 +268,16 @@ def unembed(norm_f: nn.Module, final_adaLN: nn.Module | None, head: nn.Module, x
 
 
 class DiffusionTransformer(nn.Module):
+    # The parts as plain functions of the modules they use, for callers that hold those modules but
+    # not the model: a pipeline stage (parallel/pipeline.py reaches them through the model it is cut
+    # from, so parallel/ needs no import of the model package and keeps no reference to the model).
+    # Bound before the methods `unembed` and `block_len` shadow the functions of the same names.
+    embed_fn = staticmethod(embed_tokens)
+    context_fn = staticmethod(layer_context)
+    unembed_fn = staticmethod(unembed)
+    block_len_fn = staticmethod(block_len)
+    LayerContext = LayerContext
+
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int):
         super().__init__()
         self.cfg = cfg

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
+from common.config_file import ConfigError
 from data_pipeline.build import ensure_shards, main
-from data_pipeline.config import DataConfig
-from data_pipeline.config_file import ConfigError, load_data_config
+from data_pipeline.config import DataConfig, load_data_config
 from data_pipeline.shards import ShardFormatError, ShardReader
 
 

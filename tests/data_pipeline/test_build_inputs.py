@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.config_file import ConfigError
 from data_pipeline.build import build, ensure_shards
 from data_pipeline.config import DataConfig
-from data_pipeline.config_file import ConfigError
 from data_pipeline.encode import limit_documents
 from data_pipeline.shards import ShardReader, ShardWriter
 from data_pipeline.sources import DataSourceError, iter_documents

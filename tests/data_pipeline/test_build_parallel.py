@@ -204,7 +204,7 @@ def test_prepare_once_then_parts_reuse_its_tokenizer_and_stats(corpora, tmp_path
     """--prepare trains the tokenizer and counts the density statistics once; --part i/K reuse them
     (here they could not train their own) and the result equals a single build."""
     import data_pipeline.build as build_mod
-    import data_pipeline.density.stats as stats_mod
+    import data_pipeline.density_stats as stats_mod
 
     source = corpora / "ptb" / "ptb.valid.txt"
     args = ["--no-progress", "--workers", "1", "--set", f"data.source={source}", "data.tokenizer=sentencepiece",

@@ -71,8 +71,8 @@ def test_exact_near_and_cross_split_duplicates_are_removed_and_counted(tmp_path,
 
 
 def test_filters_are_off_by_default_and_checked(tmp_path):
+    from common.config_file import ConfigError
     from data_pipeline.build import check_config
-    from data_pipeline.config_file import ConfigError
 
     src = tmp_path / "dups.txt"
     lines = _corpus(src, random.Random(1))

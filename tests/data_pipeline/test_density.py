@@ -223,8 +223,8 @@ def test_parallel_build_gives_identical_density(tmp_path):
 
 
 def test_bad_density_config_is_refused(tmp_path):
+    from common.config_file import ConfigError
     from data_pipeline.build import build
-    from data_pipeline.config_file import ConfigError
 
     with pytest.raises(ConfigError, match="annotator"):
         build(DataConfig(source="task:sudoku", shard_dir=str(tmp_path), density=DensityConfig(annotator="bogus")))

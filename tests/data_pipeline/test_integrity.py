@@ -150,7 +150,7 @@ TINY_TRAIN = ["data.task.num_train=192", "data.task.num_val=16", "data.shard_siz
 
 
 def _sudoku_build(out: Path) -> Path:
-    from data_pipeline.config_file import load_data_config
+    from data_pipeline.config import load_data_config
 
     cfg = load_data_config(REPO / "configs" / "quickstart.yaml",
                            [k for k in TINY_TRAIN if k.startswith("data.")] + [f"data.shard_dir={out}"])
@@ -161,7 +161,7 @@ def _sudoku_build(out: Path) -> Path:
 
 def test_preflight_checks_every_shard_size_and_verifies_in_full_when_asked(tmp_path):
     from data_pipeline.build import ensure_shards
-    from data_pipeline.config_file import load_data_config
+    from data_pipeline.config import load_data_config
     from data_pipeline.stream import check_shards_before_training
 
     out = _sudoku_build(tmp_path / "ds")

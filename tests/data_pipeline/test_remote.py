@@ -99,7 +99,7 @@ def s3():
 
 
 def _cfg(shard_dir, cache: Path, **kw):
-    from data_pipeline.config_file import load_data_config
+    from data_pipeline.config import load_data_config
 
     sets = [*TINY, f"data.shard_dir={shard_dir}", f"data.cache_dir={cache}"] + [f"data.{k}={v}" for k, v in kw.items()]
     return load_data_config(REPO / "configs" / "quickstart.yaml", sets)

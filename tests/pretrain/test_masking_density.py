@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from data_pipeline.config_file import ConfigError
+from common.config_file import ConfigError
 from pretrain.config import load_config
 from pretrain.diffusion import build_schedule, step_rng
 from pretrain.diffusion.masking import (

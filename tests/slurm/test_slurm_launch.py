@@ -283,7 +283,7 @@ def test_master_port_is_shared_by_all_tasks_and_moves_on_requeue():
 @pytest.mark.slurm
 def test_data_build_array_job_writes_the_same_shards_as_a_local_build(slurm_cluster, tmp_path):
     from data_pipeline.build import build
-    from data_pipeline.config_file import load_data_config
+    from data_pipeline.config import load_data_config
 
     data = ["data.task.num_train=600", "data.task.num_val=64", "data.shard_size_mb=0.02"]
     local = tmp_path / "local"

@@ -1,8 +1,8 @@
 """Recipe files: YAML with `inherit:` chains and dotted `--set` overrides, checked against a dataclass schema.
 
-The mechanics shared by the run config (`pretrain.config.load_config`, all sections) and the shard
-builder (`load_data_config`, the `data:` section of the same file). It lives here because data flows
-one way: `pretrain` may import `data_pipeline`, never the reverse.
+The mechanics shared by the run config (`pretrain.config.load_config`, all sections), the shard
+builder (`data_pipeline.config.load_data_config`, the `data:` section of the same file) and the Slurm
+commands. It lives in the bottom package `common/` because every layer reads recipes.
 
 OmegaConf structured configs do the typing and merging; this module adds `inherit:` (parents first,
 the child overriding them, paths relative to the file), safe YAML loading (no object construction
@@ -19,8 +19,6 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-from data_pipeline.config import DataConfig
 
 INHERIT_KEY = "inherit"  # `inherit: other.yaml` (path relative to the file) or a list of them
 
@@ -195,20 +193,3 @@ def _field_type(schema: Any, dotted: str) -> str:
             return "?"
         schema = section_type(schema, part) or match[0].type
     return schema if isinstance(schema, str) else getattr(schema, "__name__", str(schema))
-
-
-def load_data_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DataConfig:
-    """The `data:` section of a run recipe (other sections ignored); `--set` keys must be `data.*`."""
-    for item in overrides or []:
-        if not item.strip().startswith("data."):
-            raise ConfigError(
-                f"--set {item!r}: expected data.KEY=VALUE (the shard builder reads only data.* keys), "
-                "e.g. data.source=/path/train.txt"
-            )
-    layers = []
-    for origin, data in read_layers(path, overrides):
-        section = data.get("data") or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{origin}: `data:` must be a mapping, got {type(section).__name__}")
-        layers.append((origin, section))
-    return merge_layers(DataConfig, layers, prefix="data.")
