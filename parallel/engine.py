@@ -99,6 +99,23 @@ def run_eval(engine, evaluate: Callable[[Any], dict[str, float]]) -> dict[str, f
         engine.train(was_training)
 
 
+class _Modes:
+    """train()/eval()/training of the module that runs the forward (`_runner`: the model itself, or
+    DeepSpeed's engine around it)."""
+
+    _runner = "module"
+
+    def train(self, mode: bool = True) -> None:
+        getattr(self, self._runner).train(mode)
+
+    def eval(self) -> None:
+        getattr(self, self._runner).eval()
+
+    @property
+    def training(self) -> bool:
+        return getattr(self, self._runner).training
+
+
 class _MicroBatchEngine:
     """`train_step` for the engines that run one micro-batch at a time in this process (plain,
     DeepSpeed): forward + loss under autocast, backward, and the subclass's `backward`/`step`.
@@ -142,7 +159,7 @@ class _MicroBatchEngine:
         return run_eval(self, evaluate)
 
 
-class PlainEngine(_MicroBatchEngine):
+class PlainEngine(_MicroBatchEngine, _Modes):
     """Single-process PyTorch: clip, optimizer step, zero grads."""
 
     kind = "plain"
@@ -158,16 +175,6 @@ class PlainEngine(_MicroBatchEngine):
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> None:
-        self.module.train(mode)
-
-    def eval(self) -> None:
-        self.module.eval()
-
-    @property
-    def training(self) -> bool:
-        return self.module.training
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()
@@ -236,8 +243,10 @@ def _use_cpu_accelerator(device: torch.device) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-class _DeepSpeedBase:
+class _DeepSpeedBase(_Modes):
     """What DeepSpeed's engine and its pipeline engine share: initialisation, modes, checkpoints."""
+
+    _runner = "engine"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any], mpu=None,
                  device: torch.device | str = "cpu", dtype: str = "fp32", dp_size: int = 1):
@@ -253,16 +262,6 @@ class _DeepSpeedBase:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return _autocast(self.device, self.dtype)
-
-    def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
-
-    def eval(self) -> None:
-        self.engine.eval()
-
-    @property
-    def training(self) -> bool:
-        return self.engine.training
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The full (unpartitioned) weights; collective under ZeRO-3, call on every rank."""
