@@ -155,15 +155,17 @@ register_variant(VariantSpec(
     samplers=("ar",),
     kv_cache=True,
 ))
-register_variant(VariantSpec(
-    name="mdm",
-    summary="bidirectional masked diffusion (MDLM)",
-    mask=masks.bidirectional_mask,
-    objective=_masked_diffusion(MaskedDiffusionObjective),
-    samplers=ANY_ORDER_SAMPLERS,
+def _trained_as_mdm(name: str, summary: str, mask, samplers: tuple[str, ...], **more) -> VariantSpec:
+    """A variant trained by the MDM objective as is, one continuous t per sequence (mdm, and scatter:
+    only its mask differs, blockwise.py)."""
+    return VariantSpec(name=name, summary=summary, mask=mask, objective=_masked_diffusion(MaskedDiffusionObjective),
+                       samplers=samplers, elbo_variance=_continuous_elbo_variance, **more)
+
+
+register_variant(_trained_as_mdm(
+    "mdm", "bidirectional masked diffusion (MDLM)", masks.bidirectional_mask, ANY_ORDER_SAMPLERS,
     default_sampler="confidence",  # LLaDA's low-confidence remasking
     masking=(*_DENSITY, "reverse_order"),
-    elbo_variance=_continuous_elbo_variance,
 ))
 register_variant(VariantSpec(
     name="block",
@@ -186,19 +188,14 @@ register_variant(VariantSpec(
     samplers=("jigsaw",),
     elbo_variance=_jigsaw_elbo_variance,
 ))
-register_variant(VariantSpec(
-    name="scatter",
-    summary="seed 000's Scatter (BOP-AR): offset by offset, all blocks at once",
-    mask=masks.offset_causal_mask,
-    # Scatter trains with the MDM objective as is: only its mask differs (blockwise.py)
-    objective=_masked_diffusion(MaskedDiffusionObjective),
-    samplers=("scatter",),
+register_variant(_trained_as_mdm(
+    "scatter", "seed 000's Scatter (BOP-AR): offset by offset, all blocks at once", masks.offset_causal_mask,
+    ("scatter",),
     refusal=("Scatter's denoiser at offset o attends only to offsets <= o (and the prompt), so a sampler "
              "that may reveal a position before its lower offsets ignores tokens already committed at "
              "higher offsets and does not sample the model's factorisation; Scatter decodes offset by offset "
              "(sampler scatter)"),
     masking=_DENSITY,
-    elbo_variance=_continuous_elbo_variance,
 ))
 
 
