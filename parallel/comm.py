@@ -63,6 +63,8 @@ def dp_sum(values: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    if ps.get_data_parallel_world_size() == 1:  # tp/pp only: nothing to sum, no collective
+        return out
     return _reduce(out, dist.ReduceOp.SUM, ps.get_data_parallel_group())
 
 

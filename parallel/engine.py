@@ -136,15 +136,12 @@ class _MicroBatchEngine:
     def autocast(self) -> contextlib.AbstractContextManager:
         return _autocast(self.device, self.dtype)
 
-    def _dp_sum(self, totals: torch.Tensor) -> torch.Tensor:
-        return comm.dp_sum(totals) if self.dp_size > 1 else totals.to(torch.float64)
-
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> StepOutput:
         summed, finite, result = None, True, None
         for i, batch in enumerate(micro_batches):
             with self.autocast():
                 loss, local = loss_fn(self, batch, i)
-            glob = self._dp_sum(local)
+            glob = comm.dp_sum(local)
             finite = finite and math.isfinite(float(glob[0]))
             scale = float(local[1]) / max(float(glob[1]), 1.0) * self.dp_size
             self.backward(loss * scale if finite else loss * math.nan)

@@ -332,9 +332,6 @@ class PipelineEngine(_DeepSpeedBase):
         # not the last stage: what the caller computes from this is discarded
         return torch.zeros(1, 1, self.vocab_size, device=inputs[0].device).expand(B, L, self.vocab_size)
 
-    def _dp_sum(self, totals: torch.Tensor) -> torch.Tensor:
-        return comm.dp_sum(totals) if self.dp_size > 1 else totals.to(torch.float64)
-
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> StepOutput:
         pipe = self.engine.module
         inputs = [stage_inputs(*capture_forward(pipe, loss_fn, b, i)) for i, b in enumerate(micro_batches)]
@@ -343,7 +340,7 @@ class PipelineEngine(_DeepSpeedBase):
         def pipe_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
             i = int(label[0])
             loss, local = replay(pipe, loss_fn, logits, micro_batches[i], i)
-            glob = self._dp_sum(local)
+            glob = comm.dp_sum(local)
             results.append(glob)
             if not math.isfinite(float(glob[0])):
                 self._skip = True

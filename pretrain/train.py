@@ -184,12 +184,6 @@ class Trainer:
                 "zero_stage": self.cfg.parallel.zero_stage}
 
     # ------------------------------------------------------------------ collectives (no-ops on one process)
-    def _dp_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum over the data-parallel group (tensor-parallel peers hold identical values)."""
-        if self.topology.dp_size == 1:
-            return values
-        return comm.dp_sum(values)
-
     def _barrier(self) -> None:
         comm.barrier()
 
@@ -287,7 +281,7 @@ class Trainer:
             metrics = self.engine.eval_step(lambda model: validation_nll(
                 model, self.objective, self.val_loader, self.device, seed=self.cfg.seed,
                 max_batches=self.cfg.train.eval_batches * self.accumulation,
-                reduce=self._dp_sum, dp_rank=self.topology.dp_rank, dp_size=self.topology.dp_size,
+                reduce=comm.dp_sum, dp_rank=self.topology.dp_rank, dp_size=self.topology.dp_size,
             ))
         self.state.elapsed_s = self._elapsed_base + (time.perf_counter() - self._fit_start)
         metrics["val/tokens_seen"] = float(self.state.tokens)
@@ -392,7 +386,7 @@ class Trainer:
                 self.state.tokens += tokens
                 metrics = self._step_metrics(stats, tokens, step_s, load_s)
                 if self.adaptive_sampler is not None:  # the same update on every rank, before any checkpoint
-                    self.adaptive_sampler.sync_and_update(self.state.step, reduce=self._dp_sum)
+                    self.adaptive_sampler.sync_and_update(self.state.step, reduce=comm.dp_sum)
                     metrics.update(self.adaptive_sampler.metrics())
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
@@ -429,7 +423,7 @@ class Trainer:
             "train/skipped_steps": float(self.state.skipped_steps),
         }
         if self.cfg.data.skip_corrupt_shards:  # a running total over the data-parallel ranks
-            m["train/skipped_rows"] = float(self._dp_sum(torch.tensor([float(self.skipped_rows)]))[0])
+            m["train/skipped_rows"] = float(comm.dp_sum(torch.tensor([float(self.skipped_rows)]))[0])
         if "masked_fraction" in stats:
             m["train/masked_fraction"] = float(stats["masked_fraction"])
         sums, counts = stats.get("t_bucket_loss_sum"), stats.get("t_bucket_count")
