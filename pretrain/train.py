@@ -183,10 +183,6 @@ class Trainer:
         return {"engine": self.engine.kind, "dp": tp.dp_size, "tp": tp.tp_size, "pp": tp.pp_size,
                 "zero_stage": self.cfg.parallel.zero_stage}
 
-    # ------------------------------------------------------------------ collectives (no-ops on one process)
-    def _barrier(self) -> None:
-        comm.barrier()
-
     @property
     def adaptive_sampler(self):
         """The time sampler if it learns from the loss (diffusion.time_sampler=adaptive), else None: its
@@ -222,7 +218,7 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.run_dir, self.state.step, lambda d: self.engine.save(d, self.topology.is_rank0),
             trainer_state, rank_state, to_yaml(self.cfg), keep=self.cfg.train.keep_checkpoints,
-            rank=self.topology.rank, barrier=self._barrier,
+            rank=self.topology.rank, barrier=comm.barrier,
         )
 
     def maybe_resume(self) -> bool:
