@@ -45,6 +45,9 @@ from data_pipeline.tokenizer import load_tokenizer, make_tokenizer  # noqa: E402
 CORPORA = REPO / ".." / "shared" / "corpora"
 RESULTS = REPO / "bench" / "results" / "bench_density.json"
 POLICIES = ("uniform", "density_priority", "complementary")
+# complementary makes two forward rows per sequence: its compute-matched control is uniform masking
+# with twice the sequences per step (the same steps, rows and FLOPs; twice the data tokens)
+COMPUTE_MATCHED = "uniform_2x"
 
 
 def _texts(name: str, n: int) -> list[str]:
@@ -170,13 +173,15 @@ def main() -> int:
     ap.add_argument("--sudoku-only", action="store_true",
                     help="run only the sudoku part and add it to an existing bench_density.json")
     ap.add_argument("--sudoku-samples", type=int, default=64, help="validation puzzles decoded per sudoku run")
-    ap.add_argument("--recipe", default="math", choices=("math", "text"),
+    ap.add_argument("--recipe", default="math", choices=("math", "code", "text"),
                     help="configs/density/<recipe>_{uniform,density_priority,complementary}.yaml")
     ap.add_argument("--normalize", default="",
                     help="override data.density.normalize (the first report used rank; default: the recipe's)")
     ap.add_argument("--no-throughput", action="store_true", help="skip the annotation throughput part")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds of the effect runs")
     ap.add_argument("--json", default=str(RESULTS), help="where to write the results")
+    ap.add_argument("--no-compute-matched", action="store_true",
+                    help=f"skip {COMPUTE_MATCHED}: uniform masking with twice the batch, complementary's compute")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_density-"))
     result: dict = {"host": platform.node(), "cpus": os.cpu_count(), "steps": args.steps, "effect": [],
@@ -204,11 +209,18 @@ def main() -> int:
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     # seed-major: a sweep cut short still has all three policies of the first seeds
+    base = load_config(REPO / f"configs/density/{args.recipe}_base.yaml", ["train.eval_batches=16", *size]).train
+    arms = POLICIES + (() if args.no_compute_matched else (COMPUTE_MATCHED,))
     for seed in args.seeds:
-        for policy in POLICIES:
+        for policy in arms:
             name = f"bench-{args.recipe}-{policy}" + (f"-s{seed}" if seed else "")
-            s = launch(f"configs/density/{args.recipe}_{policy}.yaml", name, runs, args.steps,
-                       size + [f"seed={seed}"])
+            recipe, extra = policy, []
+            if policy == COMPUTE_MATCHED:
+                # half the evaluation batches of twice the size: the same held-out rows and t draws
+                recipe, extra = "uniform", [f"train.batch_size={2 * base.batch_size}",
+                                            f"train.eval_batches={base.eval_batches // 2}"]
+            s = launch(f"configs/density/{args.recipe}_{recipe}.yaml", name, runs, args.steps,
+                       size + [f"seed={seed}"] + extra)
             result["effect"].append({"policy": policy, "annotator": annotator, "seed": seed,
                                      "val_nll": s["final_val_nll"], "initial_val_nll": s["initial_val_nll"],
                                      "tokens": s["tokens"], "train_s": s["elapsed_s"], "wall_s": s.get("wall_s")})
@@ -267,7 +279,7 @@ def print_effect(result: dict, args) -> None:
     import statistics
 
     base = {r.get("seed", 0): r["val_nll"] for r in result["effect"] if r["policy"] == "uniform"}
-    for policy in POLICIES:
+    for policy in POLICIES + (COMPUTE_MATCHED,):
         rs = [r for r in result["effect"] if r["policy"] == policy and r["annotator"] != "model (uniform run)"]
         if not rs:
             continue

@@ -483,9 +483,10 @@ def _report_lines(report: BuildReport) -> list[str]:
 
 SOURCE_HELP = """\
 where the text comes from (data.* keys, in the recipe or after --set):
-  data.source         task:NAME | hf:NAME[/CONFIG] | a .txt/.jsonl/.parquet file or directory
-                      (several joined by commas)
-  data.txt_documents  .txt: line (one document per line) | paragraph (blank-line separated)
+  data.source         task:NAME | hf:NAME[/CONFIG] | a .txt/.py/.jsonl/.parquet file or directory
+                      (several joined by commas; {stdlib} = this Python's standard library)
+  data.txt_documents  .txt/.py: line (one document per line) | paragraph (blank-line separated)
+                      | file (the whole file)
   data.text_field     .jsonl/.parquet/HF rows: the field holding the text (default: text)
   data.text_template  .jsonl/.parquet/HF rows: a format string over several fields, used instead
                       of data.text_field, e.g. for question/answer rows:

@@ -105,9 +105,10 @@ class DataConfig:
     # jsonl/parquet/HF rows: a Python format string over the row's fields, used instead of text_field,
     # e.g. "{question}\n{answer}" (QA data stored as separate fields); "" = the text_field alone
     text_template: str = ""
-    # How a .txt file is cut into documents. line: one document per line, because sentence-level
+    # How a .txt or .py file is cut into documents. line: one document per line, because sentence-level
     # corpora (LM1B, PTB) are stored that way; paragraph: runs of lines separated by blank lines,
-    # because article/book corpora (WikiText, Gutenberg) put one document across many lines.
+    # because article/book corpora (WikiText, Gutenberg) put one document across many lines; file:
+    # the whole file, because a source file (.py) is code's unit.
     txt_documents: str = "line"
     # A local line that is not UTF-8. error: stop, naming the file and byte offset (silently dropping
     # text hides a wrong encoding); skip: drop that document, count it, and go on (web scrapes).

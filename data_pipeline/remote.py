@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import sysconfig
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,9 +64,16 @@ def is_remote(path) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+STDLIB_MARK = "{stdlib}"
+
+
 def local_path(path) -> Path:
-    """A plain path or a file:// URL as a Path."""
+    """A plain path or a file:// URL as a Path. `{stdlib}` stands for the running interpreter's
+    standard library (`sysconfig`'s stdlib path): a code corpus every machine with Python has
+    offline (configs/density/code_base.yaml)."""
     s = str(path)
+    if STDLIB_MARK in s:
+        s = s.replace(STDLIB_MARK, sysconfig.get_paths()["stdlib"])
     return Path(s.removeprefix("file://")).expanduser()
 
 

@@ -6,7 +6,8 @@
   `cfg.train_split` / `cfg.val_split`, text in `cfg.text_field`, streamed when the dataset allows
   (`cfg.hf_streaming`); `cfg.hf_local_dir` reads a local copy of the hub repo through the same call
   (offline clusters, tests). Build time only: training never reads the hub.
-- a local `.txt` (one document per line, or blank-line separated paragraphs: `cfg.txt_documents`),
+- a local `.txt` or `.py` (one document per line, blank-line separated paragraphs, or the whole file:
+  `cfg.txt_documents`; `file` is the natural unit of source code),
   `.jsonl` (field `cfg.text_field`, or `cfg.text_template` over several fields), `.parquet` (the same columns), or a directory of such files (recursively, sorted). The val
   split is the documents whose id hashes under `cfg.val_fraction`, so it is stable when files grow.
   Several local files or directories are one source when joined by commas (`a/valid.txt,b/input.txt`):
@@ -41,8 +42,8 @@ __all__ = ["DataSourceError", "DataSourceUnavailable", "Document", "SourceStats"
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
-TXT_MODES = ("line", "paragraph")
+LOCAL_SUFFIXES = (".txt", ".py", ".jsonl", ".parquet")  # .py: source code, read as text (a code corpus)
+TXT_MODES = ("line", "paragraph", "file")
 DECODE_MODES = ("error", "skip")
 READ_BLOCK = 1 << 20  # bytes of a text file decoded at once
 HUB_CONNECT_TIMEOUT_S = 3.0
@@ -489,6 +490,8 @@ def _read_file(path: Path, cfg: DataConfig, stats: SourceStats) -> Iterator[tupl
         for line_no, line in lines:
             if line is not None and line.strip():
                 yield line_no, line
+    elif cfg.txt_documents == "file":
+        yield from _whole_file(lines)
     else:
         yield from _paragraphs(lines)
 
@@ -571,6 +574,18 @@ def _paragraphs(lines: Iterator[tuple[int, str | None]]) -> Iterator[tuple[int, 
             buf.append(line)
     if buf and not bad:
         yield start, "\n".join(buf)
+
+
+def _whole_file(lines: Iterator[tuple[int, str | None]]) -> Iterator[tuple[int, str]]:
+    """The file as one document (key 1); dropped when it holds an undecodable line or only blanks."""
+    buf = []
+    for _, line in lines:
+        if line is None:
+            return
+        buf.append(line)
+    text = "\n".join(buf)
+    if text.strip():
+        yield 1, text
 
 
 def template_fields(template: str) -> list[str]:

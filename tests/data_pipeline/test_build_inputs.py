@@ -74,6 +74,25 @@ def test_paragraph_documents(tmp_path):
     assert sorted(d.id for d in docs) == ["w.txt:1", "w.txt:6", "w.txt:8"]  # the first line of each
 
 
+def test_python_source_files_are_a_code_corpus(tmp_path):
+    """`.py` files are read as text; txt_documents=file keeps each file whole (code's unit, blank
+    lines and indentation included), and `{stdlib}` names this interpreter's standard library."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("import os\n\n\ndef f(x):\n    return x + 1\n")
+    (pkg / "sub" / "b.py").write_text("class B:\n    pass\n")
+    (pkg / "notes.md").write_text("not read")
+    (pkg / "empty.py").write_text("\n\n")
+    docs = list(iter_documents(DataConfig(source=str(pkg), txt_documents="file", val_fraction=0.0), "train"))
+    assert {d.id: d.text for d in docs} == {"a.py:1": "import os\n\n\ndef f(x):\n    return x + 1",
+                                           "sub/b.py:1": "class B:\n    pass"}
+    paragraphs = list(iter_documents(DataConfig(source=str(pkg / "a.py"), txt_documents="paragraph",
+                                                val_fraction=0.0), "train"))
+    assert [d.text for d in paragraphs] == ["import os", "def f(x):\n    return x + 1"]
+    std = list(iter_documents(DataConfig(source="{stdlib}/json", txt_documents="file", val_fraction=0.0), "train"))
+    assert "encoder.py:1" in {d.id for d in std} and any("def dumps(" in d.text for d in std)
+
+
 def test_lm1b_loader_reads_a_local_copy_in_lm1b_layout(tmp_path, sp_model):
     repo = tmp_path / "lm1b" / "plain_text"  # the hub repo's parquet layout: one sentence per row, "text"
     repo.mkdir(parents=True)
