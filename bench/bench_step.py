@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=9, help="timed steps of each loop, interleaved (default 9)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
-                   help="config overrides for every size, e.g. model.dropout=0 (FlexAttention needs no dropout)")
+                   help="config overrides for every size, e.g. model.attention_dropout=0.1 (forces SDPA's dense mask)")
     p.add_argument("--quick", action="store_true", help="smoke run: quickstart only, 1 warmup, 4 repeats")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_step.json"), help="JSON output path")
     args = p.parse_args(argv)

@@ -17,8 +17,9 @@
 #   3b. tests   tests/pretrain/test_attention_kernel.py on the GPU (its CUDA-only test: FlexAttention's
 #               gradients equal the dense mask's under activation checkpointing)
 #   4. step     bench/bench_step.py --device cuda --dtype bf16: Trainer.train_step vs the bare loop,
-#               MFU and peak memory for mdlm-small (recipe, dropout 0.1 -> dense-mask SDPA;
-#               and dropout 0 -> FlexAttention) and 350m (24 x 1024, dropout 0)
+#               MFU and peak memory for mdlm-small (the recipe: residual dropout 0.1 as MDLM, no
+#               attention dropout -> FlexAttention on its padded rows; and model.attention_dropout=0.1
+#               -> SDPA's dense mask, the kernel FlexAttention's absence would leave) and 350m (24 x 1024)
 #
 # Output format. Everything is echoed to stdout and OUTDIR/gpu_check.log; the machine-readable lines
 # start with "GPU_CHECK " followed by space-separated key=value pairs (values without spaces):
@@ -107,7 +108,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from pretrain.config import load_config
 from pretrain.model import build_model
-cfg = load_config("configs/lm1b_bell.yaml", ["model.dropout=0"])
+cfg = load_config("configs/lm1b_bell.yaml")
 model = build_model(cfg.model, 30522, 128).cuda().eval()
 ids = torch.randint(0, 30522, (64, 128), device="cuda")
 full = torch.ones(64, 128, dtype=torch.bool, device="cuda")
@@ -159,7 +160,7 @@ for r in rows:
           f"tokens={r['tokens_per_step']}")
 EOF
 }
-step bench_step_mdlm_recipe 80 --sizes mdlm-small
-step bench_step_dropout0 150 --sizes mdlm-small 350m --set model.dropout=0
+step bench_step_recipe 150 --sizes mdlm-small 350m
+step bench_step_attn_dropout 80 --sizes mdlm-small --set model.attention_dropout=0.1
 
 say "GPU_CHECK part=done seconds=$(( $(date +%s) - START ))"

@@ -45,7 +45,12 @@ class ModelConfig:
     mlp: str = "swiglu"  # swiglu | gelu
     mlp_ratio: float = 4.0
     norm: str = "rmsnorm"  # rmsnorm | layernorm
+    # Dropout as MDLM's DiT has it: on the attention and MLP outputs before the residual add. The
+    # attention probabilities and the embeddings get none by default (MDLM's flash kernel runs with
+    # dropout_p 0): a kernel without dropout is what lets padded batches take FlexAttention on a GPU.
     dropout: float = 0.0
+    attention_dropout: float = 0.0  # on the attention probabilities (Megatron's attention_dropout)
+    embedding_dropout: float = 0.0  # on the token embeddings (GPT-2's embd_pdrop)
     time_conditioning: bool = False  # adaLN on t as in MDLM's DiT (log-linear MDLM does not need it)
     cond_dim: int = 128  # width of the time embedding when time_conditioning is on
     block_size: int = 0  # tokens per block for blockwise variants; 0 = the whole sequence
@@ -340,7 +345,8 @@ def validate(cfg: Config) -> None:
     need((m.d_model // max(m.n_heads, 1)) % 2 == 0, "model.d_model",
          "d_model / n_heads (the head size) must be even for rotary embeddings")
     need(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
-    need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    for key in ("dropout", "attention_dropout", "embedding_dropout"):
+        need(0.0 <= getattr(m, key) < 1.0, f"model.{key}", "must be in [0, 1)")
     need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
     need(m.block_size >= 0, "model.block_size", "must be >= 0 (0 = the whole sequence)")
     need(m.jigsaw_streams in (1, 2), "model.jigsaw_streams",

@@ -208,9 +208,12 @@ def _vocab_size(cfg: Config) -> tuple[int, str]:
     return 0, "unknown until the tokenizer is loaded"
 
 
+DROPOUT_KEYS = ("model.dropout", "model.attention_dropout", "model.embedding_dropout")  # no weights: may change
+
+
 # keys a resumed run may not change: the weights would not load, or would mean something else
 def _fixed_on_resume(key: str) -> bool:
-    return (key.startswith("model.") and key != "model.dropout") or key in ("data.tokenizer", "data.vocab_size")
+    return (key.startswith("model.") and key not in DROPOUT_KEYS) or key in ("data.tokenizer", "data.vocab_size")
 
 
 def resume_changes(cfg: Config, run_dir: Path) -> str | None:

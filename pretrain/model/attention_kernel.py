@@ -13,7 +13,8 @@ order they are preferred:
                      mask made from the per-row lengths and the variant's rule; fully masked tiles
                      (padding, the variant's zeros) are skipped, nothing [L, L] is materialised
     sdpa:dense-mask  otherwise (CPU, where FlexAttention runs only eagerly and has no backward;
-                     dropout during training, which FlexAttention lacks; per-sequence masks:
+                     attention dropout during training (model.attention_dropout, 0 in every
+                     recipe as in MDLM), which FlexAttention lacks; per-sequence masks:
                      scatter/jigsaw with a prompt or revealed blocks, two-stream passes; padding
                      that is not a suffix): the dense boolean mask through SDPA, whose
                      memory-efficient kernel takes masks on a GPU and whose math path runs on CPU

@@ -97,7 +97,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attention_dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
@@ -163,7 +163,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.norm2 = make_norm(cfg.norm, cfg.d_model)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)  # residual branches (MDLM's dropout1 / dropout2)
         # shift, scale, gate for attention and for the MLP; zero-initialised in _init_weights
         self.adaLN = nn.Linear(cfg.cond_dim, 6 * cfg.d_model) if cfg.time_conditioning else None
 
@@ -284,7 +284,7 @@ class DiffusionTransformer(nn.Module):
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.embedding_dropout)
         self.time_emb = TimestepEmbedder(cfg.cond_dim) if cfg.time_conditioning else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm_f = make_norm(cfg.norm, cfg.d_model)
@@ -381,7 +381,7 @@ class DiffusionTransformer(nn.Module):
     def context(self, L: int, device: torch.device, key_padding_mask=None, prompt_mask=None, revealed_blocks=None,
                 two_stream: bool = False, c: torch.Tensor | None = None) -> LayerContext:
         return layer_context(self.cfg, self.rope_cos, self.rope_sin, L, device, key_padding_mask, prompt_mask,
-                             revealed_blocks, two_stream, c, dropout_active=self.training and self.cfg.dropout > 0,
+                             revealed_blocks, two_stream, c, dropout_active=self.training and self.cfg.attention_dropout > 0,
                              use_flex=self.use_flex)
 
     def unembed(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:

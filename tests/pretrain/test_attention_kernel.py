@@ -100,6 +100,28 @@ def test_no_padding_passes_no_mask_to_sdpa(monkeypatch):
         assert model.attention_kernel == "sdpa:dense-mask" and all(m is not None for m, _ in seen)
 
 
+def test_mdlm_dropout_keeps_flex_in_training_and_attention_dropout_does_not():
+    """The LM1B recipes' dropout 0.1 is MDLM's (attention and MLP outputs, not the attention
+    probabilities: its flash kernel runs with dropout_p 0), so their padded training batches still
+    take FlexAttention; only model.attention_dropout forces the dense mask. The embeddings get no
+    dropout unless model.embedding_dropout asks."""
+    ids = torch.randint(0, 20, (3, L), generator=torch.Generator().manual_seed(1))
+    recipe = load_config("configs/lm1b_bell.yaml").model
+    assert recipe.dropout == 0.1 and recipe.attention_dropout == 0.0 and recipe.embedding_dropout == 0.0
+    model = _model("mdm", dropout=0.1).train()
+    model.use_flex = True
+    ctx = model.context(L, torch.device("cpu"), key_padding_mask=padding())
+    assert ctx.kernel == "flex:block-mask"
+    x, _ = model.embed(ids)
+    torch.testing.assert_close(x, model.tok_emb(ids), atol=0, rtol=0)  # no embedding dropout
+    assert all(b.attn.dropout == 0.0 and b.drop.p == 0.1 for b in model.blocks)
+    model = _model("mdm", dropout=0.1, attention_dropout=0.1).train()
+    model.use_flex = True
+    assert model.context(L, torch.device("cpu"), key_padding_mask=padding()).kernel == "sdpa:dense-mask"
+    model = _model("mdm", embedding_dropout=0.5).train()
+    assert not torch.equal(model.embed(ids)[0], model.tok_emb(ids))
+
+
 def test_cases_flex_cannot_take_fall_back_to_the_dense_mask():
     cpu = torch.device("cpu")
     pad = padding()
