@@ -38,7 +38,9 @@ class SudokuTask(TaskBase):
     """`<81 chars puzzle, '.' blank>=<81 chars solution>`, unique solutions, `cfg.sudoku.givens` clues.
 
     Metrics: `solved` (the answer is a valid grid that keeps every given), `cell_acc` (fraction of
-    the blank cells filled with the solution's digit)."""
+    the blank cells filled with the solution's digit). Reference, from the puzzle alone:
+    `legal_digit_acc`, the expected cell accuracy of a uniformly random digit among those the cell's
+    row, column and box still allow (one step of elimination; a uniform digit gives 1/9)."""
 
     name = "sudoku"
     symbols = "0123456789.="
@@ -57,7 +59,8 @@ class SudokuTask(TaskBase):
         keeps_givens = all(cells[i] == v for i, v in enumerate(puzzle) if v)
         correct = sum(generated[i] == example.answer[i] for i in blanks if i < len(generated))
         return {"solved": float(len(generated) == 81 and keeps_givens and sudoku.is_valid_solution(cells)),
-                "cell_acc": correct / max(len(blanks), 1)}
+                "cell_acc": correct / max(len(blanks), 1),
+                "legal_digit_acc": sudoku.legal_digit_accuracy(puzzle, sudoku.from_text(example.answer))}
 
 
 _TASKS: dict[str, Task] = {"sudoku": SudokuTask(), "linreg": LinRegTask(), "pathfinding": PathfindingTask()}

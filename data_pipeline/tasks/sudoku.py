@@ -145,6 +145,24 @@ def unit_duplicates(grid: Grid) -> dict[str, int]:
     return out
 
 
+def legal_digit_accuracy(puzzle: Grid, solution: Grid) -> float:
+    """Expected fraction of blank cells right when each gets a uniformly random digit among the
+    candidates its row, column and box allow given the puzzle's clues (a reference for cell accuracy:
+    one step of elimination, no search; ~0.51 at 40 givens, against 1/9 for a uniform digit)."""
+    used = [0] * 27  # digit bitmasks of the 9 rows, 9 columns, 9 boxes
+    for i, v in enumerate(puzzle):
+        if v:
+            for u in (_ROW[i], 9 + _COL[i], 18 + _BOX[i]):
+                used[u] |= 1 << (v - 1)
+    blanks = [i for i, v in enumerate(puzzle) if not v]
+    total = 0.0
+    for i in blanks:
+        free = _FULL & ~(used[_ROW[i]] | used[9 + _COL[i]] | used[18 + _BOX[i]])
+        if free >> (solution[i] - 1) & 1:
+            total += 1.0 / _POP[free]
+    return total / max(len(blanks), 1)
+
+
 def random_full_grid(rng: random.Random) -> Grid:
     """A random complete grid (see the module docstring for why not a shuffled base pattern)."""
     cells = [0] * 81

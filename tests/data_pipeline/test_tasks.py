@@ -86,6 +86,23 @@ def test_path_checker_rejects_bad_paths():
     assert task.score(ex, "." * len(ex.answer)) == {"valid": 0.0, "optimal": 0.0, "exact": 0.0}
 
 
+def test_sudoku_legal_digit_reference():
+    """The reference accuracy of a random allowed digit: exact on hand-made cases (a single blank
+    has one candidate, an empty grid nine everywhere), and far above a uniform digit's 1/9 on generated
+    puzzles, far below solving."""
+    from data_pipeline.tasks import sudoku
+
+    task, cfg = get_task("sudoku"), TaskConfig()
+    ex = task.example("val", 0, 0, cfg)
+    solution = sudoku.from_text(ex.answer)
+    one_blank = list(solution)
+    one_blank[0] = 0  # its row, column and box hold the eight other digits
+    assert sudoku.legal_digit_accuracy(one_blank, solution) == 1.0
+    assert sudoku.legal_digit_accuracy([0] * 81, solution) == pytest.approx(1 / 9)  # no clue: 9 candidates each
+    refs = [task.score(e, e.answer)["legal_digit_acc"] for e in task.examples("val", 30, 0, cfg)]
+    assert 0.3 < sum(refs) / len(refs) < 0.8
+
+
 def test_sudoku_score():
     task, cfg = get_task("sudoku"), TaskConfig()
     ex = task.example("val", 0, 0, cfg)
