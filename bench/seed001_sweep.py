@@ -24,12 +24,14 @@ reported and skipped, not run.
     python bench/seed001_sweep.py --dry-run                     # the plan: commands, done / to do
     python bench/seed001_sweep.py                               # everything (days on 2 cores)
     python bench/seed001_sweep.py --arms uniform bell --seeds 0 1 2 3 4 --tokens 20e6
+    python bench/seed001_sweep.py --jobs 2                      # two runs at once, one thread each
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -136,6 +138,43 @@ def plan(arms: list[str], seeds: list[int], ar_seeds: list[int], tokens: float |
     return runs
 
 
+def train_all(todo: list[Run], jobs: int, out: Path) -> int:
+    """Train the runs in order, `jobs` at a time. With several jobs each run gets cores // jobs
+    torch threads (small models use two single-thread processes better than one two-thread one)
+    and writes its output to OUT/logs/RUN.log; the MLflow store takes concurrent writers (the
+    tracker spools and retries a write that finds the sqlite file locked)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    logs = out / "logs"
+
+    def one(i: int, r: Run) -> int:
+        t0 = time.monotonic()
+        print(f"[{time.strftime('%H:%M:%S')}] run {i}/{len(todo)}: {r.run_name}", flush=True)
+        if jobs == 1:
+            rc = subprocess.run(r.command, cwd=ROOT).returncode
+        else:
+            logs.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads), "TQDM_DISABLE": "1"}
+            with open(logs / f"{r.run_name}.log", "a") as log:
+                rc = subprocess.run(r.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            where = f" (its output: {logs / r.run_name}.log)" if jobs > 1 else ""
+            print(f"run {r.run_name} failed (exit {rc}){where}; start the script again to resume it", file=sys.stderr)
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] {r.run_name} took {time.monotonic() - t0:.0f} s", flush=True)
+        return rc
+
+    if jobs == 1:
+        for i, r in enumerate(todo, 1):
+            if rc := one(i, r):
+                return rc
+        return 0
+    with ThreadPoolExecutor(jobs) as pool:
+        codes = list(pool.map(one, range(1, len(todo) + 1), todo))
+    return next((c for c in codes if c), 0)
+
+
 def commands_around(out: Path, python: str = sys.executable) -> tuple[list[str], list[str]]:
     """The shard build before the runs and the comparison after them."""
     out = out.resolve()
@@ -158,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run folders, the MLflow store and the comparison (default runs/seed001, gitignored)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument("--no-compare", action="store_true", help="do not run pretrain.compare at the end")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each with cores/jobs torch threads and its output in "
+                        "OUT/logs/RUN.log (default 1: one run on every core, output here)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
 
@@ -179,14 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             print("$ " + shlex.join(compare))
         return 0
     subprocess.run(build, cwd=ROOT, check=True)
-    for i, r in enumerate(todo, 1):
-        t0 = time.monotonic()
-        print(f"[{time.strftime('%H:%M:%S')}] run {i}/{len(todo)}: {r.run_name}", flush=True)
-        rc = subprocess.run(r.command, cwd=ROOT).returncode
-        if rc != 0:
-            print(f"run {r.run_name} failed (exit {rc}); start the script again to resume it", file=sys.stderr)
-            return rc
-        print(f"[{time.strftime('%H:%M:%S')}] {r.run_name} took {time.monotonic() - t0:.0f} s", flush=True)
+    rc = train_all(todo, max(1, args.jobs), args.out.resolve())
+    if rc != 0:
+        return rc
     if not args.no_compare:
         return subprocess.run(compare, cwd=ROOT).returncode
     return 0

@@ -71,3 +71,21 @@ def test_an_arm_the_config_refuses_is_reported_not_run(sweep, tmp_path, monkeypa
     monkeypatch.setattr(sweep, "ARMS", (*sweep.ARMS, bad))
     (run,) = sweep.plan(["elbo_lognormal"], [0], [], None, 1e-3, tmp_path)
     assert "diffusion.weighting" in run.problem and run.steps == 3700
+
+
+def test_runs_in_parallel_get_their_share_of_threads_and_their_own_logs(sweep, tmp_path, monkeypatch):
+    """--jobs 2: each run's output goes to OUT/logs/RUN.log, with cores // 2 torch threads (an
+    explicit OMP_NUM_THREADS wins), and a failed run's exit code is the sweep's."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 4, raising=False)
+
+    def run(name, code):
+        cmd = [sys.executable, "-c", f"import os, sys; print('{name}', os.environ['OMP_NUM_THREADS']); sys.exit({code})"]
+        return sweep.Run("uniform", 0, 2e-3, name, cmd, 1, tmp_path / name)
+
+    ok = [run("a", 0), run("b", 0), run("c", 0)]
+    assert sweep.train_all(ok, 2, tmp_path) == 0
+    assert [(tmp_path / "logs" / f"{n}.log").read_text().split() for n in "abc"] == [[n, "2"] for n in "abc"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert sweep.train_all([run("d", 0), run("e", 3)], 2, tmp_path) == 3
+    assert (tmp_path / "logs" / "d.log").read_text().split() == ["d", "1"]
