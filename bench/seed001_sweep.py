@@ -25,6 +25,7 @@ reported and skipped, not run.
     python bench/seed001_sweep.py                               # everything (days on 2 cores)
     python bench/seed001_sweep.py --arms uniform bell --seeds 0 1 2 3 4 --tokens 20e6
     python bench/seed001_sweep.py --jobs 2                      # two runs at once, one thread each
+                                                                # (1.02x on 2 cores: bench/bench_jobs.py)
 """
 
 from __future__ import annotations
@@ -140,9 +141,10 @@ def plan(arms: list[str], seeds: list[int], ar_seeds: list[int], tokens: float |
 
 def train_all(todo: list[Run], jobs: int, out: Path) -> int:
     """Train the runs in order, `jobs` at a time. With several jobs each run gets cores // jobs
-    torch threads (small models use two single-thread processes better than one two-thread one)
-    and writes its output to OUT/logs/RUN.log; the MLflow store takes concurrent writers (the
-    tracker spools and retries a write that finds the sqlite file locked)."""
+    torch threads and writes its output to OUT/logs/RUN.log; the MLflow store takes concurrent
+    writers (the tracker spools and retries a write that finds the sqlite file locked). Whether it
+    pays is the machine's: bench/bench_jobs.py measures it (2 runs x 1 thread gave 1.02x the
+    tokens/s of 1 run x 2 threads for char_uniform on the 2-core VM)."""
     from concurrent.futures import ThreadPoolExecutor
 
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
