@@ -52,7 +52,7 @@ def trial(recipe: str, out: Path, jobs: int, steps: int, skip: int, cores: int, 
         if p.returncode != 0:
             raise RuntimeError(f"run {name} failed (exit {p.returncode}):\n{err[-2000:]}")
     rates = [tokens_per_s(next(d for d in out.rglob(name) if d.is_dir()), skip) for name in procs]
-    return {"jobs": jobs, "threads_per_run": threads, "runs": jobs, "tokens_per_s_each": rates,
+    return {"jobs": jobs, "threads_per_run": threads, "tokens_per_s_each": rates,
             "tokens_per_s_total": sum(rates), "wall_s": time.perf_counter() - t0}
 
 
