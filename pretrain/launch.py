@@ -46,7 +46,7 @@ from pretrain.config import (
 )
 from pretrain.model import build_model
 from pretrain.model.attention_masks import is_two_stream
-from pretrain.stop import Stopped
+from pretrain.stop import StopFlag, Stopped
 from pretrain.tracking import prepare_store
 from pretrain.train import NonFiniteLossError, train
 
@@ -504,6 +504,15 @@ def main(argv: list[str] | None = None) -> int:
         return _run(cfg, args, argv, run_dir, topology, is_child, console)
     finally:
         console.close()
+        if is_child:
+            # The run is over; what is left is the interpreter's exit, which gives signals with a Python
+            # handler back to their default action first: a late SIGTERM from the launcher would then turn
+            # this rank's status into -15. Ignored signals stay ignored (the launcher's SIGKILL still ends
+            # a rank that hangs here).
+            import signal
+
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, signal.SIG_IGN)
 
 
 def _run(cfg: Config, args: argparse.Namespace, argv: list[str], run_dir: Path, topology, is_child: bool,
@@ -517,7 +526,15 @@ def _run(cfg: Config, args: argparse.Namespace, argv: list[str], run_dir: Path, 
             if cfg.launch.nproc > 1:
                 ensure_shards(cfg.data)  # build once here, not once per rank
                 return spawn_local(argv, cfg.launch.nproc, cfg.parallel.timeout_s)
-        summary = train(cfg, run_dir, run_name_for(cfg))
+        if is_child:
+            # A rank keeps its stop handlers to the end: the launcher forwards its Ctrl-C as SIGTERM, and
+            # that copy may land after this rank has stopped (checkpoint written); train() would have given
+            # SIGTERM back to its default action by then, which kills the rank mid-shutdown (exit 143, no
+            # resume line). Never uninstalled here: the process ends with the run.
+            flag = StopFlag().install()
+            summary = train(cfg, run_dir, run_name_for(cfg), stop_flags=(flag,), stop_signals=())
+        else:
+            summary = train(cfg, run_dir, run_name_for(cfg))
     except (ConfigError, DataSourceUnavailable, DataSourceError, TokenizerError, ShardFormatError) as e:
         # bad input: the message names the file, shard or key and what to do; no traceback needed
         console.say(f"error: {e}", file=sys.stderr)

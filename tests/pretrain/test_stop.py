@@ -182,3 +182,33 @@ def test_ctrl_c_in_a_terminal_stops_every_rank_with_one_checkpoint(shards, tmp_p
     # each rank stops for the terminal's SIGINT or the launcher's forwarded SIGTERM, whichever it handles first
     assert "Traceback" not in err and len(re.findall(r"stopped by SIG(?:INT|TERM) at step", err)) == 1, err[-3000:]
     assert ckpt.latest_checkpoint(run_dir).name == f"step_{max(read_metrics(run_dir)):07d}"
+
+
+@pytest.mark.slow
+def test_a_late_forwarded_sigterm_does_not_kill_a_rank_that_is_already_stopping(shards, tmp_path):
+    """The launcher forwards its Ctrl-C to the ranks as SIGTERM; the ranks got the terminal's SIGINT too
+    and may have finished their stop (checkpoint written, training over) before the copy lands. It must
+    not kill them on the way out: a CI run once saw exit 143 and no resume line, the rank killed by the
+    default SIGTERM action while it shut down. Here SIGTERM keeps arriving all through the stop."""
+    run_dir = tmp_path / "runs" / "quickstart" / "r"
+    launcher = start(tmp_path, shards, ["train.steps=100000", "launch.nproc=2", "tracking.enabled=false"])
+    try:
+        wait_for_step(launcher, run_dir, 2)
+        ranks = [p.pid for p in psutil.Process(launcher.pid).children()]
+        assert len(ranks) == 2
+        for pid in ranks:
+            os.kill(pid, signal.SIGINT)  # the ranks only: the launcher forwards nothing
+        deadline = time.monotonic() + 120
+        while alive(ranks) and time.monotonic() < deadline:
+            for pid in alive(ranks):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.002)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        kill_group(launcher)
+    assert launcher.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and len(re.findall(r"stopped by SIGINT at step", err)) == 1, err[-3000:]
+    assert ckpt.latest_checkpoint(run_dir).name == f"step_{max(read_metrics(run_dir)):07d}"
