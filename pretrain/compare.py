@@ -220,7 +220,10 @@ def headline(records: list[RunRecord], key: str, base: str, treat: str) -> Headl
     """Per seed: tokens TREAT needs to reach BASE's final NLL, and BASE's tokens to get there / TREAT's."""
     # pairs share the seed and the model variant (an AR reference logged beside them pairs with nothing)
     by_seed: dict[tuple[str, str], dict[str, RunRecord]] = {}
+    left_out = {id(r) for r in unfinished(records)}
     for r in records:
+        if id(r) in left_out:
+            continue
         value = _value(r, key)
         if value in (base, treat):
             group = (r.params.get("seed", "?"), r.params.get("model.variant", ""))
@@ -303,6 +306,13 @@ def t_interval(x: np.ndarray, confidence: float = 0.95) -> tuple[float, float, f
     return mean, mean - half, mean + half
 
 
+def unfinished(records: list[RunRecord]) -> list[RunRecord]:
+    """Runs the headlines leave out: still training (RUNNING), stopped mid-way (KILLED) or FAILED. Their
+    last evaluation is not a final one: as a target it would be any NLL on the way down (the initial
+    one, for a run just started), and a short curve would cut its arm's mean curve short."""
+    return [r for r in records if r.status != "FINISHED"]
+
+
 def arm_of(r: RunRecord) -> tuple[str, str]:
     """(arm, learning rate) of a run: the name it was launched with and its train.lr."""
     return r.params.get("name", r.name), r.params.get("train.lr", "?")
@@ -319,8 +329,9 @@ def arm_headline(records: list[RunRecord], baseline: str = "uniform", confidence
     interval: their ratio is only an upper bound), and the final-NLL difference (arm - baseline)
     with its t-interval."""
     groups: dict[tuple[str, str], dict[str, RunRecord]] = {}
+    left_out = {id(r) for r in unfinished(records)}
     for r in records:
-        if r.params.get("model.variant") == "ar" or not len(r.val_nll):
+        if r.params.get("model.variant") == "ar" or not len(r.val_nll) or id(r) in left_out:
             continue
         groups.setdefault(arm_of(r), {}).setdefault(r.params.get("seed", "?"), r)
     rows = []
@@ -574,11 +585,13 @@ def main(argv: list[str] | None = None) -> int:
         head = None
         arm_rows: list[dict] | None = None
         references: dict[str, float] = {}
+        pending = unfinished(records) if args.headline else []
+        finished = [r for r in records if all(r is not q for q in pending)]
         if args.headline == ARMS:
-            arm_rows = arm_headline(records, args.baseline_arm, args.confidence)
+            arm_rows = arm_headline(finished, args.baseline_arm, args.confidence)
             if args.unigram_config:
                 references["unigram"] = unigram_nll(args.unigram_config)
-            ar = [r.final_nll for r in records if r.params.get("model.variant") == "ar" and len(r.val_nll)]
+            ar = [r.final_nll for r in finished if r.params.get("model.variant") == "ar" and len(r.val_nll)]
             if ar:
                 references["AR (mean final)"] = float(np.mean(ar))
         elif args.headline:
@@ -593,10 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     plots = plot(c, out)
     if arm_rows is not None:
-        plots.insert(0, plot_arms(records, arm_rows, out, references))
+        plots.insert(0, plot_arms(finished, arm_rows, out, references))
     report = write_report(c, plots, out, head)
+    left_out = ("not finished, left out of the headline: " + ", ".join(f"{r.name} ({r.status})" for r in pending)
+                if pending else "")
     if arm_rows is not None:
         arms_text = format_arm_headline(arm_rows, args.baseline_arm, args.confidence, references)
+        arms_text += f"\n\n{left_out}" if left_out else ""
         report.write_text(report.read_text().replace(
             "# Run comparison\n", f"# Run comparison\n\n## Headline: every arm vs {args.baseline_arm}\n\n{arms_text}\n", 1))
     if args.attach:
@@ -611,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + format_headline(head))
     if arm_rows is not None:
         print("\n" + format_arm_headline(arm_rows, args.baseline_arm, args.confidence, references))
+    if left_out:
+        print("\n" + left_out)
     print(f"\nplots: {', '.join(str(p) for p in plots)}\nreport: {report}")
     return 0
 

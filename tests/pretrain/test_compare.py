@@ -254,10 +254,35 @@ def test_headline_cli_over_a_sweep_in_mlflow(tmp_path, capsys):
             client.log_metric(run, "val/nll", y, step=step)
             client.log_metric(run, "val/tokens_seen", tok, step=step)
         client.set_terminated(run)
+    # a seed still training: its first evaluation alone, status RUNNING (left out, and named)
+    for arm in ("uniform", "bell"):
+        run = client.create_run(exp, run_name=f"{arm}-s2").info.run_id
+        for k, v in {"name": arm, "seed": 2, "train.lr": 0.002, "model.variant": "mdm"}.items():
+            client.log_param(run, k, v)
+        client.log_metric(run, "val/nll", 5.0, step=0)
+        client.log_metric(run, "val/tokens_seen", 0, step=0)
     out = tmp_path / "cmp"
     assert main(["--uri", uri, "--experiment", "sweep", "--headline", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert "not finished, left out of the headline: uniform-s2 (RUNNING), bell-s2 (RUNNING)" in printed
     assert "| bell | 0.002 | 2 |" in printed  # ratios 2 and 4: geometric mean 2.83
     assert "2.83x" in printed and "AR (mean final) 2.2000" in printed
     assert (out / "headline_arms.png").stat().st_size > 1000
     assert "## Headline: every arm vs uniform" in (out / "report.md").read_text()
+
+
+def test_arm_headline_leaves_out_runs_that_have_not_finished():
+    """Mid-sweep, a seed's runs have only their first evaluations: their 'final' NLL is no target (it
+    was the initial one: a division by zero on the real sweep) and their curves must not cut the arm's
+    plot short. Only FINISHED runs count; the others are named."""
+    from pretrain.compare import arm_headline, unfinished
+
+    grid = [0, 100, 200, 300, 400]
+    done = [_arm("uniform", 0, "0.002", grid, _crossing(3.0, 400.0, grid)),
+            _arm("bell", 0, "0.002", grid, _crossing(3.0, 200.0, grid))]
+    running = [_arm("uniform", 1, "0.002", [0], [5.0]), _arm("bell", 1, "0.002", [0, 100], [5.0, 4.0])]
+    for r in running:
+        r.status = "RUNNING"
+    rows = {(r["arm"], r["lr"]): r for r in arm_headline(done + running)}
+    assert rows["bell", "0.002"]["seeds"] == 1 and rows["bell", "0.002"]["ratios"] == pytest.approx([2.0])
+    assert [r.name for r in unfinished(done + running)] == ["uniform-0.002-s1", "bell-0.002-s1"]
