@@ -134,14 +134,32 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
     return alive(pids)
 
 
-@pytest.mark.slow
-def test_sigkill_of_the_launcher_takes_its_ranks_down(shards, tmp_path):
+def two_ranks_past_step_2(tmp_path: Path, shards: Path) -> tuple[subprocess.Popen, Path, list[int]]:
+    """A 2-rank local launch (its own session) that has logged step 2: the launcher, its run folder and
+    its ranks' pids (killed if it never gets there)."""
     run_dir = tmp_path / "runs" / "quickstart" / "r"
     launcher = start(tmp_path, shards, ["train.steps=100000", "launch.nproc=2", "tracking.enabled=false"])
     try:
         wait_for_step(launcher, run_dir, 2)
         ranks = [p.pid for p in psutil.Process(launcher.pid).children()]
         assert len(ranks) == 2
+    except BaseException:
+        kill_group(launcher)
+        raise
+    return launcher, run_dir, ranks
+
+
+def assert_stopped_on_ctrl_c(launcher: subprocess.Popen, err: str, run_dir: Path, line: str) -> None:
+    """Ctrl-C's status, one resume line (regex `line`), no traceback, the checkpoint at the last step."""
+    assert launcher.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and len(re.findall(line, err)) == 1, err[-3000:]
+    assert ckpt.latest_checkpoint(run_dir).name == f"step_{max(read_metrics(run_dir)):07d}"
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_launcher_takes_its_ranks_down(shards, tmp_path):
+    launcher, run_dir, ranks = two_ranks_past_step_2(tmp_path, shards)
+    try:
         launcher.send_signal(signal.SIGKILL)  # the launcher only: nothing of it can clean up
         launcher.wait()
         assert wait_gone(ranks, 10) == [], "ranks outlived their launcher by 10 s"
@@ -153,11 +171,9 @@ def test_sigkill_of_the_launcher_takes_its_ranks_down(shards, tmp_path):
 
 @pytest.mark.slow
 def test_a_dying_rank_takes_the_others_down(shards, tmp_path):
-    run_dir = tmp_path / "runs" / "quickstart" / "r"
-    launcher = start(tmp_path, shards, ["train.steps=100000", "launch.nproc=2", "tracking.enabled=false"])
+    launcher, _, pids = two_ranks_past_step_2(tmp_path, shards)
     try:
-        wait_for_step(launcher, run_dir, 2)
-        ranks = {int(p.environ()["RANK"]): p.pid for p in psutil.Process(launcher.pid).children()}
+        ranks = {int(psutil.Process(pid).environ()["RANK"]): pid for pid in pids}
         os.kill(ranks[1], signal.SIGKILL)
         _, err = launcher.communicate(timeout=60)
     finally:
@@ -170,18 +186,14 @@ def test_a_dying_rank_takes_the_others_down(shards, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_in_a_terminal_stops_every_rank_with_one_checkpoint(shards, tmp_path):
     """Ctrl-C reaches the launcher and every rank (the terminal's process group): all stop together."""
-    run_dir = tmp_path / "runs" / "quickstart" / "r"
-    launcher = start(tmp_path, shards, ["train.steps=100000", "launch.nproc=2", "tracking.enabled=false"])
+    launcher, run_dir, _ = two_ranks_past_step_2(tmp_path, shards)
     try:
-        wait_for_step(launcher, run_dir, 2)
         os.killpg(launcher.pid, signal.SIGINT)
         _, err = launcher.communicate(timeout=120)
     finally:
         kill_group(launcher)
-    assert launcher.returncode == 130, err[-3000:]
     # each rank stops for the terminal's SIGINT or the launcher's forwarded SIGTERM, whichever it handles first
-    assert "Traceback" not in err and len(re.findall(r"stopped by SIG(?:INT|TERM) at step", err)) == 1, err[-3000:]
-    assert ckpt.latest_checkpoint(run_dir).name == f"step_{max(read_metrics(run_dir)):07d}"
+    assert_stopped_on_ctrl_c(launcher, err, run_dir, r"stopped by SIG(?:INT|TERM) at step")
 
 
 @pytest.mark.slow
@@ -190,12 +202,8 @@ def test_a_late_forwarded_sigterm_does_not_kill_a_rank_that_is_already_stopping(
     and may have finished their stop (checkpoint written, training over) before the copy lands. It must
     not kill them on the way out: a CI run once saw exit 143 and no resume line, the rank killed by the
     default SIGTERM action while it shut down. Here SIGTERM keeps arriving all through the stop."""
-    run_dir = tmp_path / "runs" / "quickstart" / "r"
-    launcher = start(tmp_path, shards, ["train.steps=100000", "launch.nproc=2", "tracking.enabled=false"])
+    launcher, run_dir, ranks = two_ranks_past_step_2(tmp_path, shards)
     try:
-        wait_for_step(launcher, run_dir, 2)
-        ranks = [p.pid for p in psutil.Process(launcher.pid).children()]
-        assert len(ranks) == 2
         for pid in ranks:
             os.kill(pid, signal.SIGINT)  # the ranks only: the launcher forwards nothing
         deadline = time.monotonic() + 120
@@ -209,6 +217,4 @@ def test_a_late_forwarded_sigterm_does_not_kill_a_rank_that_is_already_stopping(
         _, err = launcher.communicate(timeout=60)
     finally:
         kill_group(launcher)
-    assert launcher.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and len(re.findall(r"stopped by SIGINT at step", err)) == 1, err[-3000:]
-    assert ckpt.latest_checkpoint(run_dir).name == f"step_{max(read_metrics(run_dir)):07d}"
+    assert_stopped_on_ctrl_c(launcher, err, run_dir, r"stopped by SIGINT at step")
