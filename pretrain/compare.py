@@ -220,9 +220,8 @@ def headline(records: list[RunRecord], key: str, base: str, treat: str) -> Headl
     """Per seed: tokens TREAT needs to reach BASE's final NLL, and BASE's tokens to get there / TREAT's."""
     # pairs share the seed and the model variant (an AR reference logged beside them pairs with nothing)
     by_seed: dict[tuple[str, str], dict[str, RunRecord]] = {}
-    left_out = {id(r) for r in unfinished(records)}
     for r in records:
-        if id(r) in left_out:
+        if not is_final(r):
             continue
         value = _value(r, key)
         if value in (base, treat):
@@ -306,11 +305,16 @@ def t_interval(x: np.ndarray, confidence: float = 0.95) -> tuple[float, float, f
     return mean, mean - half, mean + half
 
 
+def is_final(r: RunRecord) -> bool:
+    """Whether a run counts in the headlines: FINISHED. A run still training (RUNNING), stopped mid-way
+    (KILLED) or FAILED has no final evaluation: as a target its last NLL would be any value on the way
+    down (the initial one, for a run just started), and its short curve would cut its arm's mean short."""
+    return r.status == "FINISHED"
+
+
 def unfinished(records: list[RunRecord]) -> list[RunRecord]:
-    """Runs the headlines leave out: still training (RUNNING), stopped mid-way (KILLED) or FAILED. Their
-    last evaluation is not a final one: as a target it would be any NLL on the way down (the initial
-    one, for a run just started), and a short curve would cut its arm's mean curve short."""
-    return [r for r in records if r.status != "FINISHED"]
+    """The runs the headlines leave out (see `is_final`)."""
+    return [r for r in records if not is_final(r)]
 
 
 def arm_of(r: RunRecord) -> tuple[str, str]:
@@ -329,9 +333,8 @@ def arm_headline(records: list[RunRecord], baseline: str = "uniform", confidence
     interval: their ratio is only an upper bound), and the final-NLL difference (arm - baseline)
     with its t-interval."""
     groups: dict[tuple[str, str], dict[str, RunRecord]] = {}
-    left_out = {id(r) for r in unfinished(records)}
     for r in records:
-        if r.params.get("model.variant") == "ar" or not len(r.val_nll) or id(r) in left_out:
+        if r.params.get("model.variant") == "ar" or not len(r.val_nll) or not is_final(r):
             continue
         groups.setdefault(arm_of(r), {}).setdefault(r.params.get("seed", "?"), r)
     rows = []
@@ -586,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         arm_rows: list[dict] | None = None
         references: dict[str, float] = {}
         pending = unfinished(records) if args.headline else []
-        finished = [r for r in records if all(r is not q for q in pending)]
+        finished = [r for r in records if is_final(r)]
         if args.headline == ARMS:
             arm_rows = arm_headline(finished, args.baseline_arm, args.confidence)
             if args.unigram_config:
