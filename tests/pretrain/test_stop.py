@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -196,17 +197,33 @@ def test_ctrl_c_in_a_terminal_stops_every_rank_with_one_checkpoint(shards, tmp_p
     assert_stopped_on_ctrl_c(launcher, err, run_dir, r"stopped by SIG(?:INT|TERM) at step")
 
 
+def stderr_lines(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:
+    """Reads `proc`'s stderr in the background, so a test can wait for a line while the job runs: the list
+    grows as lines come; join the thread once the job has ended to have all of them."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # a full stdout pipe would stall the job
+    return lines, reader
+
+
 @pytest.mark.slow
 def test_a_late_forwarded_sigterm_does_not_kill_a_rank_that_is_already_stopping(shards, tmp_path):
     """The launcher forwards its Ctrl-C to the ranks as SIGTERM; the ranks got the terminal's SIGINT too
     and may have finished their stop (checkpoint written, training over) before the copy lands. It must
     not kill them on the way out: a CI run once saw exit 143 and no resume line, the rank killed by the
-    default SIGTERM action while it shut down. Here SIGTERM keeps arriving all through the stop."""
+    default SIGTERM action while it shut down. Here, once both ranks have taken their SIGINT, SIGTERM keeps
+    arriving all through the stop. (The wait matters: sent at once, a rank may handle the SIGTERM first,
+    a CI run saw it, and then it rightly stops "by SIGTERM" with 143.)"""
     launcher, run_dir, ranks = two_ranks_past_step_2(tmp_path, shards)
+    lines, reader = stderr_lines(launcher)
     try:
         for pid in ranks:
             os.kill(pid, signal.SIGINT)  # the ranks only: the launcher forwards nothing
         deadline = time.monotonic() + 120
+        while sum("got SIGINT: stopping" in x for x in list(lines)) < len(ranks) and launcher.poll() is None:
+            assert time.monotonic() < deadline, "the ranks did not take their SIGINT within 120 s"
+            time.sleep(0.001)
         while alive(ranks) and time.monotonic() < deadline:
             for pid in alive(ranks):
                 try:
@@ -214,7 +231,8 @@ def test_a_late_forwarded_sigterm_does_not_kill_a_rank_that_is_already_stopping(
                 except ProcessLookupError:
                     pass
             time.sleep(0.002)
-        _, err = launcher.communicate(timeout=60)
+        launcher.wait(timeout=60)
+        reader.join(timeout=60)
     finally:
         kill_group(launcher)
-    assert_stopped_on_ctrl_c(launcher, err, run_dir, r"stopped by SIGINT at step")
+    assert_stopped_on_ctrl_c(launcher, "".join(lines), run_dir, r"stopped by SIGINT at step")
